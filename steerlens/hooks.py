@@ -1,0 +1,153 @@
+"""Reading and writing activations at sites, only inside context managers.
+
+Every hook steerlens adds lives in a ``with`` block that removes it in ``finally``, so the model
+is left exactly as found even when the code inside raises (KeyboardInterrupt included).
+
+>>> import torch
+>>> from steerlens.tiny import tiny_model
+>>> model = tiny_model()
+>>> tokens = torch.tensor([[1, 2, 3]])
+>>> with record(model, ["resid_post.0"]) as acts:
+...     _ = model(tokens)
+>>> acts["blocks.0.hook_resid_post"].shape
+torch.Size([1, 3, 16])
+>>> with add_vector(model, "resid_post.0", torch.zeros(16, dtype=torch.float64)):
+...     steered = model(tokens)
+>>> torch.equal(steered, model(tokens)), len(model.hook_dict["blocks.0.hook_resid_post"]._forward_hooks)
+(True, 0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from steerlens.errors import InputError, NonFiniteError
+from steerlens.sites import Site, as_site
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+HookFn = Callable[[Tensor, object], Tensor | None]
+
+
+@contextmanager
+def attn_result_enabled(model: HookedTransformer, enabled: bool = True) -> Iterator[None]:
+    """Temporarily set ``cfg.use_attn_result`` so that ``attn.hook_result`` fires."""
+    old = model.cfg.use_attn_result
+    model.cfg.use_attn_result = enabled or old
+    try:
+        yield
+    finally:
+        model.cfg.use_attn_result = old
+
+
+@contextmanager
+def hooked(
+    model: HookedTransformer, fwd_hooks: list[tuple[str, HookFn]], *, need_result: bool = False
+) -> Iterator[HookedTransformer]:
+    """Attach forward hooks for the duration of the block; always removed in ``finally``."""
+    with ExitStack() as stack:
+        if need_result:
+            stack.enter_context(attn_result_enabled(model))
+        stack.enter_context(model.hooks(fwd_hooks=fwd_hooks))  # type: ignore[arg-type]
+        yield model
+
+
+def _select(act: Tensor, site: Site) -> Tensor:
+    """The site's slice of a hook activation, keeping [batch, pos, ...]."""
+    if site.head is not None:
+        return act[:, :, site.head]
+    return act
+
+
+@contextmanager
+def record(
+    model: HookedTransformer, sites: Iterable[str | Site], *, detach: bool = True
+) -> Iterator[dict[str, Tensor]]:
+    """Record the activations at ``sites`` during forward passes in the block.
+
+    Yields a dict filled as the model runs, keyed by the site's canonical name, each value
+    ``[batch, pos, ...]`` (the head selected for per-head sites). Repeated forward passes overwrite.
+    """
+    parsed = [as_site(s, model) for s in sites]
+    acts: dict[str, Tensor] = {}
+
+    def make_hook(site: Site) -> HookFn:
+        def hook(act: Tensor, hook: object) -> None:
+            value = _select(act, site)
+            acts[site.name] = value.detach() if detach else value
+
+        return hook
+
+    fwd = [(s.hook_name, make_hook(s)) for s in parsed]
+    with hooked(model, fwd, need_result=any(s.kind == "result" for s in parsed)):
+        yield acts
+
+
+def check_vector(vector: Tensor, site: Site, model: HookedTransformer, what: str = "vector") -> None:
+    """Raise a steerlens error unless ``vector`` is a finite, non-zero [dim] tensor for the site."""
+    dim = site.dim(model)
+    if not isinstance(vector, Tensor):
+        raise InputError(f"{what} must be a torch.Tensor, got {type(vector).__name__}")
+    if vector.shape != (dim,):
+        raise InputError(
+            f"{what} has shape {tuple(vector.shape)} but site {site.name} needs shape ({dim},)"
+        )
+    if not vector.is_floating_point():
+        raise InputError(f"{what} must be a floating-point tensor, got dtype {vector.dtype}")
+    if not torch.isfinite(vector).all():
+        raise NonFiniteError(f"{what} for site {site.name} contains NaN or inf")
+
+
+def _position_slice(site: Site, n_pos: int, offset: int) -> slice | int | None:
+    """The positions of a [batch, pos, ...] activation the site writes to, or None if the
+    site's position is not in this forward pass (e.g. an earlier position during cached
+    generation). ``offset`` is the absolute index of the activation's first position."""
+    if site.position == "all":
+        return slice(None)
+    if site.position == "last":
+        return n_pos - 1
+    if site.position < 0:
+        raise InputError(
+            f"site {site.name}: a negative position is relative to the prompt; "
+            "resolve it first with Site.resolve_position"
+        )
+    idx = site.position - offset
+    return idx if 0 <= idx < n_pos else None
+
+
+@contextmanager
+def add_vector(
+    model: HookedTransformer,
+    site: str | Site,
+    vector: Float[Tensor, " dim"],
+    scale: float = 1.0,
+) -> Iterator[HookedTransformer]:
+    """Add ``scale * vector`` to the activation at ``site`` (at its position rule) while inside
+    the block. ``"last"`` adds at the final position of every forward pass, so it also steers
+    each new token during generation; ``"all"`` adds at every position."""
+    site = as_site(site, model)
+    check_vector(vector, site, model)
+    delta = (scale * vector).to(dtype=model.cfg.dtype, device=model.cfg.device)
+    if not torch.isfinite(delta).all():
+        raise NonFiniteError(f"scale {scale} times the vector overflows at site {site.name}")
+
+    def hook(act: Tensor, hook: object) -> Tensor:
+        sl = _position_slice(site, act.shape[1], 0)
+        if sl is None:
+            return act
+        act = act.clone()
+        if site.head is not None:
+            act[:, sl, site.head] += delta.to(act.dtype)
+        else:
+            act[:, sl] += delta.view(act.shape[2:]).to(act.dtype)
+        return act
+
+    with hooked(model, [(site.hook_name, hook)], need_result=site.kind == "result"):
+        yield model

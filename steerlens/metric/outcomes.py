@@ -1,0 +1,191 @@
+"""The Fisher factor of the output distribution, in the coordinates of the unembedding's input.
+
+The next-token distribution p = softmax(z), z = u W_U + b_U (optionally soft-capped), is first
+mapped to a distribution q over *outcomes*: each outcome is a set of tokens (a singleton by
+default), and tokens outside every outcome are dropped and q renormalized. This one construction
+gives the plain metric, the off-target metric of a token set (its complement, renormalized), and
+the dual-steering pair merge (each base token's mass merged into its target).
+
+With m_A = W_U (s ⊙ p)|_A (s the soft-cap derivative, 1 without a cap), P_A = Σ_{y∈A} p_y and the
+universe U = ∪ outcomes, Z = P_U, the Fisher factor row of outcome j is
+
+    √q_j ∇_u log q_j = √q_j (m_j / P_j − m_U / Z),
+
+so only the kept outcomes' columns of W_U are touched. ``vocab="auto"`` keeps the top-K outcomes
+holding 1 − ε of q plus one exact "rest" outcome (a coarse-graining: a lower bound on G, exact as
+ε → 0); ``vocab="full"`` forms the exact d×d matrix Σ_j q_j μ_j μ_jᵀ − μ_U μ_Uᵀ (cost V·d²) and
+factors it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from steerlens.errors import ConceptError, InputError
+
+VOCAB_MODES = ("auto", "full")
+
+
+@dataclass(frozen=True)
+class OffTarget:
+    """A transform of the next-token distribution before its Fisher metric is taken.
+
+    ``exclude``: token ids dropped, the rest renormalized (the off-target distribution of a
+    token-set concept). ``merge``: (base, target) id pairs; each base token's mass is merged into
+    its target and the base dropped (the dual-steering definition).
+
+    >>> OffTarget.complement([3, 5]).name
+    'complement of 2 tokens'
+    """
+
+    exclude: tuple[int, ...] = ()
+    merge: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def complement(cls, token_ids: Iterable[int]) -> OffTarget:
+        ids = tuple(sorted({int(t) for t in token_ids}))
+        if not ids:
+            raise ConceptError("the off-target complement needs at least one token id")
+        return cls(exclude=ids)
+
+    @classmethod
+    def pair_merge(cls, pairs: Mapping[int, int] | Iterable[tuple[int, int]]) -> OffTarget:
+        items = pairs.items() if isinstance(pairs, Mapping) else pairs
+        merged = tuple((int(b), int(t)) for b, t in items)
+        if not merged:
+            raise ConceptError("the pair merge needs at least one (base, target) pair")
+        bases = {b for b, _ in merged}
+        if bases & {t for _, t in merged}:
+            raise ConceptError("a token cannot be both a base and a target in a pair merge")
+        return cls(merge=merged)
+
+    @property
+    def name(self) -> str:
+        parts = []
+        if self.exclude:
+            parts.append(f"complement of {len(self.exclude)} tokens")
+        if self.merge:
+            parts.append(f"merge of {len(self.merge)} pairs")
+        return " + ".join(parts) or "none"
+
+    def check(self, d_vocab: int) -> None:
+        ids = list(self.exclude) + [i for pair in self.merge for i in pair]
+        bad = [i for i in ids if not 0 <= i < d_vocab]
+        if bad:
+            raise InputError(f"token ids {bad[:5]} are out of range for a vocabulary of {d_vocab}")
+        if set(self.exclude) >= set(range(d_vocab)):
+            raise ConceptError("the off-target transform excludes the whole vocabulary")
+
+
+def _outcomes(
+    p: Float[Tensor, " d_vocab"], off: OffTarget | None
+) -> tuple[Tensor, Int[Tensor, " d_vocab"], list[tuple[int, int]]]:
+    """Outcome masses keyed by representative token, the representative of each token (-1 if
+    dropped), and the merged (member, representative) pairs."""
+    vocab = p.shape[0]
+    rep = torch.arange(vocab, device=p.device)
+    merged: list[tuple[int, int]] = []
+    if off is not None:
+        off.check(vocab)
+        if off.exclude:
+            rep[list(off.exclude)] = -1
+        for base, target in off.merge:
+            if rep[target] >= 0:
+                rep[base] = target
+                merged.append((base, target))
+            else:
+                rep[base] = -1
+    keep = rep >= 0
+    mass = torch.zeros_like(p).index_add_(0, rep[keep], p[keep])
+    return mass, rep, merged
+
+
+def unembed_factor(
+    logits: Float[Tensor, " d_vocab"],
+    w_u: Float[Tensor, "d_model d_vocab"],
+    *,
+    vocab: str = "auto",
+    dropped_mass: float = 1e-3,
+    off_target: OffTarget | None = None,
+    softcap: float | None = None,
+) -> tuple[Float[Tensor, "n_rows d_model"], dict[str, Any]]:
+    """Fisher factor rows of the (transformed) next-token distribution w.r.t. the unembedding
+    input u, in float64, and what was kept (``dropped_mass``, ``top_k``, ``vocab``)."""
+    if vocab not in VOCAB_MODES:
+        raise InputError(f"unknown vocab mode {vocab!r}; valid: {VOCAB_MODES}")
+    if not 0 <= dropped_mass < 1:
+        raise InputError(f"dropped_mass must be in [0, 1), got {dropped_mass}")
+    logits = logits.double()
+    w = w_u.double() if vocab == "full" else w_u
+    p = torch.softmax(logits, -1)
+    s = 1 - (logits / softcap).pow(2) if softcap else torch.ones_like(p)
+    sp = s * p
+    mass, rep, merged = _outcomes(p, off_target)
+    total = mass.sum()
+    if total <= 0:
+        raise ConceptError("the off-target distribution has zero probability mass")
+    in_u = rep >= 0
+    # One V-wide matvec in the model's dtype; only kept columns of W_U are promoted to float64.
+    m_u = (w @ torch.where(in_u, sp, torch.zeros_like(sp)).to(w.dtype)).double()
+    mu_u = m_u / total
+    q = mass / total
+    if vocab == "full":
+        rows = _full_factor(w, sp, s, in_u, merged, mass, total, mu_u)
+        return rows, {"vocab": "full", "dropped_mass": 0.0, "top_k": int((mass > 0).sum())}
+    order = torch.argsort(q, descending=True)
+    cum = torch.cumsum(q[order], 0)
+    k = int(torch.searchsorted(cum, torch.tensor(1 - dropped_mass, dtype=cum.dtype)).item()) + 1
+    k = min(k, int((q > 0).sum()))
+    top = order[:k]
+    m_top = w[:, top].double() * sp[top]  # [d, k]
+    pos_in_top = {int(t): i for i, t in enumerate(top.tolist())}
+    for base, target in merged:
+        if target in pos_in_top:
+            m_top[:, pos_in_top[target]] += w[:, base].double() * sp[base]
+    p_top = mass[top]
+    rows = q[top].sqrt().unsqueeze(1) * (m_top / p_top - mu_u.unsqueeze(1)).T
+    p_rest = total - p_top.sum()
+    rest_q = float(p_rest / total)
+    if rest_q > 1e-12:
+        m_rest = m_u - m_top.sum(1)
+        rest = (p_rest / total).sqrt() * (m_rest / p_rest - mu_u)
+        rows = torch.cat([rows, rest.unsqueeze(0)], 0)
+    return rows, {"vocab": "auto", "dropped_mass": max(rest_q, 0.0), "top_k": k}
+
+
+def _full_factor(
+    w: Tensor,
+    sp: Tensor,
+    s: Tensor,
+    in_u: Tensor,
+    merged: list[tuple[int, int]],
+    mass: Tensor,
+    total: Tensor,
+    mu_u: Tensor,
+) -> Tensor:
+    """The exact d×d matrix Σ_j q_j μ_j μ_jᵀ − μ_U μ_Uᵀ over all outcomes, as ≤ d factor rows.
+
+    A singleton outcome y contributes p_y s_y² w_y w_yᵀ; a merged group A contributes
+    m_A m_Aᵀ / P_A with m_A = Σ_{y∈A} s_y p_y w_y."""
+    single = in_u.clone()
+    groups = sorted({t for _, t in merged})
+    if groups:
+        single[groups] = False
+        single[[b for b, _ in merged]] = False
+    weights = torch.where(single, sp * s, torch.zeros_like(sp))
+    gram = (w * weights) @ w.T
+    for target in groups:
+        members = [target] + [b for b, t in merged if t == target]
+        m = w[:, members] @ sp[members]
+        gram += torch.outer(m, m) / mass[target]
+    gram = gram / total - torch.outer(mu_u, mu_u)
+    evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
+    evals = evals.clamp_min(0)
+    keep = evals > evals.max() * 1e-14
+    return (evals[keep].sqrt().unsqueeze(1) * evecs[:, keep].T).flip(0).contiguous()

@@ -1,0 +1,91 @@
+"""One prompt's clean forward state at its prediction position.
+
+The metric at the last position T only needs, per block, the residual entering the block at T and
+the keys and values of positions < T (held fixed: under causal attention a perturbation at T
+changes nothing before T). We get both from TransformerLens's own key-value cache: run the prefix,
+freeze the cache, run the last token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+from steerlens.errors import InputError, NonFiniteError
+from steerlens.hooks import hooked
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+
+@dataclass
+class PromptState:
+    """Clean activations of one prompt at its last position T.
+
+    ``resid[l]`` is the residual entering block l at T (``resid[n_layers]`` leaves the last
+    block); ``cache`` holds the frozen keys and values of positions < T.
+    """
+
+    tokens: Int[Tensor, " pos"]
+    resid: list[Float[Tensor, " d_model"]]
+    logits: Float[Tensor, " d_vocab"]
+    cache: TransformerLensKeyValueCache
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def check_supported(model: HookedTransformer) -> None:
+    """Raise for architectures whose blocks need inputs the single-position path cannot give."""
+    cfg = model.cfg
+    if cfg.positional_embedding_type in ("shortformer", "alibi", "relative_positional_bias"):
+        raise InputError(
+            f"positional embedding {cfg.positional_embedding_type!r} is not supported by the "
+            "metric engine (supported: standard, rotary)"
+        )
+    if cfg.attention_dir != "causal":
+        raise InputError("the pullback metric needs a causal (decoder-only) model")
+    if cfg.dtype in (torch.float16, torch.bfloat16):
+        raise InputError(
+            f"the model is in {cfg.dtype}; compute metrics on a float32 or float64 copy "
+            "(steerlens.metric.precision) — half precision cannot carry the factor rows"
+        )
+
+
+@torch.no_grad()
+def prompt_state(model: HookedTransformer, tokens: Int[Tensor, " pos"]) -> PromptState:
+    """Run ``tokens`` once and keep what the recursion needs at the last position."""
+    check_supported(model)
+    n_layers = model.cfg.n_layers
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=1)
+    if tokens.shape[0] > 1:
+        prefix = tokens[None, :-1]
+        model(prefix, past_kv_cache=cache, attention_mask=torch.ones_like(prefix))
+    # An explicit all-ones mask: without one TransformerLens masks every token equal to the
+    # tokenizer's pad token, which may be a real token of the prompt.
+    cache.freeze()
+    resid: list[Tensor | None] = [None] * (n_layers + 1)
+
+    def grab(layer: int):
+        def hook(act: Tensor, hook: object) -> None:
+            resid[layer] = act[0, -1].clone()
+
+        return hook
+
+    hooks = [(f"blocks.{l}.hook_resid_pre", grab(l)) for l in range(n_layers)]
+    hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", grab(n_layers)))
+    with hooked(model, hooks):  # type: ignore[arg-type]
+        last = tokens[None, -1:]
+        logits = model(last, past_kv_cache=cache, attention_mask=torch.ones_like(last))[0, -1]
+    if not torch.isfinite(logits).all():
+        raise NonFiniteError("the model's logits at the prediction position are not finite")
+    for l, r in enumerate(resid):
+        if r is None or not torch.isfinite(r).all():
+            raise NonFiniteError(f"the residual stream entering block {l} is not finite")
+    return PromptState(tokens, resid, logits, cache)  # type: ignore[arg-type]

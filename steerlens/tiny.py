@@ -1,0 +1,86 @@
+"""Tiny random HookedTransformers for tests and examples, built in milliseconds.
+
+Two flavours cover the architectures steerlens must handle:
+
+- ``"gpt2"``: LayerNorm, learned absolute positions, GELU MLP, multi-head attention.
+- ``"llama"``: RMSNorm, rotary positions, gated SiLU MLP, grouped-query attention.
+
+>>> model = tiny_model("llama")
+>>> model.cfg.n_layers, model.cfg.d_model, model.cfg.n_key_value_heads
+(2, 16, 1)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from steerlens.errors import InputError
+
+Flavour = Literal["gpt2", "llama"]
+FLAVOURS: tuple[str, ...] = ("gpt2", "llama")
+
+
+def tiny_config(
+    flavour: Flavour = "gpt2",
+    *,
+    n_layers: int = 2,
+    d_model: int = 16,
+    n_heads: int = 4,
+    d_vocab: int = 48,
+    n_ctx: int = 32,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> HookedTransformerConfig:
+    """The :class:`HookedTransformerConfig` of a tiny random model of one flavour."""
+    common = dict(
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        d_head=d_model // n_heads,
+        d_mlp=2 * d_model,
+        d_vocab=d_vocab,
+        n_ctx=n_ctx,
+        dtype=dtype,
+        seed=seed,
+        device="cpu",
+        default_prepend_bos=False,
+        init_weights=True,
+    )
+    if flavour == "gpt2":
+        return HookedTransformerConfig(
+            **common,
+            act_fn="gelu_new",
+            normalization_type="LN",
+            positional_embedding_type="standard",
+        )
+    if flavour == "llama":
+        return HookedTransformerConfig(
+            **common,
+            act_fn="silu",
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=d_model // n_heads,
+            gated_mlp=True,
+            n_key_value_heads=max(1, n_heads // 4),
+            final_rms=True,
+        )
+    raise InputError(f"unknown tiny model flavour {flavour!r}; valid flavours: {FLAVOURS}")
+
+
+def tiny_model(flavour: Flavour = "gpt2", **kwargs: object) -> HookedTransformer:
+    """A tiny random :class:`HookedTransformer` (float64 by default), weights scaled so that its
+    next-token distributions are far from uniform (a realistic Fisher spectrum)."""
+    cfg = tiny_config(flavour, **kwargs)  # type: ignore[arg-type]
+    model = HookedTransformer(cfg)
+    with torch.no_grad():
+        # Default init gives near-uniform softmax outputs; sharpen the unembedding so that the
+        # next-token distribution has a few dominant tokens, as real models do.
+        model.unembed.W_U.mul_(4.0)
+        for name, param in model.named_parameters():
+            if name.endswith(("b_in", "b_out", "b_Q", "b_K", "b_V", "b_O", "b_U")):
+                param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(cfg.seed or 0))
+    model.eval()
+    return model

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny float64 models of both flavours, seeded; hook-hygiene checks."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from steerlens.tiny import tiny_model
+
+FLAVOURS = ["gpt2", "llama"]
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", params=FLAVOURS)
+def model(request):
+    """A tiny float64 model of each flavour (read-only: tests must leave it as found)."""
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def gpt2_model():
+    return tiny_model("gpt2")
+
+
+@pytest.fixture(scope="session")
+def llama_model():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+
+
+def hook_count(model) -> int:
+    """Forward and backward hooks attached anywhere in the model."""
+    total = 0
+    for module in model.modules():
+        total += len(module._forward_hooks) + len(module._forward_pre_hooks)
+        total += len(module._backward_hooks)
+    return total
+
+
+def weights_snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model, snapshot) -> None:
+    """The model has no hooks, its attention-result flag is off, and its weights are identical."""
+    assert hook_count(model) == 0
+    assert not model.cfg.use_attn_result
+    state = model.state_dict()
+    assert set(state) == set(snapshot)
+    for k, v in snapshot.items():
+        assert torch.equal(state[k], v), k

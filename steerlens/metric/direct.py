@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 
+@torch.no_grad()  # no graph w.r.t. the weights; torch.func still differentiates
 def direct_rows(
     model: HookedTransformer,
     tokens: Int[Tensor, " pos"],

@@ -57,6 +57,7 @@ class MetricOptions:
     trace_kept: float | None = None
 
 
+@torch.no_grad()  # no graph w.r.t. the weights; torch.func still differentiates
 def lens_rows(
     model: HookedTransformer, resid: Float[Tensor, " d_model"], options: MetricOptions
 ) -> tuple[Float[Tensor, "n_rows d_model"], dict[str, Any]]:

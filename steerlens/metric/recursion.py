@@ -79,6 +79,7 @@ def _zeros_for(model: HookedTransformer, kind: str, like: Tensor) -> Tensor:
     return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
+@torch.no_grad()  # no graph w.r.t. the weights; torch.func still differentiates
 def pull_block(
     model: HookedTransformer,
     state: PromptState,

@@ -1,0 +1,41 @@
+"""steerlens: the pullback Fisher geometry of activation steering, for TransformerLens models.
+
+The public API, re-exported explicitly::
+
+    import steerlens as sl
+    model = sl.load_model()                       # SmolLM2-135M-Instruct, offline
+    metric = sl.pullback_metric(model, "The capital of France is", "resid_post.12")
+    sweep = sl.pullback_sweep(model, "The capital of France is")
+    sl.diagnostics_table(sweep)
+"""
+
+from steerlens import errors
+from steerlens.diagnostics import MetricDiagnostics, diagnostics_table, metric_diagnostics
+from steerlens.hooks import add_vector, record
+from steerlens.metric import Metric, OffTarget, Sweep, pullback_metric, pullback_sweep
+from steerlens.metric.dataset import expected_metric
+from steerlens.models import DEFAULT_MODEL, load_model
+from steerlens.sites import Site, all_sites
+from steerlens.tiny import tiny_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Metric",
+    "MetricDiagnostics",
+    "OffTarget",
+    "Site",
+    "Sweep",
+    "add_vector",
+    "all_sites",
+    "diagnostics_table",
+    "errors",
+    "expected_metric",
+    "load_model",
+    "metric_diagnostics",
+    "pullback_metric",
+    "pullback_sweep",
+    "record",
+    "tiny_model",
+]

@@ -1,0 +1,97 @@
+"""The expected metric over a dataset: streamed in constant memory, sharded across processes.
+
+G = mean over prompts of the per-prompt metric. Each prompt's factor rows are folded into a running
+d×d Gram matrix per site (float64) and dropped, so memory does not grow with the dataset. Under
+``torch.distributed`` every rank takes every world_size-th prompt and one all-reduce of the Gram
+matrices and the count finishes the job (gloo on CPU, nccl on GPU; launch with ``torchrun``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from itertools import islice
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from steerlens.errors import InputError
+from steerlens.metric.core import Metric
+from steerlens.metric.outcomes import OffTarget
+from steerlens.metric.pullback import MetricOptions, _prompt_rows, lens_layer
+from steerlens.metric.state import prompt_state
+from steerlens.prompts import as_prompts
+from steerlens.sites import Site, as_site
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+
+def expected_metric(
+    model: HookedTransformer,
+    prompts: Iterable[str | Tensor],
+    sites: str | Site | Sequence[str | Site],
+    *,
+    vocab: str = "auto",
+    dropped_mass: float = 1e-3,
+    off_target: OffTarget | None = None,
+    depth: int | None = None,
+    progress: bool = True,
+    total: int | None = None,
+    distributed: bool | None = None,
+) -> dict[str, Metric]:
+    """The dataset-mean pullback metric at each site, keyed by site name, held as Gram matrices.
+
+    ``prompts`` may be any iterable (a generator over a large file is fine): each item is a
+    string or a 1-D token tensor. ``distributed`` (default: whether ``torch.distributed`` is
+    initialized) shards the prompts over ranks and all-reduces; every rank gets the same result.
+    """
+    if isinstance(prompts, str):
+        raise InputError("prompts must be an iterable of prompts, not one string: wrap it in a list")
+    single = isinstance(sites, (str, Site))
+    parsed = [as_site(s, model) for s in ([sites] if single else sites)]  # type: ignore[list-item]
+    if not parsed:
+        raise InputError("no sites given for the expected metric")
+    depths = {lens_layer(s, depth, model.cfg.n_layers) for s in parsed}
+    if len(depths) > 1:
+        raise InputError("sites of one expected_metric call must share a lens layer; split them")
+    top = depths.pop()
+    options = MetricOptions(vocab, dropped_mass, off_target)
+    use_dist = dist.is_available() and dist.is_initialized() if distributed is None else distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
+    grams = {s.name: torch.zeros(s.dim(model), s.dim(model), dtype=torch.float64) for s in parsed}
+    count = torch.zeros((), dtype=torch.float64)
+    max_dropped = torch.zeros((), dtype=torch.float64)
+    shard = islice(prompts, rank, None, world)
+    for prompt in tqdm(shard, disable=not progress or rank != 0, total=total, desc="metric"):
+        tokens = as_prompts(model, prompt if isinstance(prompt, Tensor) else [prompt])[0]
+        state = prompt_state(model, tokens)
+        for s in parsed:
+            s.resolve_position(state.n_pos)
+        rows, info, _ = _prompt_rows(model, state, parsed, top, options, decompose=False)
+        for name, r in rows.items():
+            r = r.double().cpu()
+            grams[name] += r.T @ r
+        count += 1
+        max_dropped = torch.maximum(max_dropped, torch.tensor(info["dropped_mass"]))
+    if use_dist:
+        for g in grams.values():
+            dist.all_reduce(g)
+        dist.all_reduce(count)
+        dist.all_reduce(max_dropped, op=dist.ReduceOp.MAX)
+    if count == 0:
+        raise InputError("the dataset is empty: no prompts were given")
+    info = {
+        "vocab": vocab,
+        "dropped_mass": float(max_dropped),
+        "n_prompts": int(count),
+        "depth": depth,
+        "off_target": off_target.name if off_target else None,
+        "world_size": world,
+    }
+    dtype = model.cfg.dtype
+    return {
+        name: Metric(None, name, dict(info), gram=(g / count).to(dtype)) for name, g in grams.items()
+    }

@@ -31,9 +31,9 @@ PROMPTS = [
 ]
 # Both sides run the same float32 weights; only the kernels' summation order differs. Measured
 # max |Δ log-softmax| per prompt over PROMPTS: 3e-5..6e-5 for both SmolLM2 and Gemma (CPU, torch
-# 2.13). 1e-3 leaves a ~20x margin
-# for other BLAS builds while still catching any real conversion error (a wrong rotary layout,
-# norm, GQA grouping or tied unembedding moves log-probs by O(0.1) or more).
+# 2.13). 1e-3 leaves a ~20x margin for other BLAS builds while still catching any real conversion
+# error (a wrong rotary layout, norm, GQA grouping or tied unembedding moves log-probs by O(0.1)
+# or more).
 LOGPROB_TOL = 1e-3
 
 

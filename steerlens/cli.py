@@ -1,0 +1,154 @@
+"""The ``steerlens`` command line: parses arguments, calls the library, prints the results.
+
+    steerlens demo                                   # top next tokens, sites, metric per layer
+    steerlens metric --prompt "The Eiffel Tower is in" --site resid_post.12
+    steerlens metric --all --kinds resid_post --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from steerlens.errors import InputError, SteerlensError
+
+DEFAULT_PROMPT = "The Eiffel Tower is in the city of"
+
+EXAMPLES = {
+    "demo": "example:\n  steerlens demo --prompt 'The Eiffel Tower is in the city of'",
+    "metric": (
+        "examples:\n"
+        "  steerlens metric --prompt 'The Eiffel Tower is in the city of' --site resid_post.12\n"
+        "  steerlens metric --all --kinds resid_pre resid_post --json\n"
+        "  steerlens metric --prompts-file prompts.txt --site blocks.6.attn.hook_z:3"
+    ),
+}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model name (default: smollm2-135m-instruct)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="steerlens",
+        description="The pullback Fisher geometry of activation steering.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    demo = sub.add_parser(
+        "demo", help="load the model, show top tokens, sites and the metric at every layer",
+        epilog=EXAMPLES["demo"], formatter_class=fmt,
+    )
+    _add_common(demo)
+    demo.add_argument("--prompt", default=DEFAULT_PROMPT)
+    demo.add_argument("--top", type=int, default=5, help="how many next tokens to show")
+
+    metric = sub.add_parser(
+        "metric", help="diagnostics of the pullback Fisher metric at one site or all sites",
+        epilog=EXAMPLES["metric"], formatter_class=fmt,
+    )
+    _add_common(metric)
+    src = metric.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help=f"one prompt (default: {DEFAULT_PROMPT!r})")
+    src.add_argument("--prompts-file", type=Path, help="a text file, one prompt per line")
+    which = metric.add_mutually_exclusive_group()
+    which.add_argument("--site", action="append", help="a site, e.g. resid_post.12 (repeatable)")
+    which.add_argument("--all", action="store_true", help="every site of the kinds in --kinds")
+    metric.add_argument(
+        "--kinds", nargs="+", default=["resid_pre", "resid_mid", "resid_post"],
+        help="site kinds for --all (default: the residual stream)",
+    )
+    metric.add_argument("--vocab", choices=["auto", "full"], default="auto")
+    metric.add_argument("--dropped-mass", type=float, default=1e-3)
+    return parser
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if getattr(args, "prompts_file", None):
+        path: Path = args.prompts_file
+        if not path.is_file():
+            raise InputError(f"prompts file {path} does not exist")
+        prompts = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise InputError(f"prompts file {path} has no non-empty lines")
+        return prompts
+    return [args.prompt or DEFAULT_PROMPT]
+
+
+def _print(obj: dict[str, Any], tables: dict[str, pd.DataFrame], as_json: bool) -> None:
+    if as_json:
+        out = dict(obj)
+        out.update({k: v.to_dict(orient="records") for k, v in tables.items()})
+        print(json.dumps(out, indent=2, default=str))
+        return
+    for key, value in obj.items():
+        print(f"{key}: {value}")
+    with pd.option_context("display.width", 160, "display.max_rows", 500, "display.precision", 4):
+        for name, table in tables.items():
+            print(f"\n{name}:")
+            print(table.to_string(index=False))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from steerlens.experiments.demo import run_demo
+
+    result = run_demo(args.model, args.prompt, top=args.top)
+    _print(result.summary, result.tables, args.json)
+
+
+def cmd_metric(args: argparse.Namespace) -> None:
+    from steerlens.diagnostics import diagnostics_table
+    from steerlens.metric import pullback_sweep
+    from steerlens.models import load_model
+    from steerlens.sites import all_sites
+
+    prompts = _read_prompts(args)
+    model = load_model(args.model)
+    if args.all or not args.site:
+        sites = all_sites(model, args.kinds, per_head=True)
+    else:
+        sites = args.site
+    sweep = pullback_sweep(
+        model, prompts, sites, vocab=args.vocab, dropped_mass=args.dropped_mass,
+        decompose=False, progress=len(prompts) > 1,
+    )
+    table = diagnostics_table(sweep)
+    cols = ["site", "dim", "trace", "participation_ratio", "participation_fraction",
+            "rank_90", "rank_95", "rank_99", "deviation_from_euclidean"]
+    summary = {
+        "model": model.cfg.model_name,
+        "prompts": len(prompts),
+        "vocab": sweep.info["vocab"],
+        "dropped_mass (max over prompts)": sweep.info["dropped_mass"],
+        "definitions": "participation_ratio=(trG)^2/tr(G^2); rank_q=fewest eigen-directions "
+        "holding q of trG; deviation_from_euclidean=||G-(trG/d)I||_2/||G||_2",
+    }
+    _print(summary, {"diagnostics": table[cols]}, args.json)
+
+
+COMMANDS = {"demo": cmd_demo, "metric": cmd_metric}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except SteerlensError as exc:
+        print(f"steerlens {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

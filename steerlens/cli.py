@@ -1,8 +1,8 @@
 """The ``steerlens`` command line: parses arguments, calls the library, prints the results.
 
-    steerlens demo                                   # top next tokens, sites, metric per layer
-    steerlens metric --prompt "The Eiffel Tower is in" --site resid_post.12
-    steerlens metric --all --kinds resid_post --json
+steerlens demo                                   # top next tokens, sites, metric per layer
+steerlens metric --prompt "The Eiffel Tower is in" --site resid_post.12
+steerlens metric --all --kinds resid_post --json
 """
 
 from __future__ import annotations
@@ -46,16 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
 
     demo = sub.add_parser(
-        "demo", help="load the model, show top tokens, sites and the metric at every layer",
-        epilog=EXAMPLES["demo"], formatter_class=fmt,
+        "demo",
+        help="load the model, show top tokens, sites and the metric at every layer",
+        epilog=EXAMPLES["demo"],
+        formatter_class=fmt,
     )
     _add_common(demo)
     demo.add_argument("--prompt", default=DEFAULT_PROMPT)
     demo.add_argument("--top", type=int, default=5, help="how many next tokens to show")
 
     metric = sub.add_parser(
-        "metric", help="diagnostics of the pullback Fisher metric at one site or all sites",
-        epilog=EXAMPLES["metric"], formatter_class=fmt,
+        "metric",
+        help="diagnostics of the pullback Fisher metric at one site or all sites",
+        epilog=EXAMPLES["metric"],
+        formatter_class=fmt,
     )
     _add_common(metric)
     src = metric.add_mutually_exclusive_group()
@@ -65,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--site", action="append", help="a site, e.g. resid_post.12 (repeatable)")
     which.add_argument("--all", action="store_true", help="every site of the kinds in --kinds")
     metric.add_argument(
-        "--kinds", nargs="+", default=["resid_pre", "resid_mid", "resid_post"],
+        "--kinds",
+        nargs="+",
+        default=["resid_pre", "resid_mid", "resid_post"],
         help="site kinds for --all (default: the residual stream)",
     )
     metric.add_argument("--vocab", choices=["auto", "full"], default="auto")
@@ -119,12 +125,26 @@ def cmd_metric(args: argparse.Namespace) -> None:
     else:
         sites = args.site
     sweep = pullback_sweep(
-        model, prompts, sites, vocab=args.vocab, dropped_mass=args.dropped_mass,
-        decompose=False, progress=len(prompts) > 1,
+        model,
+        prompts,
+        sites,
+        vocab=args.vocab,
+        dropped_mass=args.dropped_mass,
+        decompose=False,
+        progress=len(prompts) > 1,
     )
     table = diagnostics_table(sweep)
-    cols = ["site", "dim", "trace", "participation_ratio", "participation_fraction",
-            "rank_90", "rank_95", "rank_99", "deviation_from_euclidean"]
+    cols = [
+        "site",
+        "dim",
+        "trace",
+        "participation_ratio",
+        "participation_fraction",
+        "rank_90",
+        "rank_95",
+        "rank_99",
+        "deviation_from_euclidean",
+    ]
     summary = {
         "model": model.cfg.model_name,
         "prompts": len(prompts),

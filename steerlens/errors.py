@@ -29,7 +29,7 @@ class NonFiniteError(SteerlensError, FloatingPointError):
 
 
 class MetricError(SteerlensError, ValueError):
-    """A metric cannot be computed or used as asked (e.g. an undamped solve of a singular metric)."""
+    """A metric cannot be computed or used as asked (e.g. undamped solve of a singular metric)."""
 
 
 class ConceptError(SteerlensError, ValueError):

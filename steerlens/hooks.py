@@ -13,7 +13,8 @@ is left exactly as found even when the code inside raises (KeyboardInterrupt inc
 torch.Size([1, 3, 16])
 >>> with add_vector(model, "resid_post.0", torch.zeros(16, dtype=torch.float64)):
 ...     steered = model(tokens)
->>> torch.equal(steered, model(tokens)), len(model.hook_dict["blocks.0.hook_resid_post"]._forward_hooks)
+>>> hook_point = model.hook_dict["blocks.0.hook_resid_post"]
+>>> torch.equal(steered, model(tokens)), len(hook_point._forward_hooks)
 (True, 0)
 """
 
@@ -90,7 +91,9 @@ def record(
         yield acts
 
 
-def check_vector(vector: Tensor, site: Site, model: HookedTransformer, what: str = "vector") -> None:
+def check_vector(
+    vector: Tensor, site: Site, model: HookedTransformer, what: str = "vector"
+) -> None:
     """Raise a steerlens error unless ``vector`` is a finite, non-zero [dim] tensor for the site."""
     dim = site.dim(model)
     if not isinstance(vector, Tensor):

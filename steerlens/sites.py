@@ -135,7 +135,9 @@ class Site:
         if ":" in text:
             text, head_text = text.rsplit(":", 1)
             if not re.fullmatch(r"\d+", head_text):
-                raise SiteError(f"invalid head {head_text!r} in site {spec!r}; a head is an int >= 0")
+                raise SiteError(
+                    f"invalid head {head_text!r} in site {spec!r}; a head is an int >= 0"
+                )
             head = int(head_text)
         if m := _FULL_RE.match(text):
             layer, hook = int(m.group(1)), m.group(2)

@@ -54,7 +54,8 @@ def oracle_metric(model, tokens: Tensor, site: Site, *, exclude=(), merge=(), le
             captured["resid"] = act[0, -1]
 
         lens_hook = (
-            f"blocks.{lens}.hook_resid_pre" if lens < model.cfg.n_layers
+            f"blocks.{lens}.hook_resid_pre"
+            if lens < model.cfg.n_layers
             else f"blocks.{lens - 1}.hook_resid_post"
         )
         use = model.cfg.use_attn_result

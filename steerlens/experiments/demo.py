@@ -30,8 +30,11 @@ def top_tokens(model, prompt: str, top: int = 5) -> pd.DataFrame:
         probs = torch.softmax(model(tokens[None])[0, -1].double(), -1)
     values, ids = probs.topk(top)
     return pd.DataFrame(
-        {"token": [repr(model.tokenizer.decode([i])) for i in ids.tolist()],
-         "id": ids.tolist(), "probability": values.tolist()}
+        {
+            "token": [repr(model.tokenizer.decode([i])) for i in ids.tolist()],
+            "id": ids.tolist(),
+            "probability": values.tolist(),
+        }
     )
 
 
@@ -41,8 +44,14 @@ def site_summary(model) -> pd.DataFrame:
     for kind in BLOCK_ORDER:
         sites = all_sites(model, [kind], per_head=True)
         if sites:
-            rows.append({"kind": kind, "sites": len(sites), "dim": sites[0].dim(model),
-                         "example": sites[len(sites) // 2].name})
+            rows.append(
+                {
+                    "kind": kind,
+                    "sites": len(sites),
+                    "dim": sites[0].dim(model),
+                    "example": sites[len(sites) // 2].name,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -55,8 +64,14 @@ def run_demo(model_name: str | None, prompt: str, top: int = 5) -> DemoResult:
     sweep = pullback_sweep(model, prompt, sites, decompose=False)
     swept = time.perf_counter() - start
     table = diagnostics_table(sweep)[
-        ["layer", "participation_ratio", "participation_fraction", "rank_90", "rank_99",
-         "deviation_from_euclidean"]
+        [
+            "layer",
+            "participation_ratio",
+            "participation_fraction",
+            "rank_90",
+            "rank_99",
+            "deviation_from_euclidean",
+        ]
     ]
     summary = {
         "model": model.cfg.model_name,
@@ -67,6 +82,11 @@ def run_demo(model_name: str | None, prompt: str, top: int = 5) -> DemoResult:
         "metric sweep seconds (all layers)": round(swept, 2),
         "vocab": f"top-{sweep.info['top_k']} + rest, dropped mass {sweep.info['dropped_mass']:.1e}",
     }
-    return DemoResult(summary, {"next tokens": top_tokens(model, prompt, top),
-                                "sites": site_summary(model),
-                                "metric at hook_resid_post": table})
+    return DemoResult(
+        summary,
+        {
+            "next tokens": top_tokens(model, prompt, top),
+            "sites": site_summary(model),
+            "metric at hook_resid_post": table,
+        },
+    )

@@ -149,7 +149,9 @@ class Metric:
         if not 1 <= rank <= self.dim:
             raise InputError(f"rank must be in 1..{self.dim}, got {rank}")
         factor = evals[:rank].sqrt().unsqueeze(1) * evecs[:, :rank].T
-        return replace(self, factor=factor.contiguous(), gram=None, info={**self.info, "rank": rank})
+        return replace(
+            self, factor=factor.contiguous(), gram=None, info={**self.info, "rank": rank}
+        )
 
     def _check_vec(self, v: Tensor) -> Tensor:
         if not isinstance(v, Tensor):

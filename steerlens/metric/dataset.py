@@ -49,7 +49,9 @@ def expected_metric(
     initialized) shards the prompts over ranks and all-reduces; every rank gets the same result.
     """
     if isinstance(prompts, str):
-        raise InputError("prompts must be an iterable of prompts, not one string: wrap it in a list")
+        raise InputError(
+            "prompts must be an iterable of prompts, not one string: wrap it in a list"
+        )
     single = isinstance(sites, (str, Site))
     parsed = [as_site(s, model) for s in ([sites] if single else sites)]  # type: ignore[list-item]
     if not parsed:
@@ -93,5 +95,6 @@ def expected_metric(
     }
     dtype = model.cfg.dtype
     return {
-        name: Metric(None, name, dict(info), gram=(g / count).to(dtype)) for name, g in grams.items()
+        name: Metric(None, name, dict(info), gram=(g / count).to(dtype))
+        for name, g in grams.items()
     }

@@ -16,9 +16,6 @@ forward-mode pass (``torch.func.jvp``) over the same rows.
 
 from __future__ import annotations
 
-import functools
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,9 +23,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from steerlens.hooks import hooked
+from steerlens.metric.blockmap import block_map
 from steerlens.metric.state import PromptState
-from steerlens.sites import HOOKS
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -44,28 +40,6 @@ class BlockPullback:
     rows: dict[str, Tensor]
     shares: dict[str, float] = field(default_factory=dict)
     head_shares: list[float] = field(default_factory=list)
-
-
-def _block_fn(
-    model: HookedTransformer, layer: int, state: PromptState, names: list[str]
-) -> tuple[Callable[..., Tensor], list[tuple[str, Callable]]]:
-    """The single-position map of block ``layer``: (x, *perturbations at ``names``) -> output.
-    Returns the function and the hooks it needs attached."""
-    block = model.blocks[layer]
-    entry = state.cache[layer]
-    holder: dict[str, Tensor] = {}
-
-    def make_hook(name: str) -> Callable:
-        def hook(act: Tensor, hook: object) -> Tensor:
-            return act + holder[name].view(act.shape)
-
-        return hook
-
-    def fn(x: Tensor, *deltas: Tensor) -> Tensor:
-        holder.update(zip(names, deltas, strict=True))
-        return block(x.view(1, 1, -1), past_kv_cache_entry=entry).view(-1)
-
-    return fn, [(n, make_hook(n)) for n in names]
 
 
 def _zeros_for(model: HookedTransformer, kind: str, like: Tensor) -> Tensor:
@@ -88,65 +62,53 @@ def pull_block(
     kinds: set[str],
     *,
     decompose: bool = False,
+    fast: bool | None = None,
 ) -> BlockPullback:
     """Factor rows at ``kinds`` of block ``layer`` (always including ``resid_pre`` and
     ``resid_post``) from the rows ``b_post`` at its output."""
     need = set(kinds) & set(_DELTA_KINDS)
     if decompose:
-        need |= {"resid_mid", "result"}
+        need |= {"resid_mid", "z"}
     delta_kinds = [k for k in _DELTA_KINDS if k in need]
-    names = [f"blocks.{layer}.{HOOKS[k]}" for k in delta_kinds]
     x = state.resid[layer].to(b_post.dtype)
-    fn, hooks = _block_fn(model, layer, state, names)
     zeros = [_zeros_for(model, k, x) for k in delta_kinds]
-    with hooked(model, hooks, need_result="result" in need):  # type: ignore[arg-type]
-        _, vjp_fn = torch.func.vjp(fn, x, *zeros)
+    with block_map(model, layer, state, delta_kinds, dtype=x.dtype, fast=fast) as fn:
+        _, vjp_fn = torch.func.vjp(lambda x, *d: fn(x, *d)[0], x, *zeros)
         grads = torch.vmap(vjp_fn)(b_post)
     rows = {"resid_pre": grads[0], "resid_post": b_post}
     rows.update(zip(delta_kinds, grads[1:], strict=True))
     out = BlockPullback(rows)
     if decompose:
-        _decompose(model, state, layer, out)
+        _decompose(model, state, layer, out, fast)
     return out
 
 
-@functools.cache
-def _load_forward_ad() -> None:
-    """Load torch's forward-mode decompositions once, silencing the ``torch.jit.script``
-    deprecation warning that torch 2.13 itself raises while loading them."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
-        torch.autograd.forward_ad._maybe_load_decompositions()
-
-
-def _decompose(model: HookedTransformer, state: PromptState, layer: int, out: BlockPullback) -> None:
-    """Exact shares of ‖B_pre‖²_F by path and by head, from one batched forward-mode pass."""
+def _decompose(
+    model: HookedTransformer, state: PromptState, layer: int, out: BlockPullback, fast: bool | None
+) -> None:
+    """Exact shares of ‖B_pre‖²_F by path and by head, from one batched VJP through the
+    attention half of the block: cotangent B_post at ``hook_attn_out`` gives the direct attention
+    path B_post J_A; cotangent B_z restricted to head h at ``hook_z`` gives head h's path."""
     b_pre, b_post, b_mid = out.rows["resid_pre"], out.rows["resid_post"], out.rows["resid_mid"]
-    block = model.blocks[layer]
-    entry = state.cache[layer]
-    captured: dict[str, Tensor] = {}
-    attn_name = f"blocks.{layer}.hook_attn_out"
-    result_name = f"blocks.{layer}.attn.hook_result"
-
-    def capture(act: Tensor, hook: object) -> None:
-        captured[hook.name] = act  # type: ignore[attr-defined]
-
-    def fn(x: Tensor) -> tuple[Tensor, Tensor]:
-        block(x.view(1, 1, -1), past_kv_cache_entry=entry)
-        return captured[attn_name][0, 0], captured[result_name][0, 0]
-
+    b_z = out.rows["z"]  # [rows, head, d_head]
     x = state.resid[layer].to(b_pre.dtype)
-    _load_forward_ad()
-    with hooked(model, [(attn_name, capture), (result_name, capture)], need_result=True):
-        d_attn, d_result = torch.vmap(lambda t: torch.func.jvp(fn, (x,), (t,))[1])(b_pre)
+    n_rows, n_heads = b_z.shape[0], b_z.shape[1]
+    eye = torch.eye(n_heads, dtype=b_z.dtype, device=b_z.device)
+    per_head = (b_z.unsqueeze(0) * eye.view(n_heads, 1, n_heads, 1)).flatten(0, 1)
+    cot_attn = torch.cat([b_post, torch.zeros_like(b_post).repeat(n_heads, 1)])
+    cot_z = torch.cat([torch.zeros_like(b_z), per_head])
+    with block_map(model, layer, state, (), ("attn_out", "z"), dtype=x.dtype, fast=fast) as fn:
+        _, vjp_fn = torch.func.vjp(lambda y: fn(y)[1:], x)
+        grads = torch.vmap(vjp_fn)((cot_attn, cot_z))[0]
+    direct = grads[:n_rows]
+    heads = grads[n_rows:].view(n_heads, n_rows, -1)
     total = b_pre.pow(2).sum()
-    b_mlp = b_mid - b_post
+    attn = (direct * b_pre).sum()
     shares = {
         "skip": (b_post * b_pre).sum(),
-        "mlp": (b_mlp * b_pre).sum(),
-        "attn": (b_post * d_attn).sum(),
-        "attn_mlp": (b_mlp * d_attn).sum(),
+        "mlp": ((b_mid - b_post) * b_pre).sum(),
+        "attn": attn,
+        "attn_mlp": ((b_pre - b_mid) * b_pre).sum() - attn,
     }
     out.shares = {k: float(v / total) for k, v in shares.items()}
-    b_result = out.rows["result"]  # [rows, head, d_model]
-    out.head_shares = ((b_result * d_result).sum((0, 2)) / total).tolist()
+    out.head_shares = ((heads * b_pre.unsqueeze(0)).sum((1, 2)) / total).tolist()

@@ -78,14 +78,14 @@ def prompt_state(model: HookedTransformer, tokens: Int[Tensor, " pos"]) -> Promp
 
         return hook
 
-    hooks = [(f"blocks.{l}.hook_resid_pre", grab(l)) for l in range(n_layers)]
+    hooks = [(f"blocks.{layer}.hook_resid_pre", grab(layer)) for layer in range(n_layers)]
     hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", grab(n_layers)))
     with hooked(model, hooks):  # type: ignore[arg-type]
         last = tokens[None, -1:]
         logits = model(last, past_kv_cache=cache, attention_mask=torch.ones_like(last))[0, -1]
     if not torch.isfinite(logits).all():
         raise NonFiniteError("the model's logits at the prediction position are not finite")
-    for l, r in enumerate(resid):
+    for layer, r in enumerate(resid):
         if r is None or not torch.isfinite(r).all():
-            raise NonFiniteError(f"the residual stream entering block {l} is not finite")
+            raise NonFiniteError(f"the residual stream entering block {layer} is not finite")
     return PromptState(tokens, resid, logits, cache)  # type: ignore[arg-type]

@@ -15,7 +15,9 @@ from steerlens.metric import pullback_metric
 from steerlens.metric.dataset import expected_metric
 from steerlens.tiny import tiny_model
 
-PROMPTS = [torch.tensor(p) for p in ([3, 1, 4, 1], [5, 9, 2], [6, 5, 3, 5, 8], [9, 7], [9, 3, 2, 3])]
+PROMPTS = [
+    torch.tensor(p) for p in ([3, 1, 4, 1], [5, 9, 2], [6, 5, 3, 5, 8], [9, 7], [9, 3, 2, 3])
+]
 SITES = ["resid_pre.0", "z.1:1", "mlp_post.0"]
 
 
@@ -55,7 +57,8 @@ def _worker(rank: int, world: int, port: int, flavour: str, out_dir: str) -> Non
         model = tiny_model(flavour)
         got = expected_metric(model, PROMPTS, SITES, vocab="full", progress=False)
         torch.save(
-            {k: m.matrix() for k, m in got.items()} | {"n": got[site_name(SITES[0])].info["n_prompts"]},
+            {k: m.matrix() for k, m in got.items()}
+            | {"n": got[site_name(SITES[0])].info["n_prompts"]},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:

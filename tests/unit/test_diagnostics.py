@@ -40,5 +40,7 @@ def test_table_on_sweep(model, tokens):
     table = diagnostics_table(sweep)
     assert len(table) == len(sweep)
     assert (table["participation_fraction"] <= 1 + 1e-12).all()
-    assert ((table["deviation_from_euclidean"] >= 0) & (table["deviation_from_euclidean"] <= 1)).all()
+    assert (
+        (table["deviation_from_euclidean"] >= 0) & (table["deviation_from_euclidean"] <= 1)
+    ).all()
     assert set(table["kind"]) >= {"resid_pre", "z", "mlp_pre"}

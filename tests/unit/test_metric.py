@@ -118,7 +118,12 @@ def test_off_target_complement_matches_brute_force(model, tokens, vocab):
     exclude = (5, 7, 11)
     site = Site("resid_pre", 1)
     got = pullback_metric(
-        model, tokens, site, vocab=vocab, dropped_mass=1e-9, off_target=OffTarget.complement(exclude)
+        model,
+        tokens,
+        site,
+        vocab=vocab,
+        dropped_mass=1e-9,
+        off_target=OffTarget.complement(exclude),
     )
     want = oracle_metric(model, tokens, site, exclude=exclude)
     assert rel_err(got.matrix(), want) < 1e-8
@@ -136,8 +141,10 @@ def test_off_target_pair_merge_matches_brute_force(model, tokens, vocab):
     assert rel_err(got.matrix(), want) < 1e-8
 
 
-@pytest.mark.parametrize("spec,depth,lens", [("resid_pre.0", 0, 0), ("resid_pre.0", 1, 1),
-                                             ("resid_post.0", 0, 1), ("mlp_pre.0", 1, 2)])
+@pytest.mark.parametrize(
+    "spec,depth,lens",
+    [("resid_pre.0", 0, 0), ("resid_pre.0", 1, 1), ("resid_post.0", 0, 1), ("mlp_pre.0", 1, 2)],
+)
 def test_depth_truncated_matches_logit_lens_oracle(model, tokens, spec, depth, lens):
     site = Site.parse(spec)
     got = pullback_metric(model, tokens, site, vocab="full", depth=depth).matrix()
@@ -241,3 +248,24 @@ def test_bad_inputs_raise_steerlens_errors(model, tokens):
     m = pullback_metric(model, tokens[:1], "resid_pre.0", dropped_mass=0.5)
     with pytest.raises(errors.MetricError, match="singular"):
         m.solve(torch.ones(m.dim, dtype=torch.float64), damping=0.0)
+
+
+def test_fast_block_equals_hooked_block(model, tokens):
+    """The written-out block and TransformerLens's own block give the same rows at every kind."""
+    from steerlens.metric.blockmap import fast_supported
+    from steerlens.metric.pullback import MetricOptions, lens_rows
+    from steerlens.metric.recursion import _DELTA_KINDS, pull_block
+    from steerlens.metric.state import prompt_state
+
+    state = prompt_state(model, tokens)
+    assert fast_supported(model, 0, state.n_pos)
+    b = lens_rows(model, state.resid[2], MetricOptions(vocab="full"))[0]
+    for layer in (1, 0):
+        fast = pull_block(model, state, layer, b, set(_DELTA_KINDS), decompose=True, fast=True)
+        slow = pull_block(model, state, layer, b, set(_DELTA_KINDS), decompose=True, fast=False)
+        for kind, rows in slow.rows.items():
+            assert rel_err(fast.rows[kind], rows) < 1e-12, kind
+        for path, share in slow.shares.items():
+            assert abs(fast.shares[path] - share) < 1e-12
+        assert torch.allclose(torch.tensor(fast.head_shares), torch.tensor(slow.head_shares))
+        b = fast.rows["resid_pre"]

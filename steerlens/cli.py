@@ -153,7 +153,7 @@ def cmd_metric(args: argparse.Namespace) -> None:
         "definitions": "participation_ratio=(trG)^2/tr(G^2); rank_q=fewest eigen-directions "
         "holding q of trG; deviation_from_euclidean=||G-(trG/d)I||_2/||G||_2",
     }
-    _print(summary, {"diagnostics": table[cols]}, args.json)
+    _print(summary, {"diagnostics": pd.DataFrame(table[cols])}, args.json)
 
 
 COMMANDS = {"demo": cmd_demo, "metric": cmd_metric}

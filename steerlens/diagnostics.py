@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -99,7 +100,7 @@ def diagnostics_table(metrics: Mapping[str, Metric]) -> pd.DataFrame:
 
     rows = []
     for name, metric in metrics.items():
-        row = metric_diagnostics(metric).as_dict()
+        row: dict[str, Any] = metric_diagnostics(metric).as_dict()
         site = Site.parse(name)
         row.update(layer=site.layer, kind=site.kind, head=site.head)
         for q in ("90", "95", "99"):

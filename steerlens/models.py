@@ -248,7 +248,7 @@ def load_hf_gguf(gguf_path: Path) -> tuple[Any, Any]:
     if hasattr(hf_model.config, "quantization_config"):
         # The weights in hand are plain float tensors; the GGUF marker would make TransformerLens
         # refuse them as "quantized".
-        del hf_model.config.quantization_config
+        delattr(hf_model.config, "quantization_config")
     hf_model.eval()
     return hf_model, tokenizer
 

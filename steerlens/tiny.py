@@ -12,7 +12,7 @@ Two flavours cover the architectures steerlens must handle:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -35,7 +35,7 @@ def tiny_config(
     seed: int = 0,
 ) -> HookedTransformerConfig:
     """The :class:`HookedTransformerConfig` of a tiny random model of one flavour."""
-    common = dict(
+    common: dict[str, Any] = dict(
         n_layers=n_layers,
         d_model=d_model,
         n_heads=n_heads,

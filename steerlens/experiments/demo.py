@@ -87,6 +87,6 @@ def run_demo(model_name: str | None, prompt: str, top: int = 5) -> DemoResult:
         {
             "next tokens": top_tokens(model, prompt, top),
             "sites": site_summary(model),
-            "metric at hook_resid_post": table,
+            "metric at hook_resid_post": pd.DataFrame(table),
         },
     )

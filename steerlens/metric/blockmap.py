@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -102,14 +102,14 @@ class FastBlock:
             keys = attn.apply_rotary(keys, 0, None)
         self.k_past = keys[0].permute(1, 0, 2).to(dtype).contiguous()  # [kv, pos, d_head]
         self.v_past = entry.past_values.detach()[0].permute(1, 0, 2).to(dtype).contiguous()
-        mlp = block.mlp
+        mlp: Any = block.mlp
         self.gated = isinstance(mlp, GatedMLP)
         self.w_in = mlp.W_in.detach().to(dtype)
         self.b_in = mlp.b_in.detach().to(dtype)
         self.w_gate = mlp.W_gate.detach().to(dtype) if self.gated else None
         self.w_out = mlp.W_out.detach().to(dtype)
         self.b_out = mlp.b_out.detach().to(dtype)
-        self.act = mlp.act_fn
+        self.act: Callable[[Tensor], Tensor] = mlp.act_fn  # type: ignore[assignment]
 
     def _rotate(self, x: Tensor, n: int) -> Tensor:
         if self.cfg.positional_embedding_type != "rotary":

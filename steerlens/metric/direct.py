@@ -17,6 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from steerlens.hooks import hooked
+from steerlens.metric.autodiff import pullback_rows
 from steerlens.sites import Site
 
 if TYPE_CHECKING:
@@ -59,9 +60,8 @@ def direct_rows(
 
     zero = torch.zeros(shape, dtype=b_lens.dtype, device=b_lens.device)
     with hooked(model, [(site.hook_name, hook)], need_result=site.kind == "result"):
-        _, vjp_fn = torch.func.vjp(fn, zero)
-        parts = [torch.vmap(vjp_fn)(b_lens[i : i + chunk])[0] for i in range(0, len(b_lens), chunk)]
-    return torch.cat(parts, 0).reshape(len(b_lens), -1)
+        rows = pullback_rows(fn, (zero,), b_lens, chunk=chunk)[0]
+    return rows.reshape(len(b_lens), -1)
 
 
 def _site_shape(model: HookedTransformer, site: Site) -> tuple[int, ...]:

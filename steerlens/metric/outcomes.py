@@ -56,7 +56,7 @@ class OffTarget:
 
     @classmethod
     def pair_merge(cls, pairs: Mapping[int, int] | Iterable[tuple[int, int]]) -> OffTarget:
-        items = pairs.items() if isinstance(pairs, Mapping) else pairs
+        items: list[Any] = list(pairs.items()) if isinstance(pairs, Mapping) else list(pairs)
         merged = tuple((int(b), int(t)) for b, t in items)
         if not merged:
             raise ConceptError("the pair merge needs at least one (base, target) pair")

@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from steerlens.errors import InputError, SiteError
+from steerlens.metric.autodiff import pullback_rows
 from steerlens.metric.core import Metric
 from steerlens.metric.direct import direct_rows
 from steerlens.metric.outcomes import OffTarget, unembed_factor
@@ -81,8 +82,7 @@ def lens_rows(
     )
     rows_u = rows_u.to(dtype)
     if ln is not None:
-        _, vjp_fn = torch.func.vjp(lambda x: ln(x.view(1, 1, -1)).view(-1), resid)
-        rows = torch.vmap(vjp_fn)(rows_u)[0]
+        rows = pullback_rows(lambda x: ln(x.view(1, 1, -1)).view(-1), (resid,), rows_u)[0]
     else:
         rows = rows_u
     metric = Metric(rows, "lens").compressed()
@@ -305,6 +305,10 @@ def _share_frames(share_rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.Da
         for r in share_rows
         for h, v in enumerate(r["heads"])
     ]
-    shares = pd.DataFrame(long).groupby(["layer", "path"], as_index=False)["share"].mean()
-    head_df = pd.DataFrame(heads).groupby(["layer", "head"], as_index=False)["share"].mean()
+    shares = (
+        pd.DataFrame(long).groupby(["layer", "path"], as_index=False).agg(share=("share", "mean"))
+    )
+    head_df = (
+        pd.DataFrame(heads).groupby(["layer", "head"], as_index=False).agg(share=("share", "mean"))
+    )
     return shares, head_df

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from steerlens.metric.autodiff import pullback_rows
 from steerlens.metric.blockmap import block_map
 from steerlens.metric.state import PromptState
 
@@ -73,8 +74,7 @@ def pull_block(
     x = state.resid[layer].to(b_post.dtype)
     zeros = [_zeros_for(model, k, x) for k in delta_kinds]
     with block_map(model, layer, state, delta_kinds, dtype=x.dtype, fast=fast) as fn:
-        _, vjp_fn = torch.func.vjp(lambda x, *d: fn(x, *d)[0], x, *zeros)
-        grads = torch.vmap(vjp_fn)(b_post)
+        grads = pullback_rows(lambda x, *d: fn(x, *d)[0], (x, *zeros), b_post)
     rows = {"resid_pre": grads[0], "resid_post": b_post}
     rows.update(zip(delta_kinds, grads[1:], strict=True))
     out = BlockPullback(rows)
@@ -98,8 +98,7 @@ def _decompose(
     cot_attn = torch.cat([b_post, torch.zeros_like(b_post).repeat(n_heads, 1)])
     cot_z = torch.cat([torch.zeros_like(b_z), per_head])
     with block_map(model, layer, state, (), ("attn_out", "z"), dtype=x.dtype, fast=fast) as fn:
-        _, vjp_fn = torch.func.vjp(lambda y: fn(y)[1:], x)
-        grads = torch.vmap(vjp_fn)((cot_attn, cot_z))[0]
+        grads = pullback_rows(lambda y: fn(y)[1:], (x,), (cot_attn, cot_z))[0]
     direct = grads[:n_rows]
     heads = grads[n_rows:].view(n_heads, n_rows, -1)
     total = b_pre.pow(2).sum()

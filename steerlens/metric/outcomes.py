@@ -122,7 +122,9 @@ def unembed_factor(
     if not 0 <= dropped_mass < 1:
         raise InputError(f"dropped_mass must be in [0, 1), got {dropped_mass}")
     logits = logits.double()
-    w = w_u.double() if vocab == "full" else w_u
+    # The V-wide products run in the model's dtype (float32: ~1e-6 relative error, well inside
+    # the coarse-graining error); the d-sized pieces in float64.
+    w = w_u
     p = torch.softmax(logits, -1)
     s = 1 - (logits / softcap).pow(2) if softcap else torch.ones_like(p)
     sp = s * p
@@ -156,7 +158,18 @@ def unembed_factor(
         m_rest = m_u - m_top.sum(1)
         rest = (p_rest / total).sqrt() * (m_rest / p_rest - mu_u)
         rows = torch.cat([rows, rest.unsqueeze(0)], 0)
+    if rows.shape[0] > rows.shape[1]:  # K + 1 > d: the same metric from at most d rows
+        low = rows.to(w.dtype)
+        rows = _gram_factor((low.T @ low).double())
     return rows, {"vocab": "auto", "dropped_mass": max(rest_q, 0.0), "top_k": k}
+
+
+def _gram_factor(gram: Tensor) -> Tensor:
+    """Rows B (at most d, largest first) with BᵀB = ``gram``, from its eigendecomposition."""
+    evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
+    evals = evals.clamp_min(0)
+    keep = evals > evals.max() * 1e-14
+    return (evals[keep].sqrt().unsqueeze(1) * evecs[:, keep].T).flip(0).contiguous()
 
 
 def _full_factor(
@@ -178,14 +191,10 @@ def _full_factor(
     if groups:
         single[groups] = False
         single[[b for b, _ in merged]] = False
-    weights = torch.where(single, sp * s, torch.zeros_like(sp))
-    gram = (w * weights) @ w.T
+    weights = torch.where(single, sp * s, torch.zeros_like(sp)).to(w.dtype)
+    gram = ((w * weights) @ w.T).double()
     for target in groups:
         members = [target] + [b for b, t in merged if t == target]
-        m = w[:, members] @ sp[members]
+        m = w[:, members].double() @ sp[members]
         gram += torch.outer(m, m) / mass[target]
-    gram = gram / total - torch.outer(mu_u, mu_u)
-    evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
-    evals = evals.clamp_min(0)
-    keep = evals > evals.max() * 1e-14
-    return (evals[keep].sqrt().unsqueeze(1) * evecs[:, keep].T).flip(0).contiguous()
+    return _gram_factor(gram / total - torch.outer(mu_u, mu_u))

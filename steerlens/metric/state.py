@@ -2,8 +2,8 @@
 
 The metric at the last position T only needs, per block, the residual entering the block at T and
 the keys and values of positions < T (held fixed: under causal attention a perturbation at T
-changes nothing before T). We get both from TransformerLens's own key-value cache: run the prefix,
-freeze the cache, run the last token.
+changes nothing before T). We get both from one forward pass that fills TransformerLens's own
+key-value cache, which is then cut to the positions before T and frozen.
 """
 
 from __future__ import annotations
@@ -64,12 +64,6 @@ def prompt_state(model: HookedTransformer, tokens: Int[Tensor, " pos"]) -> Promp
     check_supported(model)
     n_layers = model.cfg.n_layers
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=1)
-    if tokens.shape[0] > 1:
-        prefix = tokens[None, :-1]
-        model(prefix, past_kv_cache=cache, attention_mask=torch.ones_like(prefix))
-    # An explicit all-ones mask: without one TransformerLens masks every token equal to the
-    # tokenizer's pad token, which may be a real token of the prompt.
-    cache.freeze()
     resid: list[Tensor | None] = [None] * (n_layers + 1)
 
     def grab(layer: int):
@@ -80,9 +74,17 @@ def prompt_state(model: HookedTransformer, tokens: Int[Tensor, " pos"]) -> Promp
 
     hooks = [(f"blocks.{layer}.hook_resid_pre", grab(layer)) for layer in range(n_layers)]
     hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", grab(n_layers)))
+    batch = tokens[None]
+    # One forward fills the cache with every position; an explicit all-ones mask, because without
+    # one TransformerLens masks every token equal to the tokenizer's pad token, which may be a
+    # real token of the prompt.
     with hooked(model, hooks):  # type: ignore[arg-type]
-        last = tokens[None, -1:]
-        logits = model(last, past_kv_cache=cache, attention_mask=torch.ones_like(last))[0, -1]
+        logits = model(batch, past_kv_cache=cache, attention_mask=torch.ones_like(batch))[0, -1]
+    for entry in cache.entries:  # keep positions < T: the prediction position is the variable
+        entry.past_keys = entry.past_keys[:, :-1]
+        entry.past_values = entry.past_values[:, :-1]
+    cache.previous_attention_mask = cache.previous_attention_mask[:, :-1]
+    cache.freeze()
     if not torch.isfinite(logits).all():
         raise NonFiniteError("the model's logits at the prediction position are not finite")
     for layer, r in enumerate(resid):

@@ -10,8 +10,12 @@ The public API, re-exported explicitly::
 """
 
 from steerlens import errors
+from steerlens.concepts.probes import LinearProbe, fit_probe, train_probe
+from steerlens.concepts.sae import SaeFeature, sae_feature
+from steerlens.concepts.tokens import PairMapping, TokenSet
 from steerlens.diagnostics import MetricDiagnostics, diagnostics_table, metric_diagnostics
 from steerlens.hooks import add_vector, record
+from steerlens.methods import Intervention, fit, list_methods, load_intervention
 from steerlens.metric import Metric, OffTarget, Sweep, pullback_metric, pullback_sweep
 from steerlens.metric.dataset import expected_metric
 from steerlens.models import DEFAULT_MODEL, load_model
@@ -22,6 +26,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL",
+    "Intervention",
+    "LinearProbe",
+    "PairMapping",
+    "SaeFeature",
+    "TokenSet",
+    "fit",
+    "fit_probe",
+    "list_methods",
+    "load_intervention",
+    "sae_feature",
+    "train_probe",
     "Metric",
     "MetricDiagnostics",
     "OffTarget",

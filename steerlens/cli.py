@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from steerlens.errors import InputError, SteerlensError
+from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS
 
 DEFAULT_PROMPT = "The Eiffel Tower is in the city of"
 
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="site kinds for --all (default: the residual stream)",
     )
     metric.add_argument("--vocab", choices=["auto", "full"], default="auto")
-    metric.add_argument("--dropped-mass", type=float, default=1e-3)
+    metric.add_argument("--dropped-mass", type=float, default=DEFAULT_DROPPED_MASS)
     return parser
 
 

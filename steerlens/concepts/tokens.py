@@ -18,6 +18,7 @@ Words are tokenized without a beginning-of-sequence token.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -203,6 +204,23 @@ class TokenSet:
     def off_target(self) -> OffTarget:
         """The off-target transform of this concept: p on the complement of S, renormalized."""
         return OffTarget.complement(self.ids)
+
+    def value(
+        self, act: Float[Tensor, "... dim"], logits: Float[Tensor, "... d_vocab"]
+    ) -> Float[Tensor, "..."]:
+        """The concept value c = log Σ_{y∈S} p_y from the logits (``act`` is unused: a token
+        set is read at the output). Differentiable."""
+        return log_prob_of_set(logits, self)
+
+    def target_value(self, probability: float) -> float:
+        """The value c that means "the set holds ``probability`` of the mass": log p."""
+        if not 0 < probability < 1:
+            raise InputError(f"target probability must be in (0, 1), got {probability}")
+        return math.log(probability)
+
+    def probability(self, value: float) -> float:
+        """The mass on the set for a concept value: exp(c)."""
+        return math.exp(value)
 
 
 @dataclass(frozen=True)

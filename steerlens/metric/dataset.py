@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from steerlens.errors import InputError
 from steerlens.metric.core import Metric
-from steerlens.metric.outcomes import OffTarget
+from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS, OffTarget
 from steerlens.metric.pullback import MetricOptions, _prompt_rows, lens_layer
 from steerlens.metric.state import prompt_state
 from steerlens.prompts import as_prompts
@@ -35,7 +35,7 @@ def expected_metric(
     sites: str | Site | Sequence[str | Site],
     *,
     vocab: str = "auto",
-    dropped_mass: float = 1e-3,
+    dropped_mass: float = DEFAULT_DROPPED_MASS,
     off_target: OffTarget | None = None,
     depth: int | None = None,
     progress: bool = True,

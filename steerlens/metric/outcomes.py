@@ -32,6 +32,12 @@ from steerlens.errors import ConceptError, InputError
 VOCAB_MODES = ("auto", "full")
 
 
+#: the default probability mass left out of the top-K outcomes. Once K + 1 > d the factor is
+#: compressed to d rows anyway, so a smaller dropped mass costs only the K×d Gram; on the default
+#: model 1e-4 gives a median relative error of 2.5e-4 over every site (bench/results).
+DEFAULT_DROPPED_MASS = 1e-4
+
+
 @dataclass(frozen=True)
 class OffTarget:
     """A transform of the next-token distribution before its Fisher metric is taken.
@@ -111,7 +117,7 @@ def unembed_factor(
     w_u: Float[Tensor, "d_model d_vocab"],
     *,
     vocab: str = "auto",
-    dropped_mass: float = 1e-3,
+    dropped_mass: float = DEFAULT_DROPPED_MASS,
     off_target: OffTarget | None = None,
     softcap: float | None = None,
 ) -> tuple[Float[Tensor, "n_rows d_model"], dict[str, Any]]:

@@ -28,7 +28,7 @@ from steerlens.errors import InputError, SiteError
 from steerlens.metric.autodiff import pullback_rows
 from steerlens.metric.core import Metric
 from steerlens.metric.direct import direct_rows
-from steerlens.metric.outcomes import OffTarget, unembed_factor
+from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS, OffTarget, unembed_factor
 from steerlens.metric.recursion import pull_block
 from steerlens.metric.state import PromptState, prompt_state
 from steerlens.prompts import PromptsLike, as_prompts
@@ -52,10 +52,24 @@ class MetricOptions:
     """
 
     vocab: str = "auto"
-    dropped_mass: float = 1e-3
+    dropped_mass: float = DEFAULT_DROPPED_MASS
     off_target: OffTarget | None = None
     rank: int | None = None
     trace_kept: float | None = None
+
+
+def lens_logits(
+    model: HookedTransformer, resid: Float[Tensor, " d_model"]
+) -> Float[Tensor, " d_vocab"]:
+    """The logits read from one residual stream vector through ln_final and the unembedding
+    (with the model's output soft-cap); differentiable in ``resid``."""
+    ln = getattr(model, "ln_final", None)
+    u = ln(resid.view(1, 1, -1)).view(-1) if ln is not None else resid
+    logits = u @ model.W_U.detach().to(u.dtype) + model.b_U.detach().to(u.dtype)
+    cap = model.cfg.output_logits_soft_cap
+    if cap and cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
 
 
 @torch.no_grad()  # no graph w.r.t. the weights; torch.func still differentiates
@@ -66,12 +80,8 @@ def lens_rows(
     at the final residual the model's own output metric, earlier the logit-lens metric."""
     dtype = resid.dtype
     ln = getattr(model, "ln_final", None)
-    with torch.no_grad():
-        u = ln(resid.view(1, 1, -1)).view(-1) if ln is not None else resid
-        logits = u @ model.W_U + model.b_U
-        cap = model.cfg.output_logits_soft_cap
-        if cap and cap > 0:
-            logits = cap * torch.tanh(logits / cap)
+    logits = lens_logits(model, resid)
+    cap = model.cfg.output_logits_soft_cap
     rows_u, info = unembed_factor(
         logits,
         model.W_U,
@@ -180,7 +190,7 @@ def pullback_metric(
     site: str | Site,
     *,
     vocab: str = "auto",
-    dropped_mass: float = 1e-3,
+    dropped_mass: float = DEFAULT_DROPPED_MASS,
     off_target: OffTarget | None = None,
     depth: int | None = None,
     rank: int | None = None,
@@ -255,7 +265,7 @@ def pullback_sweep(
     sites: Sequence[str | Site] | None = None,
     *,
     vocab: str = "auto",
-    dropped_mass: float = 1e-3,
+    dropped_mass: float = DEFAULT_DROPPED_MASS,
     off_target: OffTarget | None = None,
     rank: int | None = None,
     trace_kept: float | None = None,

@@ -1,0 +1,308 @@
+"""Iterative steering at one residual site: FishBack, Euclidean gradient ascent, depth-k Fisher
+and dual steering, all one loop with a different metric.
+
+At each step, with g = ∇ₓc the concept's gradient at the current residual x (the prediction
+position) and M the method's metric there, the update is u = (M + λI)⁻¹g, scaled so that the
+concept is predicted to rise by ``step`` (η = step / gᵀu): every method climbs the same ladder of
+concept values, so their costs compare at matched concept change. The loop stops when the stop
+concept reaches its target; the last step is bisected to land on it. A step that lowers the
+concept is halved (up to 6 times).
+
+| method | M |
+|---|---|
+| ``euclidean`` | I (plain gradient ascent) |
+| ``fishback`` | the full pullback Fisher metric at x, of the off-target distribution by default |
+| ``truncated_fisher`` | the depth-k metric G^(k) (k = 0: the softmax geometry at the site) |
+| ``dual`` | G^(0), solved by conjugate gradient, with a probe as the concept (Park et al.) |
+
+Every metric is recomputed at the current x (natural-gradient steps), from the single-position
+path of the metric engine (:class:`~steerlens.metric.local.LocalPath`). The result is an
+:class:`~steerlens.methods.intervention.Intervention` holding δ = x − x₀ at ``site`` (``@last``:
+applied at the prediction position of every forward pass, generated tokens included).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from steerlens.concepts.base import Concept
+from steerlens.errors import InputError, MethodError, NonFiniteError
+from steerlens.methods.intervention import Intervention
+from steerlens.metric.core import Metric
+from steerlens.metric.local import LocalPath
+from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS, OffTarget
+from steerlens.metric.pullback import MetricOptions
+from steerlens.prompts import PromptsLike, as_prompts
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+
+@dataclass(frozen=True)
+class IterativeConfig:
+    """Shared options. ``site``: a residual site (``resid_pre``/``resid_post``) at the last
+    position. The loop stops at ``target_value`` of the stop concept, or (if None) at the value
+    meaning ``target_probability``. ``step``: predicted concept rise per step (nats of log p for
+    a token set; logits for a probe)."""
+
+    name: ClassVar[str] = "iterative"
+    site: str
+    target_probability: float = 0.9
+    target_value: float | None = None
+    step: float = 0.5
+    max_steps: int = 60
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_probability < 1:
+            raise InputError(f"target_probability must be in (0, 1), got {self.target_probability}")
+        if not (math.isfinite(self.step) and self.step > 0):
+            raise InputError(f"step must be a finite number > 0, got {self.step}")
+        if self.max_steps < 1:
+            raise InputError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.target_value is not None and not math.isfinite(self.target_value):
+            raise InputError(f"target_value must be finite, got {self.target_value}")
+
+
+@dataclass(frozen=True)
+class EuclideanConfig(IterativeConfig):
+    """Euclidean gradient ascent: u = g."""
+
+    name: ClassVar[str] = "euclidean"
+
+
+@dataclass(frozen=True)
+class FishBackConfig(IterativeConfig):
+    """FishBack: u = (G + λI)⁻¹g with G the full pullback Fisher metric at the current x, of
+    the concept's off-target distribution (``off_target``, the default) or of the whole output.
+    λ = ``damping``·tr(G)/d. Defaults measured on the default model (see the README)."""
+
+    name: ClassVar[str] = "fishback"
+    off_target: bool = True
+    damping: float = 1e-2
+    vocab: str = "auto"
+    dropped_mass: float = DEFAULT_DROPPED_MASS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.damping) and self.damping > 0):
+            raise InputError(f"damping must be a finite number > 0, got {self.damping}")
+
+
+@dataclass(frozen=True)
+class TruncatedFisherConfig(FishBackConfig):
+    """The depth-k metric G^(k): pulled back through ``depth`` blocks, then straight into the
+    unembedding (``depth=0``: the softmax's own geometry at the site)."""
+
+    name: ClassVar[str] = "truncated_fisher"
+    depth: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.depth < 0:
+            raise InputError(f"depth must be >= 0, got {self.depth}")
+
+
+@dataclass(frozen=True)
+class DualConfig(IterativeConfig):
+    """Dual steering (Park et al., *The Information Geometry of Softmax*): a regularized Newton
+    step in dual coordinates, u = (G^(0) + λI)⁻¹w solved by ``cg_iters`` conjugate-gradient
+    iterations, w the gradient of the concept (a probe's weight). Park et al. read G^(0) at the
+    last layer over the top 20,000 logits with an absolute λ = 5e-3 and fixed-norm steps; here
+    G^(0) is read at any residual site through ln_final (top-K by dropped mass), λ is relative
+    (``damping``·tr/d) and steps follow the shared concept ladder."""
+
+    name: ClassVar[str] = "dual"
+    damping: float = 5e-3
+    cg_iters: int = 20
+    vocab: str = "auto"
+    dropped_mass: float = DEFAULT_DROPPED_MASS
+
+
+Direction = Callable[[LocalPath, Tensor, Tensor], tuple[Tensor, dict[str, Any]]]
+
+
+def conjugate_gradient(
+    mv: Callable[[Tensor], Tensor], b: Float[Tensor, " d"], iters: int, tol: float = 1e-10
+) -> Float[Tensor, " d"]:
+    """Solve A x = b for symmetric positive-definite A given as ``mv(x) = A x``.
+
+    >>> a = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    >>> x = conjugate_gradient(lambda v: a @ v, torch.tensor([1.0, 2.0], dtype=torch.float64), 10)
+    >>> torch.allclose(a @ x, torch.tensor([1.0, 2.0], dtype=torch.float64))
+    True
+    """
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = r @ r
+    for _ in range(iters):
+        if rs.sqrt() <= tol * b.norm():
+            break
+        ap = mv(p)
+        alpha = rs / (p @ ap)
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = r @ r
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return x
+
+
+def _off_target(concept: Concept, stop: Concept, wanted: bool) -> OffTarget | None:
+    if not wanted:
+        return None
+    for c in (concept, stop):
+        make = getattr(c, "off_target", None)
+        if callable(make):
+            off = make()
+            if isinstance(off, OffTarget):
+                return off
+    return None
+
+
+def direction_fn(cfg: IterativeConfig, concept: Concept, stop: Concept) -> Direction:
+    """The update direction u(x, g) of ``cfg``'s method."""
+    if isinstance(cfg, FishBackConfig):
+        off = _off_target(concept, stop, cfg.off_target)
+        options = MetricOptions(cfg.vocab, cfg.dropped_mass, off)
+        depth = cfg.depth if isinstance(cfg, TruncatedFisherConfig) else None
+
+        def natural(path: LocalPath, x: Tensor, g: Tensor) -> tuple[Tensor, dict[str, Any]]:
+            metric = path.metric(x, options, depth=depth)
+            return metric.solve(g, cfg.damping), _metric_info(metric)
+
+        return natural
+    if isinstance(cfg, DualConfig):
+        options = MetricOptions(cfg.vocab, cfg.dropped_mass)
+
+        def dual(path: LocalPath, x: Tensor, g: Tensor) -> tuple[Tensor, dict[str, Any]]:
+            metric = path.metric(x, options, depth=0)
+            lam = metric.damping_value(cfg.damping)
+            u = conjugate_gradient(
+                lambda v: metric.mv(v) + lam * v, g.to(metric.dtype), cfg.cg_iters
+            )
+            return u.to(g.dtype), _metric_info(metric)
+
+        return dual
+    if isinstance(cfg, EuclideanConfig):
+        return lambda path, x, g: (g, {})
+    raise MethodError(f"no iterative method for config {type(cfg).__name__}")
+
+
+def _metric_info(metric: Metric) -> dict[str, Any]:
+    return {"dropped_mass": metric.info.get("dropped_mass"), "top_k": metric.info.get("top_k")}
+
+
+def _evaluate(
+    path: LocalPath, concept: Concept, stop: Concept, x: Tensor
+) -> tuple[float, Tensor, float]:
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        logits = path.logits(xg)
+        c = concept.value(xg, logits)
+        (g,) = torch.autograd.grad(c, xg)
+    c = c.detach()
+    s = c if stop is concept else stop.value(xg.detach(), logits.detach()).detach()
+    if not (torch.isfinite(c) and torch.isfinite(g).all() and torch.isfinite(s)):
+        raise NonFiniteError(f"the concept or its gradient is not finite at {path.site.name}")
+    return float(c), g.detach(), float(s)
+
+
+@torch.no_grad()
+def _stop_value(path: LocalPath, stop: Concept, x: Tensor) -> float:
+    return float(stop.value(x, path.logits(x)))
+
+
+def steer_iteratively(
+    model: HookedTransformer,
+    cfg: IterativeConfig,
+    concept: Concept,
+    prompt: PromptsLike,
+    *,
+    stop_on: Concept | None = None,
+) -> Intervention:
+    """Run ``cfg``'s method on one prompt until the stop concept (``stop_on``, default the
+    concept) reaches its target, or ``max_steps``. Returns the intervention δ at the site, with
+    ``info``: reached, steps, values, the trajectory and the wall time."""
+    if not isinstance(concept, Concept):
+        raise InputError(f"concept must have value() and target_value(), got {type(concept)}")
+    stop = concept if stop_on is None else stop_on
+    target = (
+        cfg.target_value
+        if cfg.target_value is not None
+        else stop.target_value(cfg.target_probability)
+    )
+    started = time.perf_counter()
+    prompts = as_prompts(model, prompt)
+    if len(prompts) != 1:
+        raise InputError(f"{cfg.name} steers one prompt at a time, got {len(prompts)}")
+    with LocalPath(model, prompts[0], cfg.site) as path:
+        check_site = getattr(concept, "check_site", None)
+        if callable(check_site):
+            check_site(path.site, model)
+        direction = direction_fn(cfg, concept, stop)
+        x = path.x0.clone()
+        c, g, s = _evaluate(path, concept, stop, x)
+        trajectory = [{"step": 0, "value": c, "stop_value": s, "delta_norm": 0.0}]
+        start_value, reached, steps = s, s >= target, 0
+        while not reached and steps < cfg.max_steps:
+            steps += 1
+            u, extra = direction(path, x, g)
+            gu = float(g @ u)
+            if not gu > 0:
+                raise MethodError(
+                    f"{cfg.name}: the update does not raise the concept (gᵀu = {gu:.3g}) at step "
+                    f"{steps}; the gradient may vanish here"
+                )
+            eta = cfg.step / gu
+            for _ in range(7):
+                x_new = x + eta * u
+                c_new, g_new, s_new = _evaluate(path, concept, stop, x_new)
+                if s_new > s or s_new >= target:
+                    break
+                eta /= 2
+            if s_new >= target:
+                x_new = _bisect(path, stop, x, eta * u, target)
+                c_new, g_new, s_new = _evaluate(path, concept, stop, x_new)
+                reached = True
+            x, c, g, s = x_new, c_new, g_new, s_new
+            norm = float((x - path.x0).norm())
+            trajectory.append(
+                {"step": steps, "value": c, "stop_value": s, "delta_norm": norm, **extra}
+            )
+        delta = (x - path.x0).detach()
+        site = path.site.name
+    info = {
+        "config": asdict(cfg),
+        "concept": getattr(concept, "name", type(concept).__name__),
+        "stop_concept": getattr(stop, "name", type(stop).__name__),
+        "reached": bool(reached),
+        "steps": steps,
+        "start_value": start_value,
+        "final_value": s,
+        "target_value": target,
+        "trajectory": trajectory,
+        "seconds": time.perf_counter() - started,
+    }
+    return Intervention(cfg.name, {site: delta}, 1.0, info)
+
+
+def _bisect(path: LocalPath, stop: Concept, x: Tensor, step: Tensor, target: float) -> Tensor:
+    """The point x + t·step, t ∈ (0, 1], where the stop concept first reaches ``target`` (to
+    1e-6 in t), taking the upper end so the target is met."""
+    lo, hi = 0.0, 1.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        if _stop_value(path, stop, x + mid * step) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return x + hi * step

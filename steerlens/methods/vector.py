@@ -1,0 +1,130 @@
+"""Fixed-direction methods: a probe's weight, an SAE feature's decoder row, and the contrastive
+baselines CAA and ActAdd (mean or single paired differences of activations).
+
+Each returns an :class:`~steerlens.methods.intervention.Intervention` whose ``scale`` is the
+strength; the evaluation finds the strength that reaches a target concept probability.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from steerlens.concepts.activations import harvest
+from steerlens.concepts.pairs import ContrastPairs
+from steerlens.concepts.probes import LinearProbe
+from steerlens.concepts.sae import SaeFeature
+from steerlens.errors import ConceptError, InputError, MethodError
+from steerlens.hooks import record
+from steerlens.methods.intervention import Intervention
+from steerlens.prompts import as_prompts
+from steerlens.sites import Site, as_site
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+
+def _unit(v: Tensor, what: str) -> Tensor:
+    norm = float(v.norm())
+    if norm == 0:
+        raise MethodError(f"{what} is the zero vector: there is no direction to steer along")
+    return v / norm
+
+
+def probe_intervention(
+    model: HookedTransformer, probe: LinearProbe, site: str | Site | None = None, scale: float = 1.0
+) -> Intervention:
+    """δ = scale · w/‖w‖ at the probe's site (or ``site``, same hook, another position rule)."""
+    target = as_site(site if site is not None else probe.site, model)
+    probe.check_site(target, model)
+    vec = _unit(probe.weight.detach(), f"probe {probe.name!r} weight")
+    info = {"probe": probe.name, "test_accuracy": probe.test_accuracy}
+    return Intervention("probe", {target.name: vec}, scale, info)
+
+
+def sae_intervention(
+    model: HookedTransformer,
+    feature: SaeFeature,
+    site: str | Site | None = None,
+    scale: float = 1.0,
+) -> Intervention:
+    """δ = scale · W_dec[f]/‖W_dec[f]‖ at the SAE's site (or ``site``, another position rule)."""
+    target = as_site(site if site is not None else feature.site, model)
+    feature.check_site(target, model)
+    vec = _unit(feature.direction.to(model.cfg.dtype), feature.name)
+    return Intervention("sae", {target.name: vec}, scale, {"feature": feature.feature})
+
+
+def _pair_tokens(
+    model: HookedTransformer, pairs: ContrastPairs
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Token ids of each side; exact ids when the pairs carry them (BOS prepended if the
+    model uses one)."""
+    if pairs.token_pairs is None:
+        return as_prompts(model, list(pairs.plus)), as_prompts(model, list(pairs.minus))
+    bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
+    prefix = (bos,) if model.cfg.default_prepend_bos and bos is not None else ()
+    plus = [torch.tensor(prefix + p, dtype=torch.long) for p, _ in pairs.token_pairs]
+    minus = [torch.tensor(prefix + m, dtype=torch.long) for _, m in pairs.token_pairs]
+    return as_prompts(model, plus), as_prompts(model, minus)
+
+
+def caa_intervention(
+    model: HookedTransformer,
+    pairs: ContrastPairs,
+    layer: int,
+    *,
+    position: str | int = "all",
+    scale: float = 1.0,
+) -> Intervention:
+    """Contrastive activation addition (Rimsky et al.): v = mean over pairs of
+    h⁺ − h⁻, read at ``hook_resid_post`` of ``layer`` at each side's last token, added (times
+    ``scale``) at every position (``position="all"``; Rimsky et al. add after the instruction,
+    which for a plain prompt is every position). The paper reads at the answer letter of an A/B
+    question; for token concepts here the last token of each side is that answer. The vector is
+    kept at its natural norm (the multiplier is relative to it)."""
+    read = as_site(Site("resid_post", layer), model)
+    plus, minus = _pair_tokens(model, pairs)
+    diff = harvest(model, plus, read) - harvest(model, minus, read)
+    vec = diff.mean(0)
+    if float(vec.norm()) == 0:
+        raise MethodError(f"CAA vector for {pairs.name!r} is zero: the two sides read the same")
+    site = read.at(position)  # type: ignore[arg-type]
+    info = {"pairs": pairs.name, "n_pairs": len(pairs), "read": read.name}
+    return Intervention("caa", {site.name: vec}, scale, info)
+
+
+def actadd_intervention(
+    model: HookedTransformer,
+    plus: str | Tensor,
+    minus: str | Tensor,
+    layer: int,
+    *,
+    scale: float = 1.0,
+    pad_token: int | None = None,
+) -> Intervention:
+    """Activation addition (Turner et al.): c·(h(p⁺) − h(p⁻)) for one prompt pair (strings or
+    token ids), read at ``hook_resid_pre`` of ``layer`` at every position (the shorter side
+    padded with ``pad_token``, by default the tokenizer's pad or end-of-text token), and added
+    to the same first positions of the user's prompt."""
+    a, b = as_prompts(model, [plus, minus])  # type: ignore[list-item]
+    if a.shape == b.shape and torch.equal(a, b):
+        raise ConceptError("ActAdd needs two different prompts")
+    read = as_site(Site("resid_pre", layer), model)
+    n = max(a.shape[0], b.shape[0])
+    tok = model.tokenizer
+    if pad_token is None and tok is not None:
+        pad: Any = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad_token = int(pad) if pad is not None else None
+    if pad_token is None and a.shape[0] != b.shape[0]:
+        raise InputError("ActAdd prompts differ in length: pass pad_token (no tokenizer pad)")
+    a, b = (torch.cat([t, t.new_full((n - t.shape[0],), pad_token or 0)]) for t in (a, b))
+    batch = torch.stack([a, b])
+    with torch.no_grad(), record(model, [read]) as acts:
+        model(batch, stop_at_layer=layer + 1, attention_mask=torch.ones_like(batch))
+    h = acts[read.name]
+    vectors = {read.at(i).name: h[0, i] - h[1, i] for i in range(n)}
+    info = {"plus": a.tolist(), "minus": b.tolist(), "n_positions": n}
+    return Intervention("actadd", vectors, scale, info)

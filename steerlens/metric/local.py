@@ -1,0 +1,136 @@
+"""The model downstream of a residual site, at the prediction position, as a plain function.
+
+Iterative steering (FishBack, Euclidean gradient ascent, depth-k and dual steering) changes one
+residual vector x at the last position T and asks, at every step, for the logits, the concept's
+gradient and the metric at x. Under causal attention a change at T leaves every earlier position
+alone, so all three need only the blocks after the site at T, with the prompt's keys and values
+frozen: :class:`LocalPath` runs those single-position block maps (the same ones the recursive
+sweep uses) and pulls factor rows back through them, never the whole graph.
+
+>>> import torch
+>>> from steerlens.tiny import tiny_model
+>>> model = tiny_model("llama")
+>>> tokens = torch.tensor([3, 1, 4, 1, 5])
+>>> with LocalPath(model, tokens, "resid_post.0") as path:
+...     logits = path.logits(path.x0)
+>>> torch.allclose(logits, model(tokens[None])[0, -1])
+True
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from steerlens.errors import NonFiniteError, SiteError
+from steerlens.metric.blockmap import BlockFn, block_map
+from steerlens.metric.core import Metric
+from steerlens.metric.pullback import MetricOptions, lens_logits, lens_rows
+from steerlens.metric.recursion import pull_block
+from steerlens.metric.state import PromptState, prompt_state
+from steerlens.prompts import as_prompts
+from steerlens.sites import Site, as_site
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+#: residual sites an iterative method can steer through the fast path
+LOCAL_KINDS: tuple[str, ...] = ("resid_pre", "resid_post")
+
+
+def entry_layer(site: Site, n_layers: int) -> int:
+    """The block whose input residual the site is (``n_layers``: the final residual)."""
+    if site.kind not in LOCAL_KINDS:
+        raise SiteError(
+            f"site {site.name}: iterative steering acts on the residual stream; valid kinds are "
+            f"{', '.join(LOCAL_KINDS)} (e.g. 'resid_post.{site.layer}')"
+        )
+    if site.position != "last":
+        raise SiteError(
+            f"site {site.name}: iterative steering acts at the prediction position ('@last'), "
+            f"where the metric is exact; got position {site.position!r}"
+        )
+    return site.layer + (1 if site.kind == "resid_post" else 0)
+
+
+class LocalPath:
+    """Blocks ``entry..n_layers-1`` of one prompt at its last position, as functions of the
+    residual x entering block ``entry``. Use as a context manager (fallback block maps attach
+    hooks for its duration). ``x0`` is the clean residual at the site."""
+
+    def __init__(
+        self, model: HookedTransformer, tokens: Int[Tensor, " pos"] | str, site: str | Site
+    ) -> None:
+        self.model = model
+        self.site = as_site(site, model)
+        self.entry = entry_layer(self.site, model.cfg.n_layers)
+        self.tokens = as_prompts(model, tokens)[0]
+        self.state: PromptState = prompt_state(model, self.tokens)
+        self.x0: Float[Tensor, " d_model"] = self.state.resid[self.entry].clone()
+        self._stack: ExitStack | None = None
+        self._blocks: list[BlockFn] = []
+
+    def __enter__(self) -> LocalPath:
+        stack = ExitStack()
+        try:
+            dtype = self.x0.dtype
+            self._blocks = [
+                stack.enter_context(block_map(self.model, layer, self.state, (), dtype=dtype))
+                for layer in range(self.entry, self.model.cfg.n_layers)
+            ]
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        stack, self._stack, self._blocks = self._stack, None, []
+        if stack is not None:
+            stack.close()
+
+    def _need_open(self) -> None:
+        if self._stack is None:
+            raise RuntimeError("use LocalPath inside a 'with' block")
+
+    def residuals(self, x: Float[Tensor, " d_model"]) -> list[Float[Tensor, " d_model"]]:
+        """The residual entering each block from ``entry`` on, then the final residual."""
+        self._need_open()
+        out = [x]
+        for fn in self._blocks:
+            out.append(fn(out[-1])[0])
+        return out
+
+    def logits(self, x: Float[Tensor, " d_model"]) -> Float[Tensor, " d_vocab"]:
+        """Next-token logits with the residual at the site set to ``x`` (differentiable)."""
+        return lens_logits(self.model, self.residuals(x)[-1])
+
+    def metric(
+        self,
+        x: Float[Tensor, " d_model"],
+        options: MetricOptions | None = None,
+        *,
+        depth: int | None = None,
+    ) -> Metric:
+        """The pullback metric at the site with its residual set to ``x``: the factor at the
+        output pulled back block by block (``depth``: through that many blocks, then straight
+        into the unembedding)."""
+        self._need_open()
+        options = options or MetricOptions()
+        n_layers = self.model.cfg.n_layers
+        with torch.no_grad():
+            resid = self.residuals(x.detach())
+        if not all(torch.isfinite(r).all() for r in resid):
+            raise NonFiniteError(f"the residual stream is not finite with this x at {self.site}")
+        state = replace(self.state, resid=self.state.resid[: self.entry] + resid)
+        top = n_layers if depth is None else min(self.entry + depth, n_layers)
+        rows, info = lens_rows(self.model, state.resid[top], options)
+        for layer in range(top - 1, self.entry - 1, -1):
+            rows = pull_block(self.model, state, layer, rows, set()).rows["resid_pre"]
+        metric = Metric(rows.contiguous(), self.site.name, {**info, "depth": depth})
+        return metric.compressed()

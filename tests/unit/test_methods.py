@@ -1,0 +1,392 @@
+"""Steering methods on tiny float64 models, against straightforward reference implementations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+
+import steerlens as sl
+from steerlens import errors
+from steerlens.concepts import ContrastPairs, TokenSet
+from steerlens.concepts.sae import SaeFeature
+from steerlens.methods import (
+    DualConfig,
+    EuclideanConfig,
+    FishBackConfig,
+    TruncatedFisherConfig,
+    actadd_intervention,
+    caa_intervention,
+    load_intervention,
+    probe_intervention,
+    sae_intervention,
+    steer_iteratively,
+)
+from steerlens.methods.iterative import conjugate_gradient
+from steerlens.metric.local import LocalPath
+from tests.conftest import assert_untouched, weights_snapshot
+from tests.oracle import kl, oracle_metric
+
+TARGET = 7
+SITE = "resid_post.0"
+
+
+@torch.no_grad()
+def prob(model, tokens, intervention=None, token=TARGET) -> float:
+    if intervention is None:
+        logits = model(tokens[None])[0, -1]
+    else:
+        with intervention.apply(model):
+            logits = model(tokens[None])[0, -1]
+    return float(torch.softmax(logits, -1)[token])
+
+
+def concept_for(model) -> TokenSet:
+    return TokenSet.from_ids([TARGET], d_vocab=model.cfg.d_vocab)
+
+
+def full_grad(model, tokens, site: str, concept) -> torch.Tensor:
+    """∇ of the concept w.r.t. a perturbation at the site's last position, through the whole
+    model (the reference)."""
+    s = sl.Site.parse(site)
+    delta = torch.zeros(model.cfg.d_model, dtype=torch.float64, requires_grad=True)
+
+    def hook(act, hook):
+        act = act.clone()
+        act[0, -1] = act[0, -1] + delta
+        return act
+
+    with model.hooks(fwd_hooks=[(s.hook_name, hook)]):
+        logits = model(tokens[None])[0, -1]
+    value = concept.value(None, logits)
+    return torch.autograd.grad(value, delta)[0]
+
+
+CONFIGS = [
+    EuclideanConfig(SITE, 0.4),
+    FishBackConfig(SITE, 0.4),
+    FishBackConfig("resid_pre.1", 0.4, off_target=False),
+    TruncatedFisherConfig("resid_pre.0", 0.4, depth=1),
+    DualConfig("resid_post.0", 0.4),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.name}-{c.site}")
+def test_iterative_reaches_target_on_the_real_model(model, tokens, cfg):
+    snap = weights_snapshot(model)
+    concept = concept_for(model)
+    iv = steer_iteratively(model, cfg, concept, tokens)
+    assert iv.info["reached"] and iv.info["steps"] >= 1
+    assert prob(model, tokens, iv) == pytest.approx(0.4, abs=1e-5)
+    assert math.isclose(iv.info["final_value"], math.log(0.4), abs_tol=1e-5)
+    assert_untouched(model, snap)
+
+
+def test_local_path_gradient_equals_whole_model(model, tokens):
+    concept = concept_for(model)
+    with LocalPath(model, tokens, SITE) as path:
+        x = path.x0.clone().requires_grad_(True)
+        g = torch.autograd.grad(concept.value(x, path.logits(x)), x)[0]
+    assert torch.allclose(g, full_grad(model, tokens, SITE, concept), atol=1e-10)
+
+
+@pytest.mark.parametrize("off_target", [True, False])
+def test_fishback_first_step_is_damped_natural_gradient(model, tokens, off_target):
+    """Reference: u = (G + λI)⁻¹g with G by jacrev of the full logits (exact vocabulary)."""
+    concept = concept_for(model)
+    cfg = FishBackConfig(SITE, 0.9, off_target=off_target, vocab="full", max_steps=1)
+    iv = steer_iteratively(model, cfg, concept, tokens)
+    g = full_grad(model, tokens, SITE, concept)
+    exclude = [TARGET] if off_target else []
+    big_g = oracle_metric(model, tokens, sl.Site.parse(SITE), exclude=exclude)
+    lam = cfg.damping * torch.trace(big_g) / big_g.shape[0]
+    u = torch.linalg.solve(big_g + lam * torch.eye(big_g.shape[0], dtype=big_g.dtype), g)
+    got = iv.vector()
+    cos = float(got @ u / (got.norm() * u.norm()))
+    assert cos > 1 - 1e-9
+    first = iv.info["trajectory"][1]
+    assert first["value"] > iv.info["trajectory"][0]["value"]
+
+
+def test_euclidean_first_step_is_the_gradient(model, tokens):
+    concept = concept_for(model)
+    iv = steer_iteratively(model, EuclideanConfig(SITE, 0.9, max_steps=1), concept, tokens)
+    g = full_grad(model, tokens, SITE, concept)
+    got = iv.vector()
+    assert float(got @ g / (got.norm() * g.norm())) > 1 - 1e-12
+
+
+def test_fishback_pays_less_off_target_kl_than_euclidean(model, tokens):
+    """To second order FishBack is the least off-target KL per unit of concept change."""
+    concept = concept_for(model)
+    p0 = prob(model, tokens)
+    target = min(p0 * 1.3, 0.9)
+    with torch.no_grad():
+        clean = torch.log_softmax(model(tokens[None])[0, -1], -1)
+    kls = {}
+    for cfg in (
+        EuclideanConfig(SITE, target, step=0.05),
+        FishBackConfig(SITE, target, step=0.05, vocab="full", damping=1e-6),
+    ):
+        iv = steer_iteratively(model, cfg, concept, tokens)
+        with iv.apply(model), torch.no_grad():
+            steered = torch.log_softmax(model(tokens[None])[0, -1], -1)
+        keep = torch.arange(model.cfg.d_vocab) != TARGET
+        p = clean[keep] - torch.logsumexp(clean[keep], 0)
+        q = steered[keep] - torch.logsumexp(steered[keep], 0)
+        kls[cfg.name] = float(kl(p, q))
+    assert kls["fishback"] < kls["euclidean"]
+
+
+def test_dual_solves_with_conjugate_gradient():
+    torch.manual_seed(1)
+    b = torch.randn(12, 12, dtype=torch.float64)
+    a = b @ b.T + 0.1 * torch.eye(12, dtype=torch.float64)
+    rhs = torch.randn(12, dtype=torch.float64)
+    x = conjugate_gradient(lambda v: a @ v, rhs, 50)
+    assert torch.allclose(x, torch.linalg.solve(a, rhs), atol=1e-8)
+
+
+def test_dual_with_a_probe_stops_on_tokens(model, tokens):
+    probe = sl.LinearProbe(SITE, torch.randn(model.cfg.d_model, dtype=torch.float64), 0.0)
+    concept = concept_for(model)
+    iv = sl.fit(
+        model,
+        "dual",
+        site=SITE,
+        concept=probe,
+        prompt=tokens,
+        stop_on=concept,
+        target_probability=0.3,
+    )
+    if iv.info["reached"]:
+        assert prob(model, tokens, iv) == pytest.approx(0.3, abs=1e-5)
+    else:  # a random probe need not lead to the token: the loop reports it, never hides it
+        assert iv.info["steps"] == 60
+
+
+def test_method_raising_midway_leaves_model_untouched(model, tokens):
+    snap = weights_snapshot(model)
+
+    class Exploding:
+        name = "exploding"
+        calls = 0
+
+        def value(self, act, logits):
+            Exploding.calls += 1
+            if Exploding.calls > 3:
+                raise KeyboardInterrupt
+            return torch.log_softmax(logits, -1)[TARGET]
+
+        def target_value(self, p):
+            return math.log(p)
+
+    with pytest.raises(KeyboardInterrupt):
+        steer_iteratively(model, FishBackConfig(SITE, 0.99), Exploding(), tokens)
+    assert_untouched(model, snap)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"site": "mlp_out.0"}, errors.SiteError),
+        ({"site": "resid_post.0@all"}, errors.SiteError),
+        ({"site": "resid_post.9"}, errors.SiteError),
+        ({"site": SITE, "target_probability": 1.5}, errors.InputError),
+        ({"site": SITE, "damping": -1.0}, errors.InputError),
+        ({"site": SITE, "step": float("nan")}, errors.InputError),
+        ({"site": SITE, "bogus": 1}, errors.InputError),
+    ],
+)
+def test_iterative_bad_inputs(model, tokens, kwargs, error):
+    snap = weights_snapshot(model)
+    with pytest.raises(error):
+        sl.fit(model, "fishback", concept=concept_for(model), prompt=tokens, **kwargs)
+    assert_untouched(model, snap)
+
+
+def test_unknown_method_and_missing_arguments(model, tokens):
+    with pytest.raises(errors.MethodError, match="registered methods"):
+        sl.fit(model, "telepathy")
+    with pytest.raises(errors.InputError, match="needs site"):
+        sl.fit(model, "fishback", prompt=tokens)
+
+
+def test_registry_lists_every_method():
+    names = set(sl.list_methods()["name"])
+    assert names == {
+        "fishback",
+        "euclidean",
+        "truncated_fisher",
+        "dual",
+        "probe",
+        "sae",
+        "caa",
+        "actadd",
+    }
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+def test_probe_fits_and_steers(model):
+    torch.manual_seed(0)
+    pos = [torch.tensor([i, j, 5]) for i in range(10, 15) for j in range(20, 24)]
+    neg = [torch.tensor([i, j, 6]) for i in range(10, 15) for j in range(20, 24)]
+    probe = sl.train_probe(model, "resid_post.0", pos, neg, test_fraction=0.25)
+    assert probe.test_accuracy == 1.0 and probe.n_test == 10
+    iv = probe_intervention(model, probe)
+    h = sl.concepts.activations.harvest(model, neg[:1], "resid_post.0")
+    before = float(probe.value(h[0]))
+    assert float(probe.value(h[0] + 2.0 * iv.vector())) == pytest.approx(
+        before + 2.0 * float(probe.weight.norm())
+    )
+
+
+def test_probe_errors(model):
+    with pytest.raises(errors.ConceptError, match="zero weight"):
+        sl.LinearProbe(SITE, torch.zeros(16, dtype=torch.float64), 0.0)
+    with pytest.raises(errors.NonFiniteError):
+        sl.LinearProbe(SITE, torch.full((16,), math.nan, dtype=torch.float64), 0.0)
+    wide = sl.LinearProbe("mlp_post.0", torch.ones(64, dtype=torch.float64), 0.0)
+    with pytest.raises(errors.ConceptError, match="trained at"):
+        probe_intervention(model, wide, SITE)
+    wrong = sl.LinearProbe(SITE, torch.ones(5, dtype=torch.float64), 0.0)
+    with pytest.raises(errors.ConceptError, match="width"):
+        probe_intervention(model, wrong)
+    with pytest.raises(errors.ConceptError, match="labels 0 and 1"):
+        sl.fit_probe(torch.randn(6, 4), [1] * 6, site=SITE)
+
+
+def test_probe_save_load(tmp_path):
+    probe = sl.LinearProbe(SITE, torch.arange(1.0, 5.0), 0.5, name="p", test_accuracy=0.75)
+    probe.save(tmp_path / "p")
+    back = sl.LinearProbe.load(tmp_path / "p")
+    assert torch.equal(back.weight, probe.weight) and back.bias == 0.5
+    assert back.test_accuracy == 0.75
+
+
+# ----------------------------------------------------------------------------- SAEs
+
+
+def tiny_sae(model, kind: str):
+    d = model.cfg.d_model
+    if kind == "topk":
+        return TopKSAE(TopKSAEConfig(d_in=d, d_sae=32, k=4, dtype="float64"))
+    return StandardSAE(StandardSAEConfig(d_in=d, d_sae=32, dtype="float64"))
+
+
+@pytest.mark.parametrize("kind", ["standard", "topk"])
+def test_sae_feature_value_is_pre_activation(model, kind):
+    sae = tiny_sae(model, kind)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    feature = sl.sae_feature(sae, 5, SITE)
+    x = torch.randn(model.cfg.d_model, dtype=torch.float64)
+    with torch.no_grad():
+        want = (x - sae.b_dec) @ sae.W_enc[:, 5] + sae.b_enc[5]
+    assert float(feature.value(x, None).detach()) == pytest.approx(float(want))
+
+
+def test_sae_fisher_step_raises_the_feature(model, tokens):
+    sae = tiny_sae(model, "standard")
+    feature = sl.sae_feature(sae, 3, SITE)
+    with LocalPath(model, tokens, SITE) as path:
+        start = float(feature.value(path.x0, None).detach())
+    iv = sl.fit(
+        model, "fishback", site=SITE, concept=feature, prompt=tokens, target_value=start + 1.0
+    )
+    assert iv.info["reached"]
+    with LocalPath(model, tokens, SITE) as path:
+        assert float(feature.value(path.x0 + iv.vector(), None).detach()) == pytest.approx(
+            start + 1.0, abs=1e-6
+        )
+
+
+def test_sae_add_and_errors(model):
+    sae = tiny_sae(model, "standard")
+    feature = sl.sae_feature(sae, 3, SITE)
+    iv = sae_intervention(model, feature, scale=2.0)
+    direction = sae.W_dec[3].detach()
+    assert torch.allclose(iv.vector(), 2.0 * direction / direction.norm())
+    with pytest.raises(errors.ConceptError, match="out of range"):
+        sl.sae_feature(sae, 32, SITE)
+    with pytest.raises(errors.ConceptError, match="trained at"):
+        sae_intervention(model, feature, "resid_post.1")
+    narrow = SaeFeature(StandardSAE(StandardSAEConfig(d_in=8, d_sae=4, dtype="float64")), 0, SITE)
+    with pytest.raises(errors.ConceptError, match="width"):
+        sae_intervention(model, narrow)
+    with pytest.raises(errors.ConceptError, match="no probability"):
+        sl.fit(model, "fishback", site=SITE, concept=feature, prompt=torch.tensor([1, 2]))
+
+
+# ----------------------------------------------------------------------------- CAA, ActAdd
+
+
+def test_caa_matches_reference(model):
+    ids = (((1, 2), (1, 3)), ((2, 2), (2, 3)), ((3, 1, 2), (3, 1, 3)))
+    pairs = ContrastPairs("toy", tuple((str(p), str(m)) for p, m in ids), token_pairs=ids)
+    diffs = []
+    for plus, minus in ids:
+        _, c_plus = model.run_with_cache(torch.tensor([plus]))
+        _, c_minus = model.run_with_cache(torch.tensor([minus]))
+        name = "blocks.1.hook_resid_post"
+        diffs.append(c_plus[name][0, -1] - c_minus[name][0, -1])
+    want = torch.stack(diffs).mean(0)
+    iv = caa_intervention(model, pairs, 1)
+    assert iv.sites == ("blocks.1.hook_resid_post@all",)
+    assert torch.allclose(iv.vector(), want, atol=1e-12)
+
+
+def test_actadd_matches_reference(model):
+    a, b = torch.tensor([4, 5, 6]), torch.tensor([7])
+    iv = actadd_intervention(model, a, b, 1, scale=3.0, pad_token=0)
+    n = 3
+    b = torch.tensor([7, 0, 0])
+    _, ca = model.run_with_cache(a[None])
+    _, cb = model.run_with_cache(b[None])
+    diff = ca["blocks.1.hook_resid_pre"][0] - cb["blocks.1.hook_resid_pre"][0]
+    prompt = torch.tensor([[1, 2, 3, 4, 5, 6]])
+
+    def hook(act, hook):
+        act = act.clone()
+        act[0, :n] += 3.0 * diff
+        return act
+
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", hook)]), torch.no_grad():
+        want = model(prompt)
+    with iv.apply(model), torch.no_grad():
+        got = model(prompt)
+    assert torch.allclose(got, want, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def test_intervention_save_load_roundtrip(model, tokens, tmp_path):
+    iv = steer_iteratively(model, FishBackConfig(SITE, 0.4), concept_for(model), tokens)
+    iv.save(tmp_path / "iv")
+    back = load_intervention(tmp_path / "iv")
+    assert back.method == "fishback" and back.info["reached"]
+    assert torch.equal(back.vector(), iv.vector())
+    assert prob(model, tokens, back) == pytest.approx(0.4, abs=1e-5)
+
+
+def test_tampered_and_pickled_artifacts_are_refused(tmp_path):
+    iv = sl.Intervention("x", {SITE: torch.ones(16)})
+    folder = iv.save(tmp_path / "iv")
+    blob = (folder / "tensors.safetensors").read_bytes()
+    (folder / "tensors.safetensors").write_bytes(blob[:-7])
+    with pytest.raises(errors.ArtifactError, match="checksum"):
+        load_intervention(folder)
+    folder = iv.save(tmp_path / "iv2")
+    torch.save({"v0": torch.ones(16)}, folder / "tensors.safetensors")
+    with pytest.raises(errors.ArtifactError):
+        load_intervention(folder)
+    with pytest.raises(errors.ArtifactError, match="not a 'probe'"):
+        sl.LinearProbe.load(folder)
+    with pytest.raises(errors.ArtifactError, match="not an artifact folder"):
+        load_intervention(tmp_path / "missing")

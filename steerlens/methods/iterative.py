@@ -89,6 +89,7 @@ class FishBackConfig(IterativeConfig):
     damping: float = 1e-2
     vocab: str = "auto"
     dropped_mass: float = DEFAULT_DROPPED_MASS
+    trace_kept: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -172,7 +173,7 @@ def direction_fn(cfg: IterativeConfig, concept: Concept, stop: Concept) -> Direc
     """The update direction u(x, g) of ``cfg``'s method."""
     if isinstance(cfg, FishBackConfig):
         off = _off_target(concept, stop, cfg.off_target)
-        options = MetricOptions(cfg.vocab, cfg.dropped_mass, off)
+        options = MetricOptions(cfg.vocab, cfg.dropped_mass, off, trace_kept=cfg.trace_kept)
         depth = cfg.depth if isinstance(cfg, TruncatedFisherConfig) else None
 
         def natural(path: LocalPath, x: Tensor, g: Tensor) -> tuple[Tensor, dict[str, Any]]:

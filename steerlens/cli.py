@@ -22,6 +22,12 @@ from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS
 DEFAULT_PROMPT = "The Eiffel Tower is in the city of"
 
 EXAMPLES = {
+    "reproduce": (
+        "examples:\n"
+        "  steerlens reproduce            # 3 concepts x 4 layers x 6 methods (~20 min, 2 cores)\n"
+        "  steerlens reproduce --quick    # 1 concept x 2 layers (~2 min)\n"
+        "  steerlens reproduce --layers 6 18 --concepts past --contexts 2 --json"
+    ),
     "demo": "example:\n  steerlens demo --prompt 'The Eiffel Tower is in the city of'",
     "metric": (
         "examples:\n"
@@ -55,6 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(demo)
     demo.add_argument("--prompt", default=DEFAULT_PROMPT)
     demo.add_argument("--top", type=int, default=5, help="how many next tokens to show")
+
+    rep = sub.add_parser(
+        "reproduce",
+        help="the FishBack experiment: methods at matched concept probability, with figures",
+        epilog=EXAMPLES["reproduce"],
+        formatter_class=fmt,
+    )
+    _add_common(rep)
+    rep.add_argument("--quick", action="store_true", help="a small run (what CI runs)")
+    rep.add_argument("--concepts", nargs="+", choices=["past", "third", "ing"])
+    rep.add_argument("--layers", nargs="+", type=int)
+    rep.add_argument("--contexts", type=int, help="test contexts per concept")
+    rep.add_argument("--targets", nargs="+", type=float, help="target probabilities")
+    rep.add_argument("--results", type=Path, default=Path("results"), help="tables go here")
+    rep.add_argument("--figures", type=Path, default=Path("figures"), help="PNG figures go here")
 
     metric = sub.add_parser(
         "metric",
@@ -157,7 +178,40 @@ def cmd_metric(args: argparse.Namespace) -> None:
     _print(summary, {"diagnostics": pd.DataFrame(table[cols])}, args.json)
 
 
-COMMANDS = {"demo": cmd_demo, "metric": cmd_metric}
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from steerlens.experiments.reproduce import (
+        ReproduceConfig,
+        run_reproduction,
+        save_reproduction,
+    )
+    from steerlens.models import load_model
+
+    cfg = ReproduceConfig.quick() if args.quick else ReproduceConfig()
+    overrides = {
+        "concepts": tuple(args.concepts) if args.concepts else None,
+        "layers": tuple(args.layers) if args.layers else None,
+        "contexts": args.contexts,
+        "targets": tuple(args.targets) if args.targets else None,
+    }
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    model = load_model(args.model)
+    result = run_reproduction(model, cfg, progress=not args.json)
+    paths = save_reproduction(result, args.results, args.figures)
+    summary = {
+        "model": model.cfg.model_name,
+        "seconds": round(result.info["seconds"], 1),
+        "written": [str(p) for p in paths],
+    }
+    _print(
+        summary,
+        {"paper claims vs default model": result.claims, "summary": result.summary},
+        args.json,
+    )
+
+
+COMMANDS = {"demo": cmd_demo, "metric": cmd_metric, "reproduce": cmd_reproduce}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

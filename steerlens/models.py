@@ -408,7 +408,25 @@ def _model_from_cache(
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         model = HookedTransformer(cfg, tokenizer, move_to_device=True)
         model.load_and_process_state_dict(state_dict, **_RAW_WEIGHTS)
-    return model.eval()
+    return linear_layout(model).eval()
+
+
+@torch.no_grad()
+def linear_layout(model: HookedTransformer) -> HookedTransformer:
+    """Store the MLP and unembedding weights transposed in memory (same values, same shapes).
+
+    TransformerLens's MLP and unembedding call ``F.linear(x, W.T.contiguous())``, which copies
+    every such weight on every forward pass (~430 MB per forward for the default model, most of
+    its CPU time on a short prompt). With ``W.T`` already contiguous the copy is a no-op: a
+    17-token forward of the default model drops from ~0.45 s to ~0.1 s on 2 cores.
+    """
+    names = ("W_in", "W_gate", "W_out")
+    params = [getattr(block.mlp, n, None) for block in model.blocks for n in names]
+    params.append(model.unembed.W_U)
+    for param in params:
+        if isinstance(param, torch.nn.Parameter) and param.dim() == 2:
+            param.data = param.data.T.contiguous().T
+    return model
 
 
 def _load_gguf_model(

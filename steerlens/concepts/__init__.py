@@ -23,6 +23,7 @@ from steerlens.concepts.text import (
     split_sentences,
 )
 from steerlens.concepts.tokens import (
+    PairConcept,
     PairMapping,
     TokenSet,
     encode_word,
@@ -42,6 +43,7 @@ __all__ = [
     "VERB_KINDS",
     "ContextSplit",
     "ContrastPairs",
+    "PairConcept",
     "PairMapping",
     "TextSource",
     "TokenSet",

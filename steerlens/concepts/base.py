@@ -17,7 +17,8 @@ from torch import Tensor
 class Concept(Protocol):
     """A scalar the user wants to move."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def value(
         self, act: Float[Tensor, "... dim"], logits: Float[Tensor, "... d_vocab"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -229,10 +229,15 @@ def steer_iteratively(
     prompt: PromptsLike,
     *,
     stop_on: Concept | None = None,
+    checkpoints: Sequence[float] = (),
 ) -> Intervention:
     """Run ``cfg``'s method on one prompt until the stop concept (``stop_on``, default the
     concept) reaches its target, or ``max_steps``. Returns the intervention δ at the site, with
-    ``info``: reached, steps, values, the trajectory and the wall time."""
+    ``info``: reached, steps, values, the trajectory and the wall time.
+
+    ``checkpoints``: lower stop-concept values passed on the way; the δ where the path first
+    crosses each (bisected like the final step) is kept in ``info["checkpoints"]`` as
+    ``{value: list of floats}``, so one run serves several matched targets."""
     if not isinstance(concept, Concept):
         raise InputError(f"concept must have value() and target_value(), got {type(concept)}")
     stop = concept if stop_on is None else stop_on
@@ -254,6 +259,10 @@ def steer_iteratively(
         c, g, s = _evaluate(path, concept, stop, x)
         trajectory = [{"step": 0, "value": c, "stop_value": s, "delta_norm": 0.0}]
         start_value, reached, steps = s, s >= target, 0
+        pending = sorted(float(v) for v in checkpoints if v < target)
+        marks: dict[str, list[float]] = {}
+        while pending and s >= pending[0]:
+            marks[repr(pending.pop(0))] = [0.0] * x.shape[0]
         while not reached and steps < cfg.max_steps:
             steps += 1
             u, extra = direction(path, x, g)
@@ -270,6 +279,9 @@ def steer_iteratively(
                 if s_new > s or s_new >= target:
                     break
                 eta /= 2
+            while pending and s_new >= pending[0]:
+                mark = _bisect(path, stop, x, eta * u, pending[0])
+                marks[repr(pending.pop(0))] = (mark - path.x0).tolist()
             if s_new >= target:
                 x_new = _bisect(path, stop, x, eta * u, target)
                 c_new, g_new, s_new = _evaluate(path, concept, stop, x_new)
@@ -291,6 +303,7 @@ def steer_iteratively(
         "final_value": s,
         "target_value": target,
         "trajectory": trajectory,
+        "checkpoints": marks,
         "seconds": time.perf_counter() - started,
     }
     return Intervention(cfg.name, {site: delta}, 1.0, info)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from steerlens import models
 from steerlens.errors import InputError, ModelLoadError
@@ -89,3 +90,19 @@ def test_cache_root_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 def test_empty_cache_dir_is_not_valid(tmp_path: Path) -> None:
     source = models.SOURCES[models.DEFAULT_MODEL]
     assert models._read_valid_cache(tmp_path, source) is None
+
+
+def test_linear_layout_keeps_values_and_makes_transposes_contiguous(model):
+    import copy
+
+    from steerlens.models import linear_layout
+
+    twin = copy.deepcopy(model)
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    before = twin(tokens)
+    linear_layout(twin)
+    assert twin.unembed.W_U.T.is_contiguous()
+    assert all(block.mlp.W_out.T.is_contiguous() for block in twin.blocks)
+    assert torch.allclose(twin(tokens), before, atol=1e-12)
+    for key, value in model.state_dict().items():
+        assert torch.equal(twin.state_dict()[key], value), key

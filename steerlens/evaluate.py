@@ -1,0 +1,192 @@
+"""The matched-concept protocol: steer each context to the same target probability with every
+method, then measure what else changed.
+
+Measures, for a context whose next token should move from a base form b to a target form t
+(clean distribution p, steered q, both at the prediction position):
+
+- ``probability``: q(t);
+- ``off_target_kl``: KL(p̃ ‖ q̃) of the distributions renormalized on every token but t;
+- ``off_target_kl_merged``: KL(p' ‖ q') after merging each base token's mass into its target
+  (Park et al.'s dual-steering definition), over the whole pair mapping;
+- ``rr_diff``: the mean |1/rank_p(y) − 1/rank_q(y)| over the tokens y ≠ t in p's top-p 0.999 set
+  (ranks among the tokens ≠ t): how much the order of the rest moved.
+
+Strength: iterative methods stop at the target themselves (one run serves every target through
+checkpoints); a fixed-direction method's scale is found by bisection. A context where a method
+cannot reach a target (within ``max_scale`` or ``max_steps``) is a row with ``reached=False``,
+never dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from steerlens.errors import InputError
+from steerlens.methods.intervention import Intervention
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+
+@torch.no_grad()
+def next_logprobs(
+    model: HookedTransformer, tokens: Tensor, intervention: Intervention | None = None
+) -> Float[Tensor, " d_vocab"]:
+    """log p of the next token after ``tokens`` (float64), optionally steered."""
+    batch = tokens.view(1, -1)
+    if intervention is None:
+        return torch.log_softmax(model(batch)[0, -1].double(), -1)
+    with intervention.apply(model):
+        return torch.log_softmax(model(batch)[0, -1].double(), -1)
+
+
+def _kl(logp: Tensor, logq: Tensor) -> float:
+    return float((logp.exp() * (logp - logq)).sum().clamp_min(0))
+
+
+def _merge(logp: Tensor, merge: dict[int, int]) -> Tensor:
+    p = logp.exp()
+    bases = torch.tensor(list(merge), dtype=torch.long)
+    targets = torch.tensor(list(merge.values()), dtype=torch.long)
+    merged = p.clone()
+    merged.index_add_(0, targets, p[bases])
+    keep = torch.ones_like(p, dtype=torch.bool)
+    keep[bases] = False
+    return merged[keep].clamp_min(1e-300).log()
+
+
+def outcome_measures(
+    clean: Float[Tensor, " d_vocab"],
+    steered: Float[Tensor, " d_vocab"],
+    target: int,
+    merge: dict[int, int] | None = None,
+    top_p: float = 0.999,
+    *,
+    base: int | None = None,
+) -> dict[str, float]:
+    """The measures of the module docstring from clean and steered log-probabilities. With
+    ``base``, the concept is the pair share q(t)/(q(t) + q(b)) and both tokens leave the
+    off-target distribution."""
+    keep = torch.ones_like(clean, dtype=torch.bool)
+    keep[target] = False
+    if base is not None:
+        keep[base] = False
+    p, q = torch.log_softmax(clean[keep], -1), torch.log_softmax(steered[keep], -1)
+    order = torch.argsort(p, descending=True)
+    mass = torch.cumsum(p[order].exp(), 0)
+    top = order[: int((mass < top_p).sum()) + 1]
+    rank_p = torch.empty_like(p)
+    rank_p[order] = torch.arange(1, p.shape[0] + 1, dtype=p.dtype)
+    rank_q = torch.empty_like(q)
+    rank_q[torch.argsort(q, descending=True)] = torch.arange(1, q.shape[0] + 1, dtype=q.dtype)
+    rr = float((1 / rank_p[top] - 1 / rank_q[top]).abs().mean())
+    prob = steered[target].exp()
+    if base is not None:
+        prob = prob / (prob + steered[base].exp())
+    out = {
+        "probability": float(prob),
+        "off_target_kl": _kl(p, q),
+        "off_target_kl_merged": math.nan,
+        "rr_diff": rr,
+    }
+    if merge:
+        out["off_target_kl_merged"] = _kl(_merge(clean, merge), _merge(steered, merge))
+    return out
+
+
+def match_strength(
+    probability: Callable[[float], float],
+    target: float,
+    *,
+    max_scale: float = 256.0,
+    iters: int = 30,
+) -> tuple[float, bool]:
+    """The scale s at which ``probability(s)`` first reaches ``target``, by doubling from 1 and
+    then bisection; (the largest scale tried, False) if it never does by ``max_scale``."""
+    if not 0 < target < 1:
+        raise InputError(f"target probability must be in (0, 1), got {target}")
+    if probability(0.0) >= target:
+        return 0.0, True
+    lo, hi = 0.0, 1.0
+    while probability(hi) < target:
+        lo, hi = hi, hi * 2
+        if hi > max_scale:
+            return lo, False
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if probability(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi, True
+
+
+def bootstrap_ci(
+    values: Sequence[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean, low, high): the mean and its percentile bootstrap interval.
+
+    >>> m, lo, hi = bootstrap_ci([1.0, 2.0, 3.0, 4.0])
+    >>> m, lo <= m <= hi
+    (2.5, True)
+    """
+    x = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
+    if len(x) == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
+    tail = (1 - level) / 2
+    return float(x.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def with_kl_ratio(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataFrame:
+    """``records`` with a column ``kl_ratio``: each row's off-target KL over ``baseline``'s on
+    the same (concept, layer, context, target); NaN where either did not reach the target."""
+    keys = ["concept", "layer", "context", "target_probability"]
+    frame: Any = records  # pandas' inline types defeat the checker here
+    is_base = (frame["method"] == baseline) & frame["reached"]
+    base = frame[is_base][keys + ["off_target_kl"]].rename(
+        columns={"off_target_kl": "_baseline_kl"}
+    )
+    out = frame.merge(base, on=keys, how="left")
+    ratio = out["off_target_kl"] / out["_baseline_kl"]
+    out["kl_ratio"] = ratio.where(out["reached"])
+    return out.drop(columns="_baseline_kl")
+
+
+def summarize(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataFrame:
+    """Per (method, layer, target): contexts reached / total, and the mean off-target KL and
+    its ratio to ``baseline`` on the same contexts, with bootstrap 95% intervals."""
+    if records.empty:
+        raise InputError("no records to summarize")
+    frame: Any = with_kl_ratio(records, baseline)
+    rows = []
+    for (method, layer, target), group in frame.groupby(
+        ["method", "layer", "target_probability"], sort=True
+    ):
+        ok = group[group["reached"]]
+        kl_mean, kl_lo, kl_hi = bootstrap_ci(ok["off_target_kl"].tolist())
+        r_mean, r_lo, r_hi = bootstrap_ci(ok["kl_ratio"].tolist())
+        rows.append(
+            {
+                "method": method,
+                "layer": layer,
+                "target_probability": target,
+                "reached": int(group["reached"].sum()),
+                "contexts": len(group),
+                "off_target_kl": kl_mean,
+                "off_target_kl_ci": (kl_lo, kl_hi),
+                f"kl_ratio_to_{baseline}": r_mean,
+                "kl_ratio_ci": (r_lo, r_hi),
+                "rho": float(ok["rho"].mean()) if "rho" in ok else math.nan,
+            }
+        )
+    return pd.DataFrame(rows)

@@ -1,0 +1,202 @@
+"""Every steerlens figure, in one style; the only module that imports matplotlib.
+
+Each function takes result objects (tables, spectra) and returns a matplotlib ``Figure`` built
+without pyplot, so nothing is shown, registered or saved behind the caller's back. Sizes suit
+a paper column (3.4 in) or page (7 in); fonts stay readable at that size.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, ParamSpec
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from torch import Tensor
+
+P = ParamSpec("P")
+
+STYLE: dict[str, Any] = {
+    "font.size": 8,
+    "axes.titlesize": 9,
+    "axes.labelsize": 8,
+    "legend.fontsize": 7,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "lines.linewidth": 1.4,
+    "savefig.dpi": 200,
+    "savefig.bbox": "tight",
+}
+
+#: one colour per method, the same in every figure
+METHOD_COLORS = {
+    "fishback": "#1b9e77",
+    "euclidean": "#d95f02",
+    "depth0": "#7570b3",
+    "dual": "#7570b3",
+    "caa": "#e7298a",
+    "actadd": "#66a61e",
+    "probe": "#e6ab02",
+    "sae": "#a6761d",
+}
+PATH_COLORS = {"skip": "#999999", "attn": "#377eb8", "mlp": "#e41a1c", "attn_mlp": "#984ea3"}
+
+
+def _styled(fn: Callable[P, Figure]) -> Callable[P, Figure]:
+    """Build the figure under :data:`STYLE` without touching the caller's rcParams."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> Figure:
+        with matplotlib.rc_context(STYLE):  # type: ignore[arg-type]
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)
+    return fig, axes[0]
+
+
+def _style(ax) -> None:
+    for key in ("top", "right"):
+        ax.spines[key].set_visible(False)
+    ax.grid(True, alpha=0.3)
+
+
+@_styled
+def spectra(spectra: Mapping[int | str, Tensor], *, normalize: bool = True) -> Figure:
+    """Eigenvalue spectra of metrics (descending), one line per layer; normalized by the top
+    eigenvalue, on a log axis."""
+    fig, (ax,) = _figure(3.4, 2.6)
+    cmap = matplotlib.colormaps["viridis"]
+    keys = list(spectra)
+    for i, key in enumerate(keys):
+        ev = spectra[key].double().cpu().numpy()
+        ev = ev / ev[0] if normalize and ev[0] > 0 else ev
+        ax.semilogy(
+            np.arange(1, len(ev) + 1),
+            np.clip(ev, 1e-12, None),
+            color=cmap(i / max(len(keys) - 1, 1)),
+            label=f"layer {key}",
+        )
+    ax.set_xlabel("eigen-direction (descending)")
+    ax.set_ylabel("eigenvalue / largest" if normalize else "eigenvalue")
+    ax.set_title("Pullback Fisher spectrum at hook_resid_post")
+    ax.legend(frameon=False)
+    _style(ax)
+    return fig
+
+
+@_styled
+def geometry_vs_depth(table: pd.DataFrame) -> Figure:
+    """Effective dimension (participation ratio and rank@90%, as fractions of d) and deviation
+    from Euclidean against layer, from :func:`~steerlens.diagnostics.diagnostics_table`."""
+    df: Any = table.groupby("layer", as_index=False).mean(numeric_only=True)
+    layer = df["layer"]
+    fig, (a, b) = _figure(7.0, 2.5, 2)
+    a.plot(layer, df["participation_fraction"], marker="o", ms=3, label="(tr G)²/tr G² / d")
+    a.plot(layer, df["rank_90_fraction"], marker="s", ms=3, label="rank holding 90% of tr G / d")
+    a.set_xlabel("layer")
+    a.set_ylabel("fraction of d")
+    a.set_title("Effective dimension")
+    a.legend(frameon=False)
+    b.plot(layer, df["deviation_from_euclidean"], marker="o", ms=3, color="#d95f02")
+    b.set_ylim(0, 1.02)
+    b.set_xlabel("layer")
+    b.set_ylabel("‖G − ḡI‖₂ / ‖G‖₂")
+    b.set_title("Deviation from Euclidean (ḡ = tr G / d)")
+    for ax in (a, b):
+        _style(ax)
+    return fig
+
+
+@_styled
+def block_shares(shares: pd.DataFrame) -> Figure:
+    """Shares of ‖B_pre‖²_F by path (skip, attention, MLP, attention→MLP) against layer, from
+    ``Sweep.shares``."""
+    fig, (ax,) = _figure(3.4, 2.6)
+    for path, group in shares.groupby("path"):
+        ax.plot(
+            group["layer"],
+            group["share"],
+            marker="o",
+            ms=2.5,
+            label=str(path),
+            color=PATH_COLORS.get(str(path)),
+        )
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of ‖B_pre‖²_F")
+    ax.set_title("Block decomposition of the metric")
+    ax.legend(frameon=True, framealpha=0.9, ncols=2, loc="center right")
+    _style(ax)
+    return fig
+
+
+@_styled
+def kl_vs_probability(records: pd.DataFrame, *, kl: str = "off_target_kl") -> Figure:
+    """Mean off-target KL (log scale) against target concept probability per method, one panel
+    per layer; only contexts that reached the target count (their number is in the legend)."""
+    frame: Any = records
+    layers = sorted(frame["layer"].unique())
+    fig, axes = _figure(min(2.4 * len(layers), 7.0), 2.6, len(layers))
+    for ax, layer in zip(axes, layers, strict=True):
+        sub = frame[(frame["layer"] == layer) & frame["reached"]]
+        for method, group in sub.groupby("method"):
+            agg = group.groupby("target_probability")[kl].mean()
+            ax.semilogy(
+                agg.index.to_numpy(),
+                agg.to_numpy(),
+                marker="o",
+                ms=3,
+                color=METHOD_COLORS.get(str(method)),
+                label=f"{method} (n={len(group)})",
+            )
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("target concept probability")
+        _style(ax)
+    axes[0].set_ylabel("off-target KL (nats)")
+    axes[-1].legend(frameon=False, fontsize=6)
+    return fig
+
+
+@_styled
+def predicted_vs_measured(records: pd.DataFrame, *, baseline: str = "fishback") -> Figure:
+    """ρ at the clean point (predicted cost ratio) against the measured off-target KL ratio to
+    ``baseline`` at matched probability, log–log, with the identity line."""
+    if "kl_ratio" not in records:
+        raise ValueError("records need a kl_ratio column (steerlens.evaluate.with_kl_ratio)")
+    frame: Any = records
+    keep = (frame["method"] != baseline) & frame["kl_ratio"].notna() & frame["rho"].notna()
+    df = frame[keep][["method", "rho", "kl_ratio"]].rename(columns={"kl_ratio": "ratio"})
+    fig, (ax,) = _figure(3.4, 3.0)
+    for method, group in df.groupby("method"):
+        ax.scatter(
+            group["rho"],
+            group["ratio"],
+            s=12,
+            alpha=0.8,
+            label=str(method),
+            color=METHOD_COLORS.get(str(method)),
+        )
+    if len(df):
+        lo = min(df["rho"].min(), df["ratio"].min(), 1.0) / 1.5
+        hi = max(df["rho"].max(), df["ratio"].max()) * 1.5
+        ax.plot([lo, hi], [lo, hi], color="black", lw=0.7, ls="--", label="y = x")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("ρ at the clean point (predicted)")
+    ax.set_ylabel(f"off-target KL / {baseline}'s (measured)")
+    ax.set_title("Predicted vs measured cost ratio")
+    ax.legend(frameon=False)
+    _style(ax)
+    return fig

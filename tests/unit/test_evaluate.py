@@ -1,0 +1,170 @@
+"""The spectral cost ratio, the matched-concept measures and the figures, on small inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from steerlens import errors, plot
+from steerlens.concepts import PairConcept
+from steerlens.cost import kantorovich_bound, spectral_cost_ratio
+from steerlens.evaluate import (
+    bootstrap_ci,
+    match_strength,
+    outcome_measures,
+    summarize,
+    with_kl_ratio,
+)
+from steerlens.metric import Metric, pullback_metric
+from steerlens.metric.local import LocalPath
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), damping=st.sampled_from([1e-3, 1e-2, 1e-1]))
+def test_rho_at_least_one_and_one_for_fisher_optimal(seed, damping):
+    gen = torch.Generator().manual_seed(seed)
+    b = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    metric = Metric(b, "toy")
+    g = torch.randn(6, generator=gen, dtype=torch.float64)
+    v = torch.randn(6, generator=gen, dtype=torch.float64)
+    if float(g @ v) == 0:
+        return
+    assert spectral_cost_ratio(metric, v, g, damping) >= 1 - 1e-12
+    best = metric.solve(g, damping)
+    assert spectral_cost_ratio(metric, best, g, damping) == pytest.approx(1.0, abs=1e-10)
+    # Kantorovich: Euclidean ascent never pays more than the bound
+    assert spectral_cost_ratio(metric, g, g, damping) <= kantorovich_bound(metric, None, damping)
+
+
+def test_rho_predicts_second_order_kl_ratio(model, tokens):
+    """At a small matched concept change, KL(v)/KL(fisher-optimal) → ρ(v) (undamped limit)."""
+    concept = PairConcept(base=3, target=7)
+    site = "resid_post.0"
+    with LocalPath(model, tokens, site) as path:
+        x0 = path.x0
+        with torch.enable_grad():
+            x = x0.clone().requires_grad_(True)
+            g = torch.autograd.grad(concept.value(None, path.logits(x)), x)[0]
+        metric = pullback_metric(model, tokens, site, vocab="full", off_target=concept.off_target())
+        keep = torch.ones(model.cfg.d_vocab, dtype=torch.bool)
+        keep[[3, 7]] = False
+
+        def off_kl(delta):
+            with torch.no_grad():
+                p = torch.log_softmax(path.logits(x0)[keep], -1)
+                q = torch.log_softmax(path.logits(x0 + delta)[keep], -1)
+            return float((p.exp() * (p - q)).sum())
+
+        eps = 1e-4
+        best = metric.solve(g, 1e-8)
+        ratio = off_kl(eps * g / (g @ g)) / off_kl(eps * best / (g @ best))
+    assert ratio == pytest.approx(spectral_cost_ratio(metric, g, g, 1e-8), rel=1e-3)
+
+
+def test_outcome_measures():
+    clean = torch.log_softmax(torch.tensor([2.0, 1.0, 0.5, 0.0], dtype=torch.float64), -1)
+    same = outcome_measures(clean, clean, 1, {0: 1})
+    assert same["off_target_kl"] == 0 and same["rr_diff"] == 0
+    assert same["off_target_kl_merged"] == pytest.approx(0, abs=1e-15)
+    # moving mass only from base 0 to target 1 leaves the merged distribution unchanged
+    moved = clean.exp().clone()
+    moved[1] += 0.2
+    moved[0] -= 0.2
+    out = outcome_measures(clean, moved.log(), 1, {0: 1})
+    assert out["off_target_kl_merged"] == pytest.approx(0, abs=1e-12)
+    assert out["off_target_kl"] > 0
+    pair = outcome_measures(clean, moved.log(), 1, base=0)
+    assert pair["probability"] == pytest.approx(float(moved[1] / (moved[0] + moved[1])))
+    assert pair["off_target_kl"] == pytest.approx(0, abs=1e-12)
+
+
+def test_match_strength_and_errors():
+    scale, ok = match_strength(lambda s: 1 - math.exp(-s), 0.5)
+    assert ok and scale == pytest.approx(math.log(2), abs=1e-6)
+    scale, ok = match_strength(lambda s: 0.1, 0.5)
+    assert not ok
+    with pytest.raises(errors.InputError):
+        match_strength(lambda s: s, 1.5)
+
+
+def test_bootstrap_and_summary():
+    m, lo, hi = bootstrap_ci([1.0, 2.0, 3.0, float("nan")])
+    assert m == 2.0 and lo <= 2.0 <= hi
+    rows = []
+    for method, kl in (("fishback", 0.1), ("euclidean", 0.3)):
+        for ctx in ("a", "b"):
+            rows.append(
+                dict(
+                    concept="past",
+                    layer=3,
+                    context=ctx,
+                    target_probability=0.5,
+                    method=method,
+                    reached=True,
+                    off_target_kl=kl,
+                    rho=1.0,
+                )
+            )
+    rows.append(
+        dict(
+            concept="past",
+            layer=3,
+            context="c",
+            target_probability=0.5,
+            method="euclidean",
+            reached=False,
+            off_target_kl=float("nan"),
+            rho=2.0,
+        )
+    )
+    records = pd.DataFrame(rows)
+    ratio = with_kl_ratio(records)
+    assert ratio[ratio.method == "euclidean"].kl_ratio.dropna().tolist() == pytest.approx([3, 3])
+    summary = summarize(records).set_index("method")
+    assert summary.loc["euclidean", "kl_ratio_to_fishback"] == pytest.approx(3.0)
+    assert summary.loc["euclidean", "reached"] == 2 and summary.loc["euclidean", "contexts"] == 3
+    with pytest.raises(errors.InputError):
+        summarize(records.iloc[:0])
+
+
+def test_figures_render(tmp_path):
+    spectra = {0: torch.tensor([3.0, 1.0, 0.1]), 5: torch.tensor([2.0, 2.0, 1.0])}
+    geometry = pd.DataFrame(
+        dict(
+            layer=[0, 1],
+            participation_fraction=[0.1, 0.2],
+            rank_90_fraction=[0.2, 0.3],
+            deviation_from_euclidean=[0.9, 0.95],
+        )
+    )
+    shares = pd.DataFrame(dict(layer=[0, 0, 1, 1], path=["skip", "mlp"] * 2, share=[0.7, 0.3] * 2))
+    records = pd.DataFrame(
+        dict(
+            concept="past",
+            layer=[1, 1, 1, 1],
+            context="a",
+            target_probability=[0.5, 0.9] * 2,
+            method=["fishback", "fishback", "euclidean", "euclidean"],
+            reached=True,
+            off_target_kl=[0.1, 0.2, 0.5, 0.8],
+            rho=[1.0, 1.0, 4.0, 4.0],
+        )
+    )
+    records = with_kl_ratio(records)
+    figs = [
+        plot.spectra(spectra),
+        plot.geometry_vs_depth(geometry),
+        plot.block_shares(shares),
+        plot.kl_vs_probability(records),
+        plot.predicted_vs_measured(records),
+    ]
+    for i, fig in enumerate(figs):
+        path = tmp_path / f"{i}.png"
+        fig.savefig(path)
+        assert path.stat().st_size > 5000
+        assert fig.axes[0].get_xlabel()

@@ -109,6 +109,13 @@ def _check_ids(ids: Sequence[int], d_vocab: int | None, what: str) -> tuple[int,
     return out
 
 
+def log_target(probability: float) -> float:
+    """log p of a target probability p in (0, 1), the value of a log-probability concept."""
+    if not 0 < probability < 1:
+        raise InputError(f"target probability must be in (0, 1), got {probability}")
+    return math.log(probability)
+
+
 @dataclass(frozen=True)
 class TokenSet:
     """A token-set concept S: the next token is one of ``ids``.
@@ -214,9 +221,7 @@ class TokenSet:
 
     def target_value(self, probability: float) -> float:
         """The value c that means "the set holds ``probability`` of the mass": log p."""
-        if not 0 < probability < 1:
-            raise InputError(f"target probability must be in (0, 1), got {probability}")
-        return math.log(probability)
+        return log_target(probability)
 
     def probability(self, value: float) -> float:
         """The mass on the set for a concept value: exp(c)."""
@@ -443,9 +448,7 @@ class PairConcept:
         return pair[..., 0] - torch.logsumexp(pair, -1)
 
     def target_value(self, probability: float) -> float:
-        if not 0 < probability < 1:
-            raise InputError(f"target probability must be in (0, 1), got {probability}")
-        return math.log(probability)
+        return log_target(probability)
 
     def probability(self, value: float) -> float:
         return math.exp(value)

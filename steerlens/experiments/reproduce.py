@@ -75,12 +75,12 @@ class ReproduceConfig:
 
     concepts: tuple[str, ...] = ("past", "third", "ing")
     layers: tuple[int, ...] = (6, 12, 18, 24)
-    contexts: int = 2
+    contexts: int = 1
     targets: tuple[float, ...] = (0.5, 0.9)
     methods: tuple[str, ...] = METHOD_NAMES
     step: float = 1.0
     damping: float = 1e-2
-    train_pairs: int = 80
+    train_pairs: int = 48
     sentences: int = 30000
     seed: int = 0
 
@@ -103,7 +103,7 @@ class ReproduceConfig:
             layers=(8, 20),
             contexts=1,
             targets=(0.5,),
-            train_pairs=40,
+            train_pairs=32,
             sentences=15000,
         )
 

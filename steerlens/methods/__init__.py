@@ -10,11 +10,13 @@ from steerlens.methods.iterative import (
     TruncatedFisherConfig,
     steer_iteratively,
 )
+from steerlens.methods.iti import iti_intervention
 from steerlens.methods.registry import METHODS, fit, list_methods, method_config
 from steerlens.methods.vector import (
     actadd_intervention,
     caa_intervention,
     probe_intervention,
+    repe_intervention,
     sae_intervention,
 )
 
@@ -29,10 +31,12 @@ __all__ = [
     "actadd_intervention",
     "caa_intervention",
     "fit",
+    "iti_intervention",
     "list_methods",
     "load_intervention",
     "method_config",
     "probe_intervention",
+    "repe_intervention",
     "sae_intervention",
     "steer_iteratively",
 ]

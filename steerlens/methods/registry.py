@@ -25,10 +25,12 @@ from steerlens.methods.iterative import (
     TruncatedFisherConfig,
     steer_iteratively,
 )
+from steerlens.methods.iti import iti_intervention
 from steerlens.methods.vector import (
     actadd_intervention,
     caa_intervention,
     probe_intervention,
+    repe_intervention,
     sae_intervention,
 )
 from steerlens.prompts import PromptsLike
@@ -81,6 +83,18 @@ METHODS: dict[str, MethodInfo] = {
             "mean paired difference at resid_post, added at every position",
         ),
         MethodInfo(
+            "iti",
+            "ContrastPairs",
+            "per-head Euclidean",
+            "top-K heads by probe accuracy shifted by α·σ·θ at hook_z, every generation step",
+        ),
+        MethodInfo(
+            "repe",
+            "ContrastPairs",
+            "activation covariance",
+            "first principal component of paired differences, sign fixed by projection",
+        ),
+        MethodInfo(
             "actadd",
             "one prompt pair",
             "Euclidean on one pair",
@@ -121,7 +135,7 @@ def fit(
     prompt: PromptsLike | None = None,
     pairs: ContrastPairs | tuple[Any, Any] | None = None,
     site: str | None = None,
-    layer: int | None = None,
+    layer: int | list[int] | None = None,
     scale: float = 1.0,
     stop_on: Concept | None = None,
     **options: Any,
@@ -133,7 +147,9 @@ def fit(
       (``target_probability``, ``damping``...); ``stop_on`` stops on another concept.
     - ``probe``: ``concept`` a :class:`LinearProbe`; ``sae``: ``concept`` an :class:`SaeFeature`
       (``site`` may change the position rule).
-    - ``caa``: ``pairs`` a :class:`ContrastPairs` and ``layer``; ``actadd``: ``pairs`` one
+    - ``iti``: ``pairs`` a :class:`ContrastPairs`, ``layer`` an int, a list or None (all);
+      options ``k``, ``alpha``, ``direction``.
+    - ``caa``, ``repe``: ``pairs`` a :class:`ContrastPairs` and ``layer``; ``actadd``: ``pairs`` one
       (plus, minus) prompt pair and ``layer``.
     """
     if method not in METHODS:
@@ -143,6 +159,14 @@ def fit(
             raise InputError(f"{method} needs site=, concept= and prompt=")
         cfg = method_config(method, site=site, **options)
         return steer_iteratively(model, cfg, concept, prompt, stop_on=stop_on)
+    if method == "iti":
+        if not isinstance(pairs, ContrastPairs):
+            raise InputError("ITI needs pairs= a ContrastPairs")
+        layers = [layer] if isinstance(layer, int) else layer
+        try:
+            return iti_intervention(model, pairs, layers=layers, **options)
+        except TypeError as err:
+            raise InputError(f"bad options for iti: {err}") from None
     if options:
         raise InputError(f"{method} takes no options {sorted(options)}")
     if method == "probe":
@@ -155,10 +179,16 @@ def fit(
         return sae_intervention(model, concept, site, scale)
     if layer is None:
         raise InputError(f"{method} needs layer=")
-    if method == "caa":
+    if method in ("caa", "repe"):
         if not isinstance(pairs, ContrastPairs):
-            raise InputError("CAA needs pairs= a ContrastPairs")
+            raise InputError(f"{method} needs pairs= a ContrastPairs")
+        if method == "repe":
+            return repe_intervention(model, pairs, layer, scale=scale)
+        if not isinstance(layer, int):
+            raise InputError("CAA reads one layer: pass layer= an int")
         return caa_intervention(model, pairs, layer, scale=scale)
     if not (isinstance(pairs, tuple) and len(pairs) == 2):
         raise InputError("ActAdd needs pairs= one (plus, minus) prompt pair")
+    if not isinstance(layer, int):
+        raise InputError("ActAdd reads one layer: pass layer= an int")
     return actadd_intervention(model, pairs[0], pairs[1], layer, scale=scale)

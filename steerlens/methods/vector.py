@@ -96,6 +96,42 @@ def caa_intervention(
     return Intervention("caa", {site.name: vec}, scale, info)
 
 
+def repe_intervention(
+    model: HookedTransformer,
+    pairs: ContrastPairs,
+    layers: int | list[int],
+    *,
+    position: str | int = "all",
+    scale: float = 1.0,
+    centred: bool = False,
+) -> Intervention:
+    """RepE / PCA reading vectors (as in repeng): per layer, the first principal component of
+    the paired differences h⁺ − h⁻ at ``hook_resid_post`` (each side's last token), or with
+    ``centred`` of the pair-centred activations h± − (h⁺ + h⁻)/2; the sign is fixed so that the
+    plus sides project higher than the minus sides on average. Unit norm, added (times
+    ``scale``) at every position of each layer."""
+    layer_list = [layers] if isinstance(layers, int) else list(layers)
+    if not layer_list:
+        raise InputError("RepE needs at least one layer")
+    plus, minus = _pair_tokens(model, pairs)
+    vectors: dict[str, Tensor] = {}
+    for layer in layer_list:
+        read = as_site(Site("resid_post", layer), model)
+        h_plus, h_minus = harvest(model, plus, read), harvest(model, minus, read)
+        if centred:
+            mid = (h_plus + h_minus) / 2
+            data = torch.cat([h_plus - mid, h_minus - mid])
+        else:
+            data = h_plus - h_minus
+        # first right-singular vector of the (uncentred, as repeng does) difference matrix
+        direction = torch.linalg.svd(data.double(), full_matrices=False)[2][0].to(data.dtype)
+        if float(((h_plus - h_minus) @ direction).mean()) < 0:
+            direction = -direction
+        vectors[read.at(position).name] = _unit(direction, f"RepE direction at layer {layer}")  # type: ignore[arg-type]
+    info = {"pairs": pairs.name, "n_pairs": len(pairs), "centred": centred}
+    return Intervention("repe", vectors, scale, info)
+
+
 def actadd_intervention(
     model: HookedTransformer,
     plus: str | Tensor,

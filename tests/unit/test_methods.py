@@ -217,6 +217,8 @@ def test_unknown_method_and_missing_arguments(model, tokens):
 def test_registry_lists_every_method():
     names = set(sl.list_methods()["name"])
     assert names == {
+        "repe",
+        "iti",
         "fishback",
         "euclidean",
         "truncated_fisher",
@@ -339,6 +341,54 @@ def test_caa_matches_reference(model):
     iv = caa_intervention(model, pairs, 1)
     assert iv.sites == ("blocks.1.hook_resid_post@all",)
     assert torch.allclose(iv.vector(), want, atol=1e-12)
+
+
+def test_repe_matches_reference(model):
+    ids = (((1, 2), (1, 3)), ((2, 2), (2, 3)), ((3, 1, 2), (3, 1, 3)), ((4, 4), (4, 5)))
+    pairs = ContrastPairs("toy", tuple((str(p), str(m)) for p, m in ids), token_pairs=ids)
+    diffs = []
+    for plus, minus in ids:
+        _, c_plus = model.run_with_cache(torch.tensor([plus]))
+        _, c_minus = model.run_with_cache(torch.tensor([minus]))
+        name = "blocks.0.hook_resid_post"
+        diffs.append((c_plus[name][0, -1] - c_minus[name][0, -1]).detach())
+    d = torch.stack(diffs)
+    # reference: top eigenvector of DᵀD, oriented so the differences project positively
+    evecs = torch.linalg.eigh(d.T @ d)[1]
+    want = evecs[:, -1] * torch.sign((d @ evecs[:, -1]).mean())
+    iv = sl.fit(model, "repe", pairs=pairs, layer=[0, 1])
+    assert set(iv.sites) == {"blocks.0.hook_resid_post@all", "blocks.1.hook_resid_post@all"}
+    assert torch.allclose(iv.vector("blocks.0.hook_resid_post@all"), want, atol=1e-10)
+
+
+def test_iti_matches_reference(model):
+    """Reference: per head, mass-mean θ and σ from run_with_cache; top-k by held-out probe
+    accuracy; shift α·σ·θ at hook_z of the head at the last position."""
+    ids = tuple(((i, j, 5), (i, j, 6)) for i in range(10, 14) for j in range(20, 25))
+    pairs = ContrastPairs("toy", tuple((str(p), str(m)) for p, m in ids), token_pairs=ids)
+    iv = sl.fit(model, "iti", pairs=pairs, layer=[0, 1], k=3, alpha=2.0)
+    ranking = iv.info["heads"]
+    assert len(ranking) == 2 * model.cfg.n_heads and len(iv.sites) == 3
+    accs = [r["accuracy"] for r in ranking]
+    assert accs == sorted(accs, reverse=True)
+    top = ranking[0]
+    name = f"blocks.{top['layer']}.attn.hook_z"
+    zp = torch.stack(
+        [model.run_with_cache(torch.tensor([p]))[1][name][0, -1, top["head"]] for p, _ in ids]
+    )
+    zm = torch.stack(
+        [model.run_with_cache(torch.tensor([m]))[1][name][0, -1, top["head"]] for _, m in ids]
+    )
+    theta = zp.mean(0) - zm.mean(0)
+    theta = theta / theta.norm()
+    sigma = torch.cat([zp, zm]) @ theta
+    want = 2.0 * sigma.std() * theta
+    assert torch.allclose(iv.vector(f"{name}:{top['head']}"), want.detach(), atol=1e-10)
+    tokens = torch.tensor([[1, 2, 3]])
+    with iv.apply(model), torch.no_grad():
+        steered = model(tokens)
+    with torch.no_grad():
+        assert not torch.allclose(steered, model(tokens))
 
 
 def test_actadd_matches_reference(model):

@@ -145,7 +145,7 @@ def block_shares(shares: pd.DataFrame) -> Figure:
 @_styled
 def kl_vs_probability(records: pd.DataFrame, *, kl: str = "off_target_kl") -> Figure:
     """Mean off-target KL (log scale) against target concept probability per method, one panel
-    per layer; only contexts that reached the target count (their number is in the legend)."""
+    per layer, one legend for all; only contexts that reached the target count."""
     frame: Any = records
     layers = sorted(frame["layer"].unique())
     fig, axes = _figure(min(2.4 * len(layers), 7.0), 2.6, len(layers))
@@ -159,13 +159,20 @@ def kl_vs_probability(records: pd.DataFrame, *, kl: str = "off_target_kl") -> Fi
                 marker="o",
                 ms=3,
                 color=METHOD_COLORS.get(str(method)),
-                label=f"{method} (n={len(group)})",
+                label=str(method),
             )
         ax.set_title(f"layer {layer}")
         ax.set_xlabel("target concept probability")
         _style(ax)
     axes[0].set_ylabel("off-target KL (nats)")
-    axes[-1].legend(frameon=False, fontsize=6)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        [lbl.split(" (")[0] for lbl in labels],
+        loc="outside lower center",
+        ncols=len(labels),
+        frameon=False,
+    )
     return fig
 
 

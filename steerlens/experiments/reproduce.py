@@ -97,7 +97,7 @@ class ReproduceConfig:
 
     @classmethod
     def quick(cls) -> ReproduceConfig:
-        """A small run for CI and a first look (under three minutes on 2 cores)."""
+        """A small run for CI and a first look (1 concept, 2 layers, 1 context)."""
         return cls(
             concepts=("past",),
             layers=(8, 20),

@@ -43,7 +43,7 @@ def test_reproduce_quick_writes_results_and_figures(tmp_path, capsys):
     assert set(records.layer) == {8, 20}
     fish = records[records.method == "fishback"]
     assert fish.reached.all() and (fish.probability - 0.5).abs().max() < 1e-2
-    assert (fish.rho == 1.0).all()
+    assert (fish.rho - 1.0).abs().max() < 1e-4  # rho of the Fisher-optimal step (float32 model)
     for name in (
         "spectra",
         "geometry_vs_depth",

@@ -128,8 +128,9 @@ def unembed_factor(
     if not 0 <= dropped_mass < 1:
         raise InputError(f"dropped_mass must be in [0, 1), got {dropped_mass}")
     logits = logits.double()
-    # The V-wide products run in the model's dtype (float32: ~1e-6 relative error, well inside
-    # the coarse-graining error); the d-sized pieces in float64.
+    # Everything in float64: the metric's spectrum spans ~12 decades and some sites (single
+    # heads) live in its small directions, where a float32 Gram's absolute error (~1e-7 of the
+    # top eigenvalue) became a 1e-2 relative error. W_U is promoted in vocabulary chunks.
     w = w_u
     p = torch.softmax(logits, -1)
     s = 1 - (logits / softcap).pow(2) if softcap else torch.ones_like(p)
@@ -139,8 +140,7 @@ def unembed_factor(
     if total <= 0:
         raise ConceptError("the off-target distribution has zero probability mass")
     in_u = rep >= 0
-    # One V-wide matvec in the model's dtype; only kept columns of W_U are promoted to float64.
-    m_u = (w @ torch.where(in_u, sp, torch.zeros_like(sp)).to(w.dtype)).double()
+    m_u = _chunked_matvec(w, torch.where(in_u, sp, torch.zeros_like(sp)))
     mu_u = m_u / total
     q = mass / total
     if vocab == "full":
@@ -165,9 +165,19 @@ def unembed_factor(
         rest = (p_rest / total).sqrt() * (m_rest / p_rest - mu_u)
         rows = torch.cat([rows, rest.unsqueeze(0)], 0)
     if rows.shape[0] > rows.shape[1]:  # K + 1 > d: the same metric from at most d rows
-        low = rows.to(w.dtype)
-        rows = _gram_factor((low.T @ low).double())
+        rows = _gram_factor(rows.T @ rows)
     return rows, {"vocab": "auto", "dropped_mass": max(rest_q, 0.0), "top_k": k}
+
+
+_CHUNK = 8192  # vocabulary columns of W_U promoted to float64 at a time
+
+
+def _chunked_matvec(w: Tensor, v: Tensor) -> Tensor:
+    """W v in float64 (``v`` float64), promoting ``w`` a chunk of columns at a time."""
+    out = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    for start in range(0, w.shape[1], _CHUNK):
+        out += w[:, start : start + _CHUNK].double() @ v[start : start + _CHUNK]
+    return out
 
 
 def _gram_factor(gram: Tensor) -> Tensor:
@@ -197,8 +207,11 @@ def _full_factor(
     if groups:
         single[groups] = False
         single[[b for b, _ in merged]] = False
-    weights = torch.where(single, sp * s, torch.zeros_like(sp)).to(w.dtype)
-    gram = ((w * weights) @ w.T).double()
+    weights = torch.where(single, sp * s, torch.zeros_like(sp))
+    gram = torch.zeros(w.shape[0], w.shape[0], dtype=torch.float64, device=w.device)
+    for start in range(0, w.shape[1], _CHUNK):
+        chunk = w[:, start : start + _CHUNK].double()
+        gram += (chunk * weights[start : start + _CHUNK]) @ chunk.T
     for target in groups:
         members = [target] + [b for b, t in merged if t == target]
         m = w[:, members].double() @ sp[members]

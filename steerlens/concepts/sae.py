@@ -14,8 +14,10 @@ works the same way); its direction is its decoder row ``W_dec[f]``.
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -111,3 +113,58 @@ def sae_feature(sae: Any, feature: int, site: str | Site | None = None) -> SaeFe
             raise ConceptError("the SAE does not record its hook name: pass site=")
         site = str(hook)
     return SaeFeature(sae, feature, Site.parse(site).name)
+
+
+#: where the SAEs that ship with steerlens live: ``<model_name>/<site>/`` holding sae-lens's own
+#: files (``cfg.json``, ``sae_weights.safetensors``) and steerlens's training report
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "sae"
+
+
+def shipped_saes() -> dict[str, list[str]]:
+    """The SAEs that ship with steerlens: model name → sites.
+
+    >>> "resid_post.12" in shipped_saes()["SmolLM2-135M-Instruct"]
+    True
+    """
+    out: dict[str, list[str]] = {}
+    if SHIPPED_DIR.is_dir():
+        for model_dir in sorted(p for p in SHIPPED_DIR.iterdir() if p.is_dir()):
+            sites = sorted(p.name for p in model_dir.iterdir() if (p / "cfg.json").is_file())
+            if sites:
+                out[model_dir.name] = sites
+    return out
+
+
+def sae_report(path: str | Path) -> dict[str, Any]:
+    """The training report saved beside an SAE trained by steerlens (how it was made, held-out
+    FVU and L0)."""
+    from steerlens.concepts.sae_train import REPORT_FILE
+
+    file = Path(path) / REPORT_FILE
+    if not file.is_file():
+        raise InputError(f"{path} has no steerlens training report ({REPORT_FILE})")
+    return json.loads(file.read_text())
+
+
+def pretrained_sae(
+    model: HookedTransformer, site: str | Site = "resid_post.12", *, dtype: str = "float32"
+) -> Any:
+    """The SAE that ships with steerlens for ``site`` of ``model`` (loaded with sae-lens's
+    ``SAE.load_from_disk``; stored in float16, returned in ``dtype``). Raises
+    :class:`ConceptError` naming what ships when there is none for this model or site."""
+    from sae_lens import SAE
+
+    s = as_site(site, model)
+    short = f"{s.kind}.{s.layer}"
+    available = shipped_saes()
+    name = str(model.cfg.model_name)
+    if short not in available.get(name, []):
+        listing = "; ".join(f"{m}: {', '.join(v)}" for m, v in available.items()) or "none"
+        raise ConceptError(f"no shipped SAE for {name} at {short}; shipped: {listing}")
+    sae = SAE.load_from_disk(SHIPPED_DIR / name / short, device=str(model.cfg.device), dtype=dtype)
+    if int(sae.cfg.d_in) != s.dim(model):
+        raise ConceptError(
+            f"the shipped SAE at {short} reads width {sae.cfg.d_in}, but {name} has "
+            f"{s.dim(model)} there"
+        )
+    return sae

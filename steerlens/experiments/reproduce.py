@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from steerlens.concepts import (
-    PairConcept,
     VerbContext,
     load_corpus,
     train_test_contexts,
@@ -34,29 +32,22 @@ from steerlens.concepts import (
     verb_contexts,
     verb_contrast_pairs,
 )
-from steerlens.concepts.probes import train_probe
-from steerlens.cost import spectral_cost_ratio
 from steerlens.diagnostics import diagnostics_table
 from steerlens.errors import InputError
-from steerlens.evaluate import match_strength, next_logprobs, outcome_measures, summarize
-from steerlens.methods.intervention import Intervention
-from steerlens.methods.iterative import (
-    EuclideanConfig,
-    FishBackConfig,
-    TruncatedFisherConfig,
-    steer_iteratively,
+from steerlens.evaluate import next_logprobs, summarize
+from steerlens.experiments.matched import (
+    METHOD_NAMES,
+    MatchedSettings,
+    context_records,
+    context_tokens,
+    fit_fixed,
+    pair_share,
 )
-from steerlens.methods.vector import actadd_intervention, caa_intervention, probe_intervention
-from steerlens.metric.local import LocalPath
-from steerlens.metric.pullback import MetricOptions, pullback_sweep
+from steerlens.metric.pullback import pullback_sweep
 from steerlens.sites import Site
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
-
-ITERATIVE = ("fishback", "euclidean", "depth0")
-FIXED = ("caa", "actadd", "probe")
-METHOD_NAMES = ITERATIVE + FIXED
 
 #: the FishBack paper's claims on GPT-2 small (abstract; arXiv 2605.17231)
 PAPER_CLAIMS = {
@@ -85,15 +76,14 @@ class ReproduceConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = set(self.methods) - set(METHOD_NAMES)
-        if unknown:
-            raise InputError(f"unknown methods {sorted(unknown)}; valid: {METHOD_NAMES}")
+        self.settings()  # validates methods and targets
         if "fishback" not in self.methods:
             raise InputError("the reproduction compares every method to fishback: keep it")
-        if not self.targets or any(not 0 < t < 1 for t in self.targets):
-            raise InputError(f"targets must be probabilities in (0, 1), got {self.targets}")
         if self.contexts < 1:
             raise InputError(f"contexts must be >= 1, got {self.contexts}")
+
+    def settings(self) -> MatchedSettings:
+        return MatchedSettings(self.targets, self.methods, self.step, self.damping, 0, self.seed)
 
     @classmethod
     def quick(cls) -> ReproduceConfig:
@@ -119,49 +109,16 @@ class ReproduceResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def context_tokens(model: HookedTransformer, ctx: VerbContext) -> Tensor:
-    """The context's ids with the model's BOS prepended if it uses one."""
-    ids = list(ctx.token_ids)
-    tok: Any = model.tokenizer
-    if model.cfg.default_prepend_bos and tok is not None and tok.bos_token_id is not None:
-        ids = [int(tok.bos_token_id)] + ids
-    return torch.tensor(ids, dtype=torch.long, device=model.cfg.device)
-
-
 def _pick_test(model: HookedTransformer, contexts: tuple[VerbContext, ...], n: int, top: float):
     """The n test contexts with the highest base-form probability, among those whose target
     probability is below the lowest target."""
     scored = []
     for ctx in contexts[: 12 * n]:
         logp = next_logprobs(model, context_tokens(model, ctx))
-        if float(_share(logp, ctx)) < top:
+        if float(pair_share(logp, ctx)) < top:
             scored.append((float(logp[ctx.base_id]), ctx))
     scored.sort(key=lambda s: -s[0])
     return [c for _, c in scored[:n]]
-
-
-def _share(logp: Tensor, ctx: VerbContext) -> Tensor:
-    """The target's share of the pair, p_t / (p_t + p_b)."""
-    return (logp[ctx.target_id] - torch.logaddexp(logp[ctx.target_id], logp[ctx.base_id])).exp()
-
-
-def _concept(ctx: VerbContext) -> PairConcept:
-    return PairConcept(ctx.base_id, ctx.target_id, f"{ctx.target_word} over {ctx.verb}")
-
-
-def _directions(
-    model: HookedTransformer, site: Site, tokens: Tensor, ctx: VerbContext, damping: float
-) -> tuple[Tensor, Any, Tensor]:
-    """The concept gradient g, the off-target metric and the depth-0 direction at the clean
-    point."""
-    concept = _concept(ctx)
-    with LocalPath(model, tokens, site) as path:
-        with torch.enable_grad():
-            x = path.x0.clone().requires_grad_(True)
-            g = torch.autograd.grad(concept.value(x, path.logits(x)), x)[0].detach()
-        off = path.metric(path.x0, MetricOptions(off_target=concept.off_target()))
-        depth0 = path.metric(path.x0, MetricOptions(), depth=0).solve(g, damping)
-    return g, off, depth0
 
 
 def run_reproduction(
@@ -169,6 +126,7 @@ def run_reproduction(
 ) -> ReproduceResult:
     """Run the experiment of the module docstring."""
     cfg = cfg or ReproduceConfig()
+    settings = cfg.settings()
     for layer in cfg.layers:
         Site("resid_post", layer).validate(model)
     started = time.perf_counter()
@@ -190,79 +148,11 @@ def run_reproduction(
             split_cache[kind] = (mapping, split, test)
             geometry_prompts += [context_tokens(model, c) for c in test[:1]]
         mapping, split, test = split_cache[kind]
-        site = Site("resid_post", layer)
         pairs = verb_contrast_pairs(split.train[: cfg.train_pairs], name=kind)
-        fixed: dict[str, Intervention] = {}
-        if "caa" in cfg.methods:
-            fixed["caa"] = caa_intervention(model, pairs, layer)
-        if "actadd" in cfg.methods:
-            assert pairs.token_pairs is not None
-            plus, minus = pairs.token_pairs[0]
-            fixed["actadd"] = actadd_intervention(
-                model, torch.tensor(plus), torch.tensor(minus), layer, pad_token=0
-            )
-        if "probe" in cfg.methods:
-            assert pairs.token_pairs is not None
-            probe = train_probe(
-                model,
-                site,
-                [torch.tensor(p) for p, _ in pairs.token_pairs],
-                [torch.tensor(m) for _, m in pairs.token_pairs],
-                seed=cfg.seed,
-            )
-            fixed["probe"] = probe_intervention(model, probe, site)
-        merge = mapping.as_dict()
+        fixed = fit_fixed(model, settings, pairs, layer)
         for ctx in test:
-            tokens = context_tokens(model, ctx)
-            clean = next_logprobs(model, tokens)
-            g, off_metric, depth0_dir = _directions(model, site, tokens, ctx, cfg.damping)
-            common = {
-                "concept": kind,
-                "layer": layer,
-                "context": ctx.text,
-                "verb": ctx.verb,
-                "target_word": ctx.target_word,
-                "clean_probability": float(_share(clean, ctx)),
-            }
-
-            def rho(v: Tensor | None, g=g, off_metric=off_metric) -> float:
-                if v is None or float(v @ g) <= 0:
-                    return math.nan
-                return spectral_cost_ratio(off_metric, v.to(g), g, cfg.damping)
-
-            directions: dict[str, Tensor | None] = {
-                "fishback": off_metric.solve(g, cfg.damping),
-                "euclidean": g,
-                "depth0": depth0_dir,
-                "caa": fixed["caa"].vector() if "caa" in fixed else None,
-                "actadd": None,  # added at the prompt's first positions, not at the site
-                "probe": fixed["probe"].vector() if "probe" in fixed else None,
-            }
-            records += _run_iterative(
-                model, cfg, ctx, tokens, site, clean, merge, common, rho, directions
-            )
-            for name, iv in fixed.items():
-                for target in cfg.targets:
-
-                    def prob(scale: float, iv=iv, tokens=tokens, ctx=ctx) -> float:
-                        return float(_share(next_logprobs(model, tokens, iv.scaled(scale)), ctx))
-
-                    scale, reached = match_strength(prob, target)
-                    steered = next_logprobs(model, tokens, iv.scaled(scale))
-                    records.append(
-                        {
-                            **common,
-                            "method": name,
-                            "target_probability": target,
-                            "reached": reached,
-                            "strength": scale,
-                            "steps": math.nan,
-                            **outcome_measures(
-                                clean, steered, ctx.target_id, merge, base=ctx.base_id
-                            ),
-                            "rho": rho(directions[name]),
-                        }
-                    )
+            merge = mapping.as_dict()
+            records += context_records(model, ctx, layer, settings, fixed, merge, {"concept": kind})
             bar.update()
     bar.close()
     frame = pd.DataFrame(records)
@@ -271,55 +161,6 @@ def run_reproduction(
     claims = _claims(geometry, summary)
     info = {"config": asdict(cfg), "seconds": time.perf_counter() - started}
     return ReproduceResult(frame, summary, geometry, shares, spectra, claims, info)
-
-
-def _run_iterative(
-    model: HookedTransformer,
-    cfg: ReproduceConfig,
-    ctx: VerbContext,
-    tokens: Tensor,
-    site: Site,
-    clean: Tensor,
-    merge: dict[int, int],
-    common: dict[str, Any],
-    rho: Any,
-    directions: dict[str, Tensor | None],
-) -> list[dict[str, Any]]:
-    """One run per iterative method to the highest target; lower targets from checkpoints."""
-    out = []
-    concept = _concept(ctx)
-    top = max(cfg.targets)
-    configs = {
-        "fishback": FishBackConfig(site.name, top, step=cfg.step, damping=cfg.damping),
-        "euclidean": EuclideanConfig(site.name, top, step=cfg.step),
-        "depth0": TruncatedFisherConfig(site.name, top, step=cfg.step, damping=cfg.damping),
-    }
-    for name, mcfg in configs.items():
-        if name not in cfg.methods:
-            continue
-        checkpoints = [math.log(t) for t in cfg.targets if t < top]
-        iv = steer_iteratively(model, mcfg, concept, tokens, checkpoints=checkpoints)
-        for target in cfg.targets:
-            if target == top:
-                vec, reached = iv.vector(), bool(iv.info["reached"])
-            else:
-                mark = iv.info["checkpoints"].get(repr(math.log(target)))
-                reached = mark is not None
-                vec = torch.tensor(mark, dtype=iv.vector().dtype) if reached else iv.vector()
-            steered = next_logprobs(model, tokens, Intervention(name, {site.name: vec}))
-            out.append(
-                {
-                    **common,
-                    "method": name,
-                    "target_probability": target,
-                    "reached": reached,
-                    "strength": float(vec.norm()),
-                    "steps": iv.info["steps"],
-                    **outcome_measures(clean, steered, ctx.target_id, merge, base=ctx.base_id),
-                    "rho": rho(directions[name]),
-                }
-            )
-    return out
 
 
 def _geometry(model: HookedTransformer, prompts: list[Tensor], layers: tuple[int, ...]):

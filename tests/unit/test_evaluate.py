@@ -15,6 +15,8 @@ from steerlens.concepts import PairConcept
 from steerlens.cost import kantorovich_bound, spectral_cost_ratio
 from steerlens.evaluate import (
     bootstrap_ci,
+    continuation_perplexity,
+    greedy_continuation,
     match_strength,
     outcome_measures,
     summarize,
@@ -22,6 +24,7 @@ from steerlens.evaluate import (
 )
 from steerlens.metric import Metric, pullback_metric
 from steerlens.metric.local import LocalPath
+from tests.conftest import hook_count
 
 
 @settings(max_examples=30, deadline=None)
@@ -168,3 +171,34 @@ def test_figures_render(tmp_path):
         fig.savefig(path)
         assert path.stat().st_size > 5000
         assert fig.axes[0].get_xlabel()
+
+
+def test_greedy_continuation_and_its_perplexity_by_hand(gpt2_model, tokens):
+    model = gpt2_model
+    iv = sl_intervention(model)
+    seq = tokens.clone()
+    with iv.apply(model):
+        for _ in range(4):
+            seq = torch.cat([seq, model(seq[None])[0, -1].argmax().view(1)])
+    assert torch.equal(greedy_continuation(model, tokens, iv, 4), seq)
+    logp = torch.log_softmax(model(seq[None])[0], -1).detach()
+    nll = [-float(logp[i - 1, seq[i]]) for i in range(len(tokens), len(seq))]
+    assert continuation_perplexity(model, tokens, iv, 4) == pytest.approx(
+        math.exp(sum(nll) / len(nll)), rel=1e-9
+    )
+    assert hook_count(model) == 0
+
+
+def test_continuation_checks_its_length(gpt2_model, tokens):
+    with pytest.raises(errors.InputError, match="n_tokens"):
+        greedy_continuation(gpt2_model, tokens, None, 0)
+    with pytest.raises(errors.InputError, match="context"):
+        greedy_continuation(gpt2_model, tokens, None, gpt2_model.cfg.n_ctx)
+
+
+def sl_intervention(model):
+    from steerlens.methods import Intervention
+
+    gen = torch.Generator().manual_seed(1)
+    vec = torch.randn(model.cfg.d_model, generator=gen, dtype=torch.float64)
+    return Intervention("test", {"blocks.0.hook_resid_post": vec})

@@ -1,0 +1,270 @@
+"""The ``steerlens`` subcommands for a user's concept: ``evaluate``, ``diagnose``, ``where``
+and ``steer``. A concept is a JSON file of base word → target word (or a built-in verb concept);
+contexts are a text file, one per line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from steerlens.cli_util import add_common, print_result, write_csv
+from steerlens.errors import InputError
+
+EXAMPLES = {
+    "evaluate": (
+        "examples:\n"
+        "  steerlens evaluate --concept past.json --contexts contexts.txt --layers 6 12\n"
+        "  steerlens evaluate --concept past --contexts contexts.txt --layers 12 \\\n"
+        "      --methods fishback euclidean caa --targets 0.5 --json > records.json\n"
+        "past.json maps base words to target words ('▁' marks a leading space):\n"
+        '  {"▁walk": "▁walked", "▁see": "▁saw"}\n'
+        "contexts.txt holds one context per line, e.g. 'Every morning the two of them'"
+    ),
+    "diagnose": (
+        "examples:\n"
+        "  steerlens diagnose --concept past --contexts contexts.txt --layers 6 12 18\n"
+        "  steerlens diagnose --concept past.json --contexts contexts.txt --layers 12 --json"
+    ),
+    "where": (
+        "examples:\n"
+        "  steerlens where --concept past --contexts contexts.txt\n"
+        "  steerlens where --concept past.json --contexts contexts.txt --kinds resid_post --top 5"
+    ),
+    "steer": (
+        "examples:\n"
+        "  steerlens steer --method fishback --concept past --layer 12 \\\n"
+        "      --prompt 'Every morning the two of them' --target 0.9\n"
+        "  steerlens steer --method caa --concept past --layer 12 --prompt 'They' \\\n"
+        "      --train-contexts contexts.txt --save caa_past"
+    ),
+}
+
+
+def _add_concept_args(p: argparse.ArgumentParser, *, contexts: bool = True) -> None:
+    p.add_argument(
+        "--concept",
+        required=True,
+        help="a JSON file of base word -> target word, or a built-in concept: past, third, ing",
+    )
+    if contexts:
+        p.add_argument("--contexts", type=Path, required=True, help="one context per line")
+    p.add_argument(
+        "--train-contexts",
+        type=Path,
+        help="contexts to fit CAA/ActAdd/probe on (default: the evaluation contexts)",
+    )
+    p.add_argument("--damping", type=float, default=1e-2, help="relative ridge λ·tr(G)/d")
+
+
+def add_concept_commands(sub: Any, fmt: Any) -> None:
+    from steerlens.experiments.matched import METHOD_NAMES
+    from steerlens.where import WHERE_KINDS
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="methods x layers at matched concept probability on your contexts",
+        epilog=EXAMPLES["evaluate"],
+        formatter_class=fmt,
+    )
+    add_common(ev)
+    _add_concept_args(ev)
+    ev.add_argument("--layers", nargs="+", type=int, required=True)
+    ev.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(METHOD_NAMES))
+    ev.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.9])
+    ev.add_argument("--step", type=float, default=1.0, help="nats per iterative step")
+    ev.add_argument("--fluency-tokens", type=int, default=8, help="0 skips perplexity")
+    ev.add_argument("--out", type=Path, help="also write the records as CSV here")
+
+    dg = sub.add_parser(
+        "diagnose",
+        help="spectral cost ratio ρ of each method's direction for a concept",
+        epilog=EXAMPLES["diagnose"],
+        formatter_class=fmt,
+    )
+    add_common(dg)
+    _add_concept_args(dg)
+    dg.add_argument("--layers", nargs="+", type=int, required=True)
+    dg.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(METHOD_NAMES))
+
+    wh = sub.add_parser(
+        "where",
+        help="rank sites by the least off-target KL any direction pays to move the concept",
+        epilog=EXAMPLES["where"],
+        formatter_class=fmt,
+    )
+    add_common(wh)
+    wh.add_argument("--concept", required=True, help="a JSON file or past, third, ing")
+    wh.add_argument("--contexts", type=Path, required=True, help="one context per line")
+    wh.add_argument("--kinds", nargs="+", choices=WHERE_KINDS, default=list(WHERE_KINDS))
+    wh.add_argument("--damping", type=float, default=1e-2, help="relative ridge λ·tr(G)/d")
+    wh.add_argument("--top", type=int, default=10, help="rows to print (--json prints all)")
+
+    st = sub.add_parser(
+        "steer",
+        help="generate with a steering method applied, beside the clean generation",
+        epilog=EXAMPLES["steer"],
+        formatter_class=fmt,
+    )
+    add_common(st)
+    _add_concept_args(st, contexts=False)
+    st.add_argument("--method", choices=METHOD_NAMES, required=True)
+    st.add_argument("--prompt", required=True)
+    st.add_argument("--layer", type=int, required=True, help="steer at resid_post.<layer>")
+    st.add_argument("--target", type=float, default=0.9, help="target pair share")
+    st.add_argument("--max-new-tokens", type=int, default=20)
+    st.add_argument("--save", type=Path, help="save the fitted intervention here")
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Any:
+    from steerlens.experiments.matched import MatchedSettings
+
+    return MatchedSettings(
+        targets=tuple(getattr(args, "targets", (0.5, 0.9))),
+        methods=tuple(args.methods),
+        damping=args.damping,
+        **extra,
+    )
+
+
+def _concept_inputs(args: argparse.Namespace) -> tuple[Any, Any, list[str], list[str] | None]:
+    from steerlens.experiments.inputs import load_pair_file, read_lines
+    from steerlens.models import load_model
+
+    contexts = read_lines(args.contexts) if getattr(args, "contexts", None) else []
+    train = read_lines(args.train_contexts, "train contexts") if args.train_contexts else None
+    model = load_model(args.model)
+    return model, load_pair_file(model, args.concept), contexts, train
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from steerlens.evaluate import summarize
+    from steerlens.experiments.concept import evaluate_concept
+
+    settings = _settings(args, step=args.step, fluency_tokens=args.fluency_tokens)
+    model, mapping, contexts, train = _concept_inputs(args)
+    records, info = evaluate_concept(
+        model,
+        mapping,
+        contexts,
+        args.layers,
+        settings,
+        train_contexts=train,
+        progress=not args.json,
+    )
+    if args.out:
+        write_csv(records, args.out)
+        info["written"] = str(args.out)
+    summary = summarize(records) if "fishback" in settings.methods else pd.DataFrame()
+    if not summary.empty:
+        for col in ("off_target_kl_ci", "kl_ratio_ci"):
+            summary[col] = [list(v) for v in summary[col]]
+    brief = ["method", "layer", "context_index", "target_probability", "reached"]
+    brief += ["probability", "off_target_kl", "off_target_kl_merged", "rho"]
+    shown: pd.DataFrame = records if args.json else pd.DataFrame(records[brief])
+    print_result(
+        {"model": model.cfg.model_name, **info}, {"records": shown, "summary": summary}, args.json
+    )
+
+
+def cmd_diagnose(args: argparse.Namespace) -> None:
+    from steerlens.experiments.concept import diagnose_concept, rho_summary
+
+    settings = _settings(args)
+    model, mapping, contexts, train = _concept_inputs(args)
+    rows, info = diagnose_concept(
+        model, mapping, contexts, args.layers, settings, train_contexts=train
+    )
+    tables = {"rho": rho_summary(rows)}
+    if args.json:
+        tables["records"] = rows
+    print_result({"model": model.cfg.model_name, **info}, tables, args.json)
+
+
+def cmd_where(args: argparse.Namespace) -> None:
+    from steerlens.experiments.inputs import load_pair_file, read_lines, user_contexts
+    from steerlens.experiments.matched import context_tokens, pair_concept
+    from steerlens.models import load_model
+    from steerlens.sites import all_sites
+    from steerlens.where import site_costs
+
+    if args.top < 1:
+        raise InputError(f"--top must be >= 1, got {args.top}")
+    texts = read_lines(args.contexts)
+    model = load_model(args.model)
+    mapping = load_pair_file(model, args.concept)
+    ctxs = user_contexts(model, mapping, texts)
+    pairs = [(context_tokens(model, c), pair_concept(c)) for c in ctxs]
+    table = site_costs(model, pairs, all_sites(model, args.kinds), damping=args.damping)
+    info = {
+        "model": model.cfg.model_name,
+        "concept": mapping.name,
+        "contexts": len(ctxs),
+        "damping": args.damping,
+        "measure": "kl_per_unit = 1/(2 gᵀ(G+λI)⁻¹g), nats",
+    }
+    print_result(info, {"sites": table if args.json else table.head(args.top)}, args.json)
+
+
+def cmd_steer(args: argparse.Namespace) -> None:
+    from steerlens.concepts import verb_contrast_pairs
+    from steerlens.evaluate import greedy_continuation, match_strength, next_logprobs
+    from steerlens.experiments.inputs import user_contexts
+    from steerlens.experiments.matched import (
+        FIXED,
+        MatchedSettings,
+        context_tokens,
+        fit_fixed,
+        iterative_runs,
+        pair_share,
+        share_at,
+    )
+    from steerlens.sites import Site
+
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model, mapping, _, train = _concept_inputs(args)
+    Site("resid_post", args.layer).validate(model)
+    (ctx,) = user_contexts(model, mapping, [args.prompt])
+    settings = MatchedSettings((args.target,), (args.method,), damping=args.damping)
+    tokens = context_tokens(model, ctx)
+    if args.method in FIXED:
+        if train is None:
+            raise InputError(f"{args.method} learns from contrast pairs: give --train-contexts")
+        pairs = verb_contrast_pairs(user_contexts(model, mapping, train), name=mapping.name)
+        iv = fit_fixed(model, settings, pairs, args.layer)[args.method]
+        scale, reached = match_strength(share_at(model, tokens, ctx, iv), args.target)
+        iv = iv.scaled(scale)
+    else:
+        ((_, _, iv, extra),) = iterative_runs(
+            model, settings, ctx, tokens, Site("resid_post", args.layer)
+        )
+        reached = extra["reached"]
+    tok: Any = model.tokenizer
+    n = tokens.numel()
+    clean = greedy_continuation(model, tokens, None, args.max_new_tokens)
+    steered = greedy_continuation(model, tokens, iv, args.max_new_tokens)
+    out = {
+        "model": model.cfg.model_name,
+        "method": args.method,
+        "site": f"blocks.{args.layer}.hook_resid_post",
+        "pair": f"{ctx.verb} -> {ctx.target_word}",
+        "reached": bool(reached),
+        "share_clean": float(pair_share(next_logprobs(model, tokens), ctx)),
+        "share_steered": float(pair_share(next_logprobs(model, tokens, iv), ctx)),
+        "clean": args.prompt + tok.decode(clean[n:].tolist()),
+        "steered": args.prompt + tok.decode(steered[n:].tolist()),
+    }
+    if args.save:
+        out["saved"] = str(iv.save(args.save))
+    print_result(out, {}, args.json)
+
+
+COMMANDS = {
+    "evaluate": cmd_evaluate,
+    "diagnose": cmd_diagnose,
+    "where": cmd_where,
+    "steer": cmd_steer,
+}

@@ -1,0 +1,53 @@
+"""Shared pieces of the ``steerlens`` command line: common options and output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model name (default: smollm2-135m-instruct)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def jsonable(value: Any) -> Any:
+    """NaN and infinities as null (strict JSON), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def print_result(obj: dict[str, Any], tables: dict[str, pd.DataFrame], as_json: bool) -> None:
+    if as_json:
+        out = dict(obj)
+        out.update({k: v.to_dict(orient="records") for k, v in tables.items()})
+        print(json.dumps(jsonable(out), indent=2, default=str, allow_nan=False))
+        return
+    for key, value in obj.items():
+        print(f"{key}: {value}")
+    with pd.option_context("display.width", 160, "display.max_rows", 500, "display.precision", 4):
+        for name, table in tables.items():
+            print(f"\n{name}:")
+            print(table.to_string(index=False))
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Through a temporary file renamed into place: no half-written CSV is left behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,268 @@
+"""One context, one layer, every method at matched concept probability: the shared core of
+``steerlens reproduce`` and ``steerlens evaluate``.
+
+A context is a :class:`~steerlens.concepts.VerbContext`: a prompt whose next token should move
+from a base form b to a target form t. The concept is the pair share p_t/(p_t + p_b)
+(:class:`~steerlens.concepts.PairConcept`). Iterative methods (FishBack, Euclidean gradient
+ascent, depth-0 Fisher) steer the residual at the prediction position until the share reaches
+the highest target, keeping checkpoints for the lower ones; fixed-direction methods (CAA, ActAdd,
+probe) are scaled by bisection to each target. Every (method, target) is one record, reached or
+not, with the measures of :mod:`steerlens.evaluate` and ρ of the method's direction at the clean
+point (:mod:`steerlens.cost`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from steerlens.concepts import PairConcept, VerbContext
+from steerlens.concepts.pairs import ContrastPairs
+from steerlens.concepts.probes import train_probe
+from steerlens.cost import spectral_cost_ratio
+from steerlens.errors import InputError
+from steerlens.evaluate import (
+    continuation_perplexity,
+    match_strength,
+    next_logprobs,
+    outcome_measures,
+)
+from steerlens.methods.intervention import Intervention
+from steerlens.methods.iterative import (
+    EuclideanConfig,
+    FishBackConfig,
+    TruncatedFisherConfig,
+    steer_iteratively,
+)
+from steerlens.methods.vector import actadd_intervention, caa_intervention, probe_intervention
+from steerlens.metric.core import Metric
+from steerlens.metric.local import LocalPath
+from steerlens.metric.pullback import MetricOptions
+from steerlens.sites import Site
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+ITERATIVE = ("fishback", "euclidean", "depth0")
+FIXED = ("caa", "actadd", "probe")
+METHOD_NAMES = ITERATIVE + FIXED
+
+#: each method's implicit metric (DESIGN.md §4), named beside its ρ
+IMPLICIT_METRIC = {
+    "fishback": "full pullback Fisher (off-target)",
+    "euclidean": "I",
+    "depth0": "depth-0 Fisher (softmax at the site)",
+    "caa": "within-class covariance (tied over positions)",
+    "actadd": "Euclidean on one pair (first positions)",
+    "probe": "I on the probe",
+}
+
+
+@dataclass(frozen=True)
+class MatchedSettings:
+    """``step``: the concept rise per iterative step (nats); ``damping``: FishBack's and ρ's
+    relative ridge; ``fluency_tokens``: tokens generated per record for the perplexity measure
+    (0: skip it)."""
+
+    targets: tuple[float, ...] = (0.5, 0.9)
+    methods: tuple[str, ...] = METHOD_NAMES
+    step: float = 1.0
+    damping: float = 1e-2
+    fluency_tokens: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.methods) - set(METHOD_NAMES)
+        if unknown:
+            raise InputError(f"unknown methods {sorted(unknown)}; valid: {', '.join(METHOD_NAMES)}")
+        if not self.methods:
+            raise InputError(f"no methods given; valid: {', '.join(METHOD_NAMES)}")
+        if not self.targets or any(not 0 < t < 1 for t in self.targets):
+            raise InputError(f"targets must be probabilities in (0, 1), got {self.targets}")
+        if self.fluency_tokens < 0:
+            raise InputError(f"fluency_tokens must be >= 0, got {self.fluency_tokens}")
+
+
+def context_tokens(model: HookedTransformer, ctx: VerbContext) -> Tensor:
+    """The context's ids with the model's BOS prepended if it uses one."""
+    ids = list(ctx.token_ids)
+    tok: Any = model.tokenizer
+    if model.cfg.default_prepend_bos and tok is not None and tok.bos_token_id is not None:
+        ids = [int(tok.bos_token_id)] + ids
+    return torch.tensor(ids, dtype=torch.long, device=model.cfg.device)
+
+
+def pair_share(logp: Tensor, ctx: VerbContext) -> Tensor:
+    """The target's share of the pair, p_t / (p_t + p_b)."""
+    return (logp[ctx.target_id] - torch.logaddexp(logp[ctx.target_id], logp[ctx.base_id])).exp()
+
+
+def pair_concept(ctx: VerbContext) -> PairConcept:
+    return PairConcept(ctx.base_id, ctx.target_id, f"{ctx.target_word} over {ctx.verb}")
+
+
+@dataclass(frozen=True)
+class CleanPoint:
+    """At the clean residual of one context: the concept gradient g, the off-target metric and
+    the depth-0 metric."""
+
+    g: Tensor
+    off_target: Metric
+    depth0: Metric
+
+    def fishback(self, damping: float) -> Tensor:
+        return self.off_target.solve(self.g, damping)
+
+    def rho(self, v: Tensor | None, damping: float) -> float:
+        """ρ of ``v`` in the off-target metric (NaN if v is missing or lowers the concept)."""
+        if v is None or float(v.to(self.g) @ self.g) <= 0:
+            return math.nan
+        return spectral_cost_ratio(self.off_target, v.to(self.g), self.g, damping)
+
+
+def clean_point(
+    model: HookedTransformer, site: Site, tokens: Tensor, ctx: VerbContext
+) -> CleanPoint:
+    concept = pair_concept(ctx)
+    with LocalPath(model, tokens, site) as path:
+        with torch.enable_grad():
+            x = path.x0.clone().requires_grad_(True)
+            g = torch.autograd.grad(concept.value(x, path.logits(x)), x)[0].detach()
+        off = path.metric(path.x0, MetricOptions(off_target=concept.off_target()))
+        depth0 = path.metric(path.x0, MetricOptions(), depth=0)
+    return CleanPoint(g, off, depth0)
+
+
+def fit_fixed(
+    model: HookedTransformer, settings: MatchedSettings, pairs: ContrastPairs, layer: int
+) -> dict[str, Intervention]:
+    """The fixed-direction methods of ``settings`` fitted on contrast ``pairs`` at ``layer``:
+    CAA (every pair), ActAdd (the first pair) and a logistic probe at ``resid_post.layer``."""
+    out: dict[str, Intervention] = {}
+    if "caa" in settings.methods:
+        out["caa"] = caa_intervention(model, pairs, layer)
+    if "actadd" in settings.methods:
+        if pairs.token_pairs is None:
+            raise InputError("ActAdd here needs contrast pairs with token ids")
+        plus, minus = pairs.token_pairs[0]
+        out["actadd"] = actadd_intervention(
+            model, torch.tensor(plus), torch.tensor(minus), layer, pad_token=0
+        )
+    if "probe" in settings.methods:
+        if pairs.token_pairs is None:
+            raise InputError("the probe here needs contrast pairs with token ids")
+        probe = train_probe(
+            model,
+            Site("resid_post", layer),
+            [torch.tensor(p) for p, _ in pairs.token_pairs],
+            [torch.tensor(m) for _, m in pairs.token_pairs],
+            seed=settings.seed,
+        )
+        out["probe"] = probe_intervention(model, probe, Site("resid_post", layer))
+    return out
+
+
+def context_records(
+    model: HookedTransformer,
+    ctx: VerbContext,
+    layer: int,
+    settings: MatchedSettings,
+    fixed: dict[str, Intervention],
+    merge: dict[int, int],
+    common: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Every method of ``settings`` on one context at ``resid_post.layer``, one record per
+    (method, target); ``common`` fields are copied into each record."""
+    site = Site("resid_post", layer)
+    tokens = context_tokens(model, ctx)
+    clean = next_logprobs(model, tokens)
+    point = clean_point(model, site, tokens, ctx)
+    base = {
+        **(common or {}),
+        "layer": layer,
+        "context": ctx.text,
+        "verb": ctx.verb,
+        "target_word": ctx.target_word,
+        "clean_probability": float(pair_share(clean, ctx)),
+    }
+    directions: dict[str, Tensor | None] = {
+        "fishback": point.fishback(settings.damping),
+        "euclidean": point.g,
+        "depth0": point.depth0.solve(point.g, settings.damping),
+        "caa": fixed["caa"].vector() if "caa" in fixed else None,
+        "actadd": None,  # added at the prompt's first positions, not at the site
+        "probe": fixed["probe"].vector() if "probe" in fixed else None,
+    }
+
+    def record(name: str, target: float, iv: Intervention, extra: dict[str, Any]) -> dict:
+        steered = next_logprobs(model, tokens, iv)
+        out = {
+            **base,
+            "method": name,
+            "target_probability": target,
+            **extra,
+            **outcome_measures(clean, steered, ctx.target_id, merge, base=ctx.base_id),
+            "rho": point.rho(directions[name], settings.damping),
+            "implicit_metric": IMPLICIT_METRIC[name],
+        }
+        if settings.fluency_tokens:
+            out["perplexity"] = continuation_perplexity(model, tokens, iv, settings.fluency_tokens)
+        return out
+
+    records = []
+    for name, target, iv, extra in iterative_runs(model, settings, ctx, tokens, site):
+        records.append(record(name, target, iv, extra))
+    for name, iv in fixed.items():
+        for target in settings.targets:
+            scale, reached = match_strength(share_at(model, tokens, ctx, iv), target)
+            extra = {"reached": reached, "strength": scale, "steps": math.nan}
+            records.append(record(name, target, iv.scaled(scale), extra))
+    return records
+
+
+def share_at(
+    model: HookedTransformer, tokens: Tensor, ctx: VerbContext, iv: Intervention
+) -> Callable[[float], float]:
+    def prob(scale: float) -> float:
+        return float(pair_share(next_logprobs(model, tokens, iv.scaled(scale)), ctx))
+
+    return prob
+
+
+def iterative_runs(
+    model: HookedTransformer,
+    settings: MatchedSettings,
+    ctx: VerbContext,
+    tokens: Tensor,
+    site: Site,
+) -> list[tuple[str, float, Intervention, dict[str, Any]]]:
+    """One run per iterative method to the highest target; lower targets from checkpoints."""
+    concept = pair_concept(ctx)
+    top = max(settings.targets)
+    step, damping = settings.step, settings.damping
+    configs = {
+        "fishback": FishBackConfig(site.name, top, step=step, damping=damping),
+        "euclidean": EuclideanConfig(site.name, top, step=step),
+        "depth0": TruncatedFisherConfig(site.name, top, step=step, damping=damping),
+    }
+    out = []
+    checkpoints = [math.log(t) for t in settings.targets if t < top]
+    for name, cfg in configs.items():
+        if name not in settings.methods:
+            continue
+        iv = steer_iteratively(model, cfg, concept, tokens, checkpoints=checkpoints)
+        for target in settings.targets:
+            if target == top:
+                vec, reached = iv.vector(), bool(iv.info["reached"])
+            else:
+                mark = iv.info["checkpoints"].get(repr(math.log(target)))
+                reached = mark is not None
+                vec = torch.tensor(mark, dtype=iv.vector().dtype) if reached else iv.vector()
+            extra = {"reached": reached, "strength": float(vec.norm()), "steps": iv.info["steps"]}
+            out.append((name, target, Intervention(name, {site.name: vec}), extra))
+    return out

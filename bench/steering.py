@@ -1,11 +1,14 @@
 """Benchmark: a FishBack run against a Euclidean run on the same contexts, side by side.
 
     .venv/bin/python bench/steering.py        # writes bench/results/steering.{md,csv}
+    .venv/bin/python bench/steering.py --variants exact trace_kept=0.99 metric_every=3
 
 On the default model, past-tense contexts from the State of the Union corpus, resid_post of a
 middle layer: each method steers the pair share p_t / (p_t + p_b) from its clean value to 0.5
 with the same concept ladder (1 nat per step). Reports wall time per run and per step, steps, and
-the off-target KL each pays, plus FishBack's per-step time split into its metric and the rest.
+the off-target KL each pays. ``--variants`` adds FishBack runs with speed options
+(``trace_kept=<f>``, ``metric_every=<k>``, combined with ``,``), each beside the same Euclidean
+run.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,7 +43,10 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=15)
     parser.add_argument("--contexts", type=int, default=4)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--variants", nargs="+", default=["exact"], help="FishBack options")
+    parser.add_argument("--out", default="steering", help="results file stem")
     args = parser.parse_args()
+    variants = {v: _options(v) for v in args.variants}
     torch.set_num_threads(args.threads)
     model = sl.load_model()
     mapping = verb_concept(model, "past")
@@ -51,7 +58,15 @@ def main() -> None:
         tokens = torch.tensor(ctx.token_ids)
         concept = PairConcept(ctx.base_id, ctx.target_id)
         clean = next_logprobs(model, tokens)
-        for cfg in (EuclideanConfig(site, 0.5, step=1.0), FishBackConfig(site, 0.5, step=1.0)):
+        configs = [("euclidean", EuclideanConfig(site, 0.5, step=1.0))]
+        configs += [
+            (
+                f"fishback {v}" if v != "exact" else "fishback",
+                FishBackConfig(site, 0.5, step=1.0, **o),
+            )
+            for v, o in variants.items()
+        ]
+        for name, cfg in configs:
             start = time.perf_counter()
             iv = steer_iteratively(model, cfg, concept, tokens)
             seconds = time.perf_counter() - start
@@ -60,7 +75,7 @@ def main() -> None:
             rows.append(
                 {
                     "context": ctx.text[-40:],
-                    "method": cfg.name,
+                    "method": name,
                     "reached": iv.info["reached"],
                     "steps": iv.info["steps"],
                     "seconds": seconds,
@@ -70,28 +85,44 @@ def main() -> None:
             )
     frame = pd.DataFrame(rows)
     wide = frame.pivot(index="context", columns="method", values="seconds")
-    ratio = (wide["fishback"] / wide["euclidean"]).tolist()
     kl = frame.pivot(index="context", columns="method", values="off_target_kl")
-    kl_ratio = (kl["euclidean"] / kl["fishback"]).tolist()
     OUT.mkdir(exist_ok=True)
-    frame.to_csv(OUT / "steering.csv", index=False)
+    frame.to_csv(OUT / f"{args.out}.csv", index=False)
+    command = " ".join(["bench/steering.py", *sys.argv[1:]])
     lines = [
         "# FishBack vs Euclidean steering: wall time",
         "",
-        "Command: `.venv/bin/python bench/steering.py`",
+        f"Command: `.venv/bin/python {command}`",
         "",
         f"{datetime.now(UTC):%Y-%m-%d}, {platform.machine()}, {args.threads} torch threads, "
         f"torch {torch.__version__}, site {site}, target pair share 0.5.",
         "",
-        f"- FishBack / Euclidean wall time per run: median {statistics.median(ratio):.2f}× "
-        f"(range {min(ratio):.2f}–{max(ratio):.2f}×)",
-        f"- Euclidean / FishBack off-target KL: median {statistics.median(kl_ratio):.3g}× "
-        f"(range {min(kl_ratio):.3g}–{max(kl_ratio):.3g}×)",
-        "",
-        frame.to_markdown(index=False, floatfmt=".4g"),
     ]
-    (OUT / "steering.md").write_text("\n".join(lines) + "\n")
+    for name, _ in configs[1:]:
+        ratio = (wide[name] / wide["euclidean"]).tolist()
+        kl_ratio = (kl["euclidean"] / kl[name]).tolist()
+        lines += [
+            f"- {name} / Euclidean wall time per run: median {statistics.median(ratio):.2f}× "
+            f"(range {min(ratio):.2f}–{max(ratio):.2f}×); Euclidean / {name} off-target KL: "
+            f"median {statistics.median(kl_ratio):.3g}× "
+            f"(range {min(kl_ratio):.3g}–{max(kl_ratio):.3g}×)",
+        ]
+    lines += ["", frame.to_markdown(index=False, floatfmt=".4g")]
+    (OUT / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _options(variant: str) -> dict[str, float | int]:
+    """``exact`` → {}; ``trace_kept=0.99,metric_every=3`` → those FishBack options."""
+    if variant == "exact":
+        return {}
+    out: dict[str, float | int] = {}
+    for part in variant.split(","):
+        key, _, value = part.partition("=")
+        if key not in ("trace_kept", "metric_every") or not value:
+            raise SystemExit(f"bad variant {variant!r}: use trace_kept=<f> and/or metric_every=<k>")
+        out[key] = int(value) if key == "metric_every" else float(value)
+    return out
 
 
 if __name__ == "__main__":

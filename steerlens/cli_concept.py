@@ -60,7 +60,7 @@ def _add_concept_args(p: argparse.ArgumentParser, *, contexts: bool = True) -> N
 
 
 def add_concept_commands(sub: Any, fmt: Any) -> None:
-    from steerlens.experiments.matched import METHOD_NAMES
+    from steerlens.experiments.matched import DEFAULT_METHODS, METHOD_NAMES
     from steerlens.where import WHERE_KINDS
 
     ev = sub.add_parser(
@@ -72,7 +72,7 @@ def add_concept_commands(sub: Any, fmt: Any) -> None:
     add_common(ev)
     _add_concept_args(ev)
     ev.add_argument("--layers", nargs="+", type=int, required=True)
-    ev.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(METHOD_NAMES))
+    ev.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(DEFAULT_METHODS))
     ev.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.9])
     ev.add_argument("--step", type=float, default=1.0, help="nats per iterative step")
     ev.add_argument("--fluency-tokens", type=int, default=8, help="0 skips perplexity")
@@ -87,7 +87,7 @@ def add_concept_commands(sub: Any, fmt: Any) -> None:
     add_common(dg)
     _add_concept_args(dg)
     dg.add_argument("--layers", nargs="+", type=int, required=True)
-    dg.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(METHOD_NAMES))
+    dg.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(DEFAULT_METHODS))
 
     wh = sub.add_parser(
         "where",
@@ -234,7 +234,8 @@ def cmd_steer(args: argparse.Namespace) -> None:
         if train is None:
             raise InputError(f"{args.method} learns from contrast pairs: give --train-contexts")
         pairs = verb_contrast_pairs(user_contexts(model, mapping, train), name=mapping.name)
-        iv = fit_fixed(model, settings, pairs, args.layer)[args.method]
+        train_ctxs = user_contexts(model, mapping, train)
+        iv = fit_fixed(model, settings, pairs, args.layer, train_ctxs)[args.method]
         scale, reached = match_strength(share_at(model, tokens, ctx, iv), args.target)
         iv = iv.scaled(scale)
     else:

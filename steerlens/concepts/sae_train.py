@@ -152,22 +152,33 @@ def _batches(data: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
 
 @torch.no_grad()
 def sae_quality(sae: Any, acts: Float[Tensor, "n dim"], *, chunk: int = 8192) -> dict[str, float]:
-    """FVU (residual variance over the activations' variance about their mean), mean L0 and the
-    fraction of features never active, on ``acts``."""
-    err = var = l0 = 0.0
-    mean = acts.mean(0)
+    """Reconstruction quality on ``acts``: ``fvu`` (residual variance over the activations'
+    variance about their mean), ``fvu_typical`` (the same without the 1% of tokens farthest
+    from the mean: a few tokens with massive activations dominate the variance at middle layers
+    of the default model, and the SAE reconstructs them well, so plain FVU flatters it),
+    ``median_relative_error`` (per token, ‖x − x̂‖²/‖x − mean‖²), mean ``l0`` and the fraction
+    of features never active."""
+    mean = acts.mean(0).double()
+    errs, devs = [], []
+    l0 = 0.0
     fired = torch.zeros(int(sae.cfg.d_sae), dtype=torch.bool)
     for start in range(0, acts.shape[0], chunk):
         x = acts[start : start + chunk].to(sae.dtype)
         f = sae.encode(x)
         recon = sae.decode(f)
-        err += float((recon - x).double().pow(2).sum())
-        var += float((x.double() - mean.double()).pow(2).sum())
+        errs.append((recon - x).double().pow(2).sum(1).cpu())
+        devs.append((x.double() - mean).pow(2).sum(1).cpu())
         active = f != 0
         l0 += float(active.sum())
         fired |= active.any(0).cpu()
+    err, dev = torch.cat(errs), torch.cat(devs)
+    typical = dev <= torch.quantile(dev, 0.99)
+    typical_mean = acts[typical].double().mean(0)
+    typical_var = float((acts[typical].double() - typical_mean).pow(2).sum())
     return {
-        "fvu": err / var,
+        "fvu": float(err.sum() / dev.sum()),
+        "fvu_typical": float(err[typical].sum()) / typical_var,
+        "median_relative_error": float((err / dev.clamp_min(1e-30)).median()),
         "l0": l0 / acts.shape[0],
         "dead_fraction": float((~fired).float().mean()),
         "tokens": int(acts.shape[0]),
@@ -195,9 +206,7 @@ def train_sae(
         from steerlens.concepts.text import iter_sentences
 
         texts = list(iter_sentences(cfg.source, unit="paragraph", min_words=1))
-    per = cfg.window - 1
-    n_train = math.ceil(cfg.tokens / per)
-    n_held = math.ceil(cfg.held_out_tokens / per)
+    n_train, n_held = _window_counts(cfg)
     started = time.perf_counter()
     if windows is None:
         windows = token_windows(model, texts or [], cfg.window, n_train + n_held)
@@ -261,6 +270,21 @@ def train_sae(
         "torch_threads": torch.get_num_threads(),
     }
     return inference, report
+
+
+def _window_counts(cfg: SaeTrainingConfig) -> tuple[int, int]:
+    per = cfg.window - 1
+    return math.ceil(cfg.tokens / per), math.ceil(cfg.held_out_tokens / per)
+
+
+def held_out_windows(model: HookedTransformer, cfg: SaeTrainingConfig) -> list[Tensor]:
+    """The held-out windows :func:`train_sae` measures quality on, for ``cfg`` on its default
+    text (so a saved SAE's report can be checked or recomputed)."""
+    from steerlens.concepts.text import iter_sentences
+
+    texts = list(iter_sentences(cfg.source, unit="paragraph", min_words=1))
+    n_train, n_held = _window_counts(cfg)
+    return token_windows(model, texts, cfg.window, n_train + n_held)[-n_held:]
 
 
 def _to_inference(sae: Any) -> Any:

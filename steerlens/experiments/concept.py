@@ -82,7 +82,7 @@ def evaluate_concept(
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(layers) * len(test), desc="evaluate", disable=not progress)
     for layer in layers:
-        fixed = fit_fixed(model, settings, pairs, layer) if pairs is not None else {}
+        fixed = fit_fixed(model, settings, pairs, layer, train or ()) if pairs is not None else {}
         for ctx in test:
             common = {"concept": mapping.name, "context_index": ctx.sentence}
             records += context_records(model, ctx, layer, settings, fixed, merge, common)
@@ -123,7 +123,7 @@ def diagnose_concept(
     lam = settings.damping
     rows = []
     for layer in layers:
-        fixed = fit_fixed(model, settings, pairs, layer) if pairs is not None else {}
+        fixed = fit_fixed(model, settings, pairs, layer, train or ()) if pairs is not None else {}
         site = Site("resid_post", layer)
         for ctx in test:
             point = clean_point(model, site, context_tokens(model, ctx), ctx)

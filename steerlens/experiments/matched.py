@@ -14,7 +14,7 @@ point (:mod:`steerlens.cost`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ from torch import Tensor
 from steerlens.concepts import PairConcept, VerbContext
 from steerlens.concepts.pairs import ContrastPairs
 from steerlens.concepts.probes import train_probe
+from steerlens.concepts.sae import SaeFeature
 from steerlens.cost import spectral_cost_ratio
 from steerlens.errors import InputError
 from steerlens.evaluate import (
@@ -39,7 +40,12 @@ from steerlens.methods.iterative import (
     TruncatedFisherConfig,
     steer_iteratively,
 )
-from steerlens.methods.vector import actadd_intervention, caa_intervention, probe_intervention
+from steerlens.methods.vector import (
+    actadd_intervention,
+    caa_intervention,
+    probe_intervention,
+    sae_intervention,
+)
 from steerlens.metric.core import Metric
 from steerlens.metric.local import LocalPath
 from steerlens.metric.pullback import MetricOptions
@@ -49,8 +55,10 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 ITERATIVE = ("fishback", "euclidean", "depth0")
-FIXED = ("caa", "actadd", "probe")
+FIXED = ("caa", "actadd", "probe", "sae")
 METHOD_NAMES = ITERATIVE + FIXED
+#: what runs unless methods are chosen: "sae" needs a shipped SAE at the layer
+DEFAULT_METHODS = ITERATIVE + ("caa", "actadd", "probe")
 
 #: each method's implicit metric (DESIGN.md §4), named beside its ρ
 IMPLICIT_METRIC = {
@@ -60,6 +68,7 @@ IMPLICIT_METRIC = {
     "caa": "within-class covariance (tied over positions)",
     "actadd": "Euclidean on one pair (first positions)",
     "probe": "I on the probe",
+    "sae": "the SAE's dictionary (one decoder row)",
 }
 
 
@@ -70,7 +79,7 @@ class MatchedSettings:
     (0: skip it)."""
 
     targets: tuple[float, ...] = (0.5, 0.9)
-    methods: tuple[str, ...] = METHOD_NAMES
+    methods: tuple[str, ...] = DEFAULT_METHODS
     step: float = 1.0
     damping: float = 1e-2
     fluency_tokens: int = 0
@@ -139,11 +148,25 @@ def clean_point(
 
 
 def fit_fixed(
-    model: HookedTransformer, settings: MatchedSettings, pairs: ContrastPairs, layer: int
+    model: HookedTransformer,
+    settings: MatchedSettings,
+    pairs: ContrastPairs,
+    layer: int,
+    train: Sequence[VerbContext] = (),
 ) -> dict[str, Intervention]:
     """The fixed-direction methods of ``settings`` fitted on contrast ``pairs`` at ``layer``:
-    CAA (every pair), ActAdd (the first pair) and a logistic probe at ``resid_post.layer``."""
+    CAA (every pair), ActAdd (the first pair), a logistic probe at ``resid_post.layer``, and the
+    shipped SAE's best-matching feature there (:func:`matching_sae_feature` over the ``train``
+    contexts; :class:`ConceptError` if none ships for the layer: :func:`has_shipped_sae`)."""
     out: dict[str, Intervention] = {}
+    if "sae" in settings.methods:
+        from steerlens.concepts.sae import pretrained_sae
+
+        sae = pretrained_sae(model, f"resid_post.{layer}", dtype=str(model.cfg.dtype)[6:])
+        if not train:
+            raise InputError("the SAE feature is chosen on training contexts: none given")
+        feature = matching_sae_feature(model, sae, Site("resid_post", layer), train)
+        out["sae"] = sae_intervention(model, feature)
     if "caa" in settings.methods:
         out["caa"] = caa_intervention(model, pairs, layer)
     if "actadd" in settings.methods:
@@ -165,6 +188,34 @@ def fit_fixed(
         )
         out["probe"] = probe_intervention(model, probe, Site("resid_post", layer))
     return out
+
+
+def has_shipped_sae(model: HookedTransformer, layer: int) -> bool:
+    """Whether steerlens ships an SAE for ``resid_post.layer`` of this model."""
+    from steerlens.concepts.sae import shipped_saes
+
+    return f"resid_post.{layer}" in shipped_saes().get(str(model.cfg.model_name), [])
+
+
+def matching_sae_feature(
+    model: HookedTransformer, sae: Any, site: Site, contexts: Sequence[VerbContext]
+) -> SaeFeature:
+    """The feature whose decoder row raises the concept most per unit norm, on average over
+    ``contexts`` at their clean points: argmax_f mean gᵀW_dec[f]/‖W_dec[f]‖ — the SAE's best
+    single-feature match for moving this concept at this site."""
+    if not contexts:
+        raise InputError("no contexts to match an SAE feature on")
+    w_dec = sae.W_dec.detach().to(torch.float64)
+    units = w_dec / w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    score = torch.zeros(units.shape[0], dtype=torch.float64)
+    for ctx in contexts:
+        with LocalPath(model, context_tokens(model, ctx), site) as path, torch.enable_grad():
+            x = path.x0.clone().requires_grad_(True)
+            value = pair_concept(ctx).value(x, path.logits(x))
+            (g,) = torch.autograd.grad(value, x)
+        score += units @ g.detach().double() / g.norm().double().clamp_min(1e-30)
+    best = int(score.argmax())
+    return SaeFeature(sae, best, site.name, f"sae feature {best} at {site.name}")
 
 
 def context_records(
@@ -197,6 +248,7 @@ def context_records(
         "caa": fixed["caa"].vector() if "caa" in fixed else None,
         "actadd": None,  # added at the prompt's first positions, not at the site
         "probe": fixed["probe"].vector() if "probe" in fixed else None,
+        "sae": fixed["sae"].vector() if "sae" in fixed else None,
     }
 
     def record(name: str, target: float, iv: Intervention, extra: dict[str, Any]) -> dict:

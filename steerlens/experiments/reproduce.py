@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,11 +36,12 @@ from steerlens.diagnostics import diagnostics_table
 from steerlens.errors import InputError
 from steerlens.evaluate import next_logprobs, summarize
 from steerlens.experiments.matched import (
-    METHOD_NAMES,
+    DEFAULT_METHODS,
     MatchedSettings,
     context_records,
     context_tokens,
     fit_fixed,
+    has_shipped_sae,
     pair_share,
 )
 from steerlens.metric.pullback import pullback_sweep
@@ -68,7 +69,7 @@ class ReproduceConfig:
     layers: tuple[int, ...] = (6, 12, 18, 24)
     contexts: int = 1
     targets: tuple[float, ...] = (0.5, 0.9)
-    methods: tuple[str, ...] = METHOD_NAMES
+    methods: tuple[str, ...] = DEFAULT_METHODS + ("sae",)
     step: float = 1.0
     damping: float = 1e-2
     train_pairs: int = 48
@@ -149,10 +150,13 @@ def run_reproduction(
             geometry_prompts += [context_tokens(model, c) for c in test[:1]]
         mapping, split, test = split_cache[kind]
         pairs = verb_contrast_pairs(split.train[: cfg.train_pairs], name=kind)
-        fixed = fit_fixed(model, settings, pairs, layer)
+        here = settings
+        if "sae" in settings.methods and not has_shipped_sae(model, layer):
+            here = replace(settings, methods=tuple(m for m in settings.methods if m != "sae"))
+        fixed = fit_fixed(model, here, pairs, layer, split.train[: cfg.train_pairs])
         for ctx in test:
             merge = mapping.as_dict()
-            records += context_records(model, ctx, layer, settings, fixed, merge, {"concept": kind})
+            records += context_records(model, ctx, layer, here, fixed, merge, {"concept": kind})
             bar.update()
     bar.close()
     frame = pd.DataFrame(records)

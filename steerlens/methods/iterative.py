@@ -15,7 +15,8 @@ concept is halved (up to 6 times).
 | ``truncated_fisher`` | the depth-k metric G^(k) (k = 0: the softmax geometry at the site) |
 | ``dual`` | G^(0), solved by conjugate gradient, with a probe as the concept (Park et al.) |
 
-Every metric is recomputed at the current x (natural-gradient steps), from the single-position
+Every metric is recomputed at the current x (natural-gradient steps; FishBack's ``metric_every``
+can reuse one for several steps), from the single-position
 path of the metric engine (:class:`~steerlens.metric.local.LocalPath`). The result is an
 :class:`~steerlens.methods.intervention.Intervention` holding δ = x − x₀ at ``site`` (``@last``:
 applied at the prediction position of every forward pass, generated tokens included).
@@ -82,7 +83,12 @@ class EuclideanConfig(IterativeConfig):
 class FishBackConfig(IterativeConfig):
     """FishBack: u = (G + λI)⁻¹g with G the full pullback Fisher metric at the current x, of
     the concept's off-target distribution (``off_target``, the default) or of the whole output.
-    λ = ``damping``·tr(G)/d. Defaults measured on the default model (see the README)."""
+    λ = ``damping``·tr(G)/d. Defaults measured on the default model (see the README).
+
+    Speed knobs (bench/steering.py measures both): ``trace_kept`` keeps only the output-factor
+    directions holding that fraction of its trace before the pull-back (fewer rows, a lower
+    bound on G); ``metric_every`` recomputes G every that many steps (1: every step, the exact
+    natural gradient) and reuses it in between."""
 
     name: ClassVar[str] = "fishback"
     off_target: bool = True
@@ -90,11 +96,16 @@ class FishBackConfig(IterativeConfig):
     vocab: str = "auto"
     dropped_mass: float = DEFAULT_DROPPED_MASS
     trace_kept: float | None = None
+    metric_every: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (math.isfinite(self.damping) and self.damping > 0):
             raise InputError(f"damping must be a finite number > 0, got {self.damping}")
+        if self.trace_kept is not None and not 0 < self.trace_kept <= 1:
+            raise InputError(f"trace_kept must be in (0, 1], got {self.trace_kept}")
+        if not (isinstance(self.metric_every, int) and self.metric_every >= 1):
+            raise InputError(f"metric_every must be an int >= 1, got {self.metric_every!r}")
 
 
 @dataclass(frozen=True)
@@ -175,9 +186,13 @@ def direction_fn(cfg: IterativeConfig, concept: Concept, stop: Concept) -> Direc
         off = _off_target(concept, stop, cfg.off_target)
         options = MetricOptions(cfg.vocab, cfg.dropped_mass, off, trace_kept=cfg.trace_kept)
         depth = cfg.depth if isinstance(cfg, TruncatedFisherConfig) else None
+        cache: dict[str, Any] = {"metric": None, "age": 0}
 
         def natural(path: LocalPath, x: Tensor, g: Tensor) -> tuple[Tensor, dict[str, Any]]:
-            metric = path.metric(x, options, depth=depth)
+            if cache["metric"] is None or cache["age"] >= cfg.metric_every:
+                cache["metric"], cache["age"] = path.metric(x, options, depth=depth), 0
+            cache["age"] += 1
+            metric = cache["metric"]
             return metric.solve(g, cfg.damping), _metric_info(metric)
 
         return natural

@@ -193,17 +193,52 @@ def bootstrap_ci(
 
 def with_kl_ratio(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataFrame:
     """``records`` with a column ``kl_ratio``: each row's off-target KL over ``baseline``'s on
-    the same (concept, layer, context, target); NaN where either did not reach the target."""
+    the same (concept, layer, context, target); NaN where either did not reach the target. With
+    a ``kl_quadratic`` column, also ``kl_quadratic_ratio`` (the finite-change predictor of
+    ``kl_ratio``)."""
     keys = ["concept", "layer", "context", "target_probability"]
     frame: Any = records  # pandas' inline types defeat the checker here
     is_base = (frame["method"] == baseline) & frame["reached"]
-    base = frame[is_base][keys + ["off_target_kl"]].rename(
-        columns={"off_target_kl": "_baseline_kl"}
-    )
+    cols = {"off_target_kl": "_baseline_kl"}
+    if "kl_quadratic" in frame:
+        cols["kl_quadratic"] = "_baseline_quad"
+    base = frame[is_base][keys + list(cols)].rename(columns=cols)
     out = frame.merge(base, on=keys, how="left")
     ratio = out["off_target_kl"] / out["_baseline_kl"]
     out["kl_ratio"] = ratio.where(out["reached"])
-    return out.drop(columns="_baseline_kl")
+    if "kl_quadratic" in frame:
+        quad = out["kl_quadratic"] / out["_baseline_quad"]
+        out["kl_quadratic_ratio"] = quad.where(out["reached"])
+    return out.drop(columns=list(cols.values()))
+
+
+def predictor_agreement(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataFrame:
+    """How well each predictor of the measured KL ratio to ``baseline`` does over the reached
+    runs of the other methods: ``rho`` (clean-point spectral cost ratio) and, where present,
+    ``kl_quadratic_ratio`` (finite change). Spearman and Pearson-on-logs correlations, the median
+    predicted/measured, and the fraction within 2× of measured."""
+    frame: Any = with_kl_ratio(records, baseline) if "kl_ratio" not in records else records
+    rows = []
+    for name in ("rho", "kl_quadratic_ratio"):
+        if name not in frame:
+            continue
+        ok = frame[(frame["method"] != baseline) & frame["kl_ratio"].gt(0) & frame[name].gt(0)]
+        if len(ok) < 3:
+            continue
+        pred, meas = ok[name].astype(float), ok["kl_ratio"].astype(float)
+        over = pred / meas
+        rows.append(
+            {
+                "predictor": name,
+                "runs": len(ok),
+                "methods": ", ".join(sorted(ok["method"].unique())),
+                "spearman": float(pred.corr(meas, method="spearman")),
+                "pearson_log": float(np.log(pred).corr(np.log(meas))),
+                "median_predicted_over_measured": float(over.median()),
+                "within_2x": float(((over <= 2) & (over >= 0.5)).mean()),
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def summarize(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataFrame:

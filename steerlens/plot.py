@@ -176,34 +176,51 @@ def kl_vs_probability(records: pd.DataFrame, *, kl: str = "off_target_kl") -> Fi
     return fig
 
 
+#: predictors of the measured KL ratio, with their axis labels
+PREDICTORS = {
+    "rho": "ρ at the clean point",
+    "kl_quadratic_ratio": "½δᵀGδ ratio at the matched edit",
+}
+
+
 @_styled
 def predicted_vs_measured(records: pd.DataFrame, *, baseline: str = "fishback") -> Figure:
-    """ρ at the clean point (predicted cost ratio) against the measured off-target KL ratio to
-    ``baseline`` at matched probability, log–log, with the identity line."""
+    """Predicted cost ratio against the measured off-target KL ratio to ``baseline`` at matched
+    probability, log–log, with the identity line: one panel per predictor present in
+    ``records`` (ρ at the clean point; the finite-change ratio ``kl_quadratic_ratio``)."""
     if "kl_ratio" not in records:
         raise ValueError("records need a kl_ratio column (steerlens.evaluate.with_kl_ratio)")
     frame: Any = records
-    keep = (frame["method"] != baseline) & frame["kl_ratio"].notna() & frame["rho"].notna()
-    df = frame[keep][["method", "rho", "kl_ratio"]].rename(columns={"kl_ratio": "ratio"})
-    fig, (ax,) = _figure(3.4, 3.0)
-    for method, group in df.groupby("method"):
-        ax.scatter(
-            group["rho"],
-            group["ratio"],
-            s=12,
-            alpha=0.8,
-            label=str(method),
-            color=METHOD_COLORS.get(str(method)),
-        )
-    if len(df):
-        lo = min(df["rho"].min(), df["ratio"].min(), 1.0) / 1.5
-        hi = max(df["rho"].max(), df["ratio"].max()) * 1.5
-        ax.plot([lo, hi], [lo, hi], color="black", lw=0.7, ls="--", label="y = x")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("ρ at the clean point (predicted)")
-    ax.set_ylabel(f"off-target KL / {baseline}'s (measured)")
-    ax.set_title("Predicted vs measured cost ratio")
-    ax.legend(frameon=False)
-    _style(ax)
+    names = [p for p in PREDICTORS if p in frame]
+    fig, axes = _figure(3.4 * len(names), 3.0, ncols=len(names))
+    for ax, name in zip(axes, names, strict=True):
+        keep = (frame["method"] != baseline) & frame["kl_ratio"].gt(0) & frame[name].gt(0)
+        df = frame[keep][["method", name, "kl_ratio"]]
+        for method, group in df.groupby("method"):
+            ax.scatter(
+                group[name],
+                group["kl_ratio"],
+                s=12,
+                alpha=0.8,
+                label=str(method),
+                color=METHOD_COLORS.get(str(method)),
+            )
+        if len(df):
+            lo = min(df[name].min(), df["kl_ratio"].min(), 1.0) / 1.5
+            hi = max(df[name].max(), df["kl_ratio"].max()) * 1.5
+            ax.plot([lo, hi], [lo, hi], color="black", lw=0.7, ls="--", label="y = x")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"{PREDICTORS[name]} (predicted)")
+        ax.set_ylabel(f"off-target KL / {baseline}'s (measured)")
+        ax.set_title(f"Predicted by {PREDICTORS[name].split(' at ')[0]}")
+        _style(ax)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if len(names) > 1:
+        for ax in axes[1:]:
+            for h, lbl in zip(*ax.get_legend_handles_labels(), strict=True):
+                if lbl not in labels:
+                    handles.append(h)
+                    labels.append(lbl)
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
     return fig

@@ -7,8 +7,10 @@ from a base form b to a target form t. The concept is the pair share p_t/(p_t + 
 ascent, depth-0 Fisher) steer the residual at the prediction position until the share reaches
 the highest target, keeping checkpoints for the lower ones; fixed-direction methods (CAA, ActAdd,
 probe) are scaled by bisection to each target. Every (method, target) is one record, reached or
-not, with the measures of :mod:`steerlens.evaluate` and ρ of the method's direction at the clean
-point (:mod:`steerlens.cost`).
+not, with the measures of :mod:`steerlens.evaluate`, ρ of the method's direction at the clean
+point (:mod:`steerlens.cost`), and ``kl_quadratic`` = ½δᵀG_offδ of the method's actual matched
+edit δ in the clean-point metric — the finite-change predictor: its ratio to FishBack's
+predicts the measured KL ratio without ρ's assumption that Δc is linear in the strength.
 """
 
 from __future__ import annotations
@@ -126,6 +128,15 @@ class CleanPoint:
 
     def fishback(self, damping: float) -> Tensor:
         return self.off_target.solve(self.g, damping)
+
+    def quadratic_kl(self, iv: Intervention, site: Site) -> float:
+        """½δᵀG_offδ for an intervention that edits only ``site`` at the prediction position
+        (the second-order KL of its actual matched edit); NaN for edits elsewhere (CAA at every
+        position, ActAdd at the first positions)."""
+        if iv.sites != (site.name,):
+            return math.nan
+        delta = iv.vector(site.name).to(self.g)
+        return 0.5 * float(self.off_target.quad(delta))
 
     def rho(self, v: Tensor | None, damping: float) -> float:
         """ρ of ``v`` in the off-target metric (NaN if v is missing or lowers the concept)."""
@@ -260,6 +271,7 @@ def context_records(
             **extra,
             **outcome_measures(clean, steered, ctx.target_id, merge, base=ctx.base_id),
             "rho": point.rho(directions[name], settings.damping),
+            "kl_quadratic": point.quadratic_kl(iv, site),
             "implicit_metric": IMPLICIT_METRIC[name],
         }
         if settings.fluency_tokens:

@@ -215,7 +215,7 @@ def save_reproduction(result: ReproduceResult, results_dir: Path, figures_dir: P
     """The tables (CSV and markdown) under ``results_dir`` and the figures (PNG) under
     ``figures_dir``; returns the paths written."""
     from steerlens import plot
-    from steerlens.evaluate import with_kl_ratio
+    from steerlens.evaluate import predictor_agreement, with_kl_ratio
 
     records = with_kl_ratio(result.records)
     summary = result.summary.copy()
@@ -236,6 +236,14 @@ def save_reproduction(result: ReproduceResult, results_dir: Path, figures_dir: P
             "bootstrap 95% CI; ratio to FishBack on the same contexts)",
             "",
             summary.to_markdown(index=False, floatfmt=".4g"),
+            "",
+            "## Predicting the measured KL ratio to FishBack",
+            "",
+            "`rho`: the spectral cost ratio of the method's direction at the clean point; "
+            "`kl_quadratic_ratio`: ½δᵀGδ of the method's actual matched edit over FishBack's, "
+            "in the clean-point off-target metric (edits at the site only: not CAA or ActAdd).",
+            "",
+            predictor_agreement(records).to_markdown(index=False, floatfmt=".3g"),
             "",
         ]
     )

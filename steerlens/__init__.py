@@ -11,7 +11,7 @@ The public API, re-exported explicitly::
 
 from steerlens import errors
 from steerlens.concepts.probes import LinearProbe, fit_probe, train_probe
-from steerlens.concepts.sae import SaeFeature, sae_feature
+from steerlens.concepts.sae import SaeFeature, pretrained_sae, sae_feature
 from steerlens.concepts.tokens import PairMapping, TokenSet
 from steerlens.diagnostics import MetricDiagnostics, diagnostics_table, metric_diagnostics
 from steerlens.hooks import add_vector, record
@@ -21,6 +21,7 @@ from steerlens.metric.dataset import expected_metric
 from steerlens.models import DEFAULT_MODEL, load_model
 from steerlens.sites import Site, all_sites
 from steerlens.tiny import tiny_model
+from steerlens.where import site_costs
 
 __version__ = "0.1.0"
 
@@ -35,7 +36,9 @@ __all__ = [
     "fit_probe",
     "list_methods",
     "load_intervention",
+    "pretrained_sae",
     "sae_feature",
+    "site_costs",
     "train_probe",
     "Metric",
     "MetricDiagnostics",

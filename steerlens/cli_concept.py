@@ -164,9 +164,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     brief = ["method", "layer", "context_index", "target_probability", "reached"]
     brief += ["probability", "off_target_kl", "off_target_kl_merged", "rho"]
     shown: pd.DataFrame = records if args.json else pd.DataFrame(records[brief])
-    print_result(
-        {"model": model.cfg.model_name, **info}, {"records": shown, "summary": summary}, args.json
-    )
+    tables = {"records": shown} | ({"summary": summary} if not summary.empty else {})
+    print_result({"model": model.cfg.model_name, **info}, tables, args.json)
 
 
 def cmd_diagnose(args: argparse.Namespace) -> None:
@@ -233,8 +232,8 @@ def cmd_steer(args: argparse.Namespace) -> None:
     if args.method in FIXED:
         if train is None:
             raise InputError(f"{args.method} learns from contrast pairs: give --train-contexts")
-        pairs = verb_contrast_pairs(user_contexts(model, mapping, train), name=mapping.name)
         train_ctxs = user_contexts(model, mapping, train)
+        pairs = verb_contrast_pairs(train_ctxs, name=mapping.name)
         iv = fit_fixed(model, settings, pairs, args.layer, train_ctxs)[args.method]
         scale, reached = match_strength(share_at(model, tokens, ctx, iv), args.target)
         iv = iv.scaled(scale)
@@ -250,7 +249,7 @@ def cmd_steer(args: argparse.Namespace) -> None:
     out = {
         "model": model.cfg.model_name,
         "method": args.method,
-        "site": f"blocks.{args.layer}.hook_resid_post",
+        "sites": list(iv.sites),
         "pair": f"{ctx.verb} -> {ctx.target_word}",
         "reached": bool(reached),
         "share_clean": float(pair_share(next_logprobs(model, tokens), ctx)),

@@ -11,6 +11,7 @@ from steerlens.methods.iterative import (
     steer_iteratively,
 )
 from steerlens.methods.iti import iti_intervention
+from steerlens.methods.postblock import bias_edit, postblock_intervention
 from steerlens.methods.registry import METHODS, fit, list_methods, method_config
 from steerlens.methods.vector import (
     actadd_intervention,
@@ -29,12 +30,14 @@ __all__ = [
     "IterativeConfig",
     "TruncatedFisherConfig",
     "actadd_intervention",
+    "bias_edit",
     "caa_intervention",
     "fit",
     "iti_intervention",
     "list_methods",
     "load_intervention",
     "method_config",
+    "postblock_intervention",
     "probe_intervention",
     "repe_intervention",
     "sae_intervention",

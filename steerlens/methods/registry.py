@@ -26,6 +26,7 @@ from steerlens.methods.iterative import (
     steer_iteratively,
 )
 from steerlens.methods.iti import iti_intervention
+from steerlens.methods.postblock import postblock_intervention
 from steerlens.methods.vector import (
     actadd_intervention,
     caa_intervention,
@@ -95,6 +96,12 @@ METHODS: dict[str, MethodInfo] = {
             "first principal component of paired differences, sign fixed by projection",
         ),
         MethodInfo(
+            "postblock",
+            "prompts + concept",
+            "I (trained by gradient descent)",
+            "a resid_post vector trained by Adam on −concept + l2·‖δ‖²; exportable as a bias edit",
+        ),
+        MethodInfo(
             "actadd",
             "one prompt pair",
             "Euclidean on one pair",
@@ -147,6 +154,8 @@ def fit(
       (``target_probability``, ``damping``...); ``stop_on`` stops on another concept.
     - ``probe``: ``concept`` a :class:`LinearProbe`; ``sae``: ``concept`` an :class:`SaeFeature`
       (``site`` may change the position rule).
+    - ``postblock``: ``concept``, ``prompt`` (prompts) and ``layer``; options ``position``,
+      ``steps``, ``lr``, ``l2`` (:func:`~steerlens.methods.postblock.postblock_intervention`).
     - ``iti``: ``pairs`` a :class:`ContrastPairs`, ``layer`` an int, a list or None (all);
       options ``k``, ``alpha``, ``direction``.
     - ``caa``, ``repe``: ``pairs`` a :class:`ContrastPairs` and ``layer``; ``actadd``: ``pairs`` one
@@ -159,6 +168,13 @@ def fit(
             raise InputError(f"{method} needs site=, concept= and prompt=")
         cfg = method_config(method, site=site, **options)
         return steer_iteratively(model, cfg, concept, prompt, stop_on=stop_on)
+    if method == "postblock":
+        if concept is None or prompt is None or not isinstance(layer, int):
+            raise InputError("postblock needs concept=, prompt= (one or more prompts) and layer=")
+        try:
+            return postblock_intervention(model, concept, prompt, layer, **options)
+        except TypeError as err:
+            raise InputError(f"bad options for postblock: {err}") from None
     if method == "iti":
         if not isinstance(pairs, ContrastPairs):
             raise InputError("ITI needs pairs= a ContrastPairs")

@@ -120,7 +120,9 @@ def _options(variant: str) -> dict[str, float | int]:
     for part in variant.split(","):
         key, _, value = part.partition("=")
         if key not in ("trace_kept", "metric_every", "dropped_mass") or not value:
-            raise SystemExit(f"bad variant {variant!r}: use trace_kept=, metric_every=, dropped_mass=")
+            raise SystemExit(
+                f"bad variant {variant!r}: use trace_kept=, metric_every=, dropped_mass="
+            )
         out[key] = int(value) if key == "metric_every" else float(value)
     return out
 

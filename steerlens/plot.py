@@ -165,7 +165,7 @@ def kl_vs_probability(records: pd.DataFrame, *, kl: str = "off_target_kl") -> Fi
         ax.set_xlabel("target concept probability")
         _style(ax)
     axes[0].set_ylabel("off-target KL (nats)")
-    handles, labels = axes[0].get_legend_handles_labels()
+    handles, labels = _legend_entries(axes)
     fig.legend(
         handles,
         [lbl.split(" (")[0] for lbl in labels],
@@ -174,6 +174,19 @@ def kl_vs_probability(records: pd.DataFrame, *, kl: str = "off_target_kl") -> Fi
         frameon=False,
     )
     return fig
+
+
+def _legend_entries(axes: Any) -> tuple[list[Any], list[str]]:
+    """Every labelled artist across the panels, once per label (a method may appear only in
+    some panels)."""
+    handles: list[Any] = []
+    labels: list[str] = []
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    return handles, labels
 
 
 #: predictors of the measured KL ratio, with their axis labels
@@ -215,12 +228,6 @@ def predicted_vs_measured(records: pd.DataFrame, *, baseline: str = "fishback") 
         ax.set_ylabel(f"off-target KL / {baseline}'s (measured)")
         ax.set_title(f"Predicted by {PREDICTORS[name].split(' at ')[0]}")
         _style(ax)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if len(names) > 1:
-        for ax in axes[1:]:
-            for h, lbl in zip(*ax.get_legend_handles_labels(), strict=True):
-                if lbl not in labels:
-                    handles.append(h)
-                    labels.append(lbl)
+    handles, labels = _legend_entries(axes)
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
     return fig

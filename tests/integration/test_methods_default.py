@@ -141,7 +141,7 @@ def test_repe_and_iti_move_the_concept(model, split):
     pairs = verb_contrast_pairs(split.train[:60], name="past")
     test = split.test[:8]
     base = [float(run(model, c.token_ids)[c.target_id]) for c in test]
-    repe = sl.fit(model, "repe", pairs=pairs, layer=15, scale=8.0)
+    repe = sl.fit(model, "repe", pairs=pairs, layer=15, scale=32.0)
     iti = sl.fit(model, "iti", pairs=pairs, layer=list(range(10, 20)), k=16, alpha=15.0)
     assert len(iti.info["heads"]) == 10 * model.cfg.n_heads and len(iti.sites) == 16
     for iv in (repe, iti):

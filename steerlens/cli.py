@@ -19,8 +19,8 @@ import pandas as pd
 
 from steerlens.cli_concept import COMMANDS as CONCEPT_COMMANDS
 from steerlens.cli_concept import add_concept_commands
-from steerlens.cli_util import add_common, print_result
-from steerlens.errors import InputError, SteerlensError
+from steerlens.cli_util import add_command, print_result
+from steerlens.errors import SteerlensError
 from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS
 
 DEFAULT_PROMPT = "The Eiffel Tower is in the city of"
@@ -54,25 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    fmt = argparse.RawDescriptionHelpFormatter
 
-    demo = sub.add_parser(
+    demo = add_command(
+        sub,
         "demo",
-        help="load the model, show top tokens, sites and the metric at every layer",
-        epilog=EXAMPLES["demo"],
-        formatter_class=fmt,
+        "load the model, show top tokens, sites and the metric at every layer",
+        EXAMPLES["demo"],
     )
-    add_common(demo)
     demo.add_argument("--prompt", default=DEFAULT_PROMPT)
     demo.add_argument("--top", type=int, default=5, help="how many next tokens to show")
 
-    rep = sub.add_parser(
+    rep = add_command(
+        sub,
         "reproduce",
-        help="the FishBack experiment: methods at matched concept probability, with figures",
-        epilog=EXAMPLES["reproduce"],
-        formatter_class=fmt,
+        "the FishBack experiment: methods at matched concept probability, with figures",
+        EXAMPLES["reproduce"],
     )
-    add_common(rep)
     rep.add_argument("--quick", action="store_true", help="a small run (what CI runs)")
     rep.add_argument("--concepts", nargs="+", choices=["past", "third", "ing"])
     rep.add_argument("--layers", nargs="+", type=int)
@@ -81,13 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--results", type=Path, default=Path("results"), help="tables go here")
     rep.add_argument("--figures", type=Path, default=Path("figures"), help="PNG figures go here")
 
-    metric = sub.add_parser(
+    metric = add_command(
+        sub,
         "metric",
-        help="diagnostics of the pullback Fisher metric at one site or all sites",
-        epilog=EXAMPLES["metric"],
-        formatter_class=fmt,
+        "diagnostics of the pullback Fisher metric at one site or all sites",
+        EXAMPLES["metric"],
     )
-    add_common(metric)
     src = metric.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help=f"one prompt (default: {DEFAULT_PROMPT!r})")
     src.add_argument("--prompts-file", type=Path, help="a text file, one prompt per line")
@@ -103,15 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     metric.add_argument("--vocab", choices=["auto", "full"], default="auto")
     metric.add_argument("--dropped-mass", type=float, default=DEFAULT_DROPPED_MASS)
 
-    add_concept_commands(sub, fmt)
+    add_concept_commands(sub)
 
-    train = sub.add_parser(
+    train = add_command(
+        sub,
         "train-sae",
-        help="train a TopK SAE at a site on local text with sae-lens's trainer",
-        epilog=EXAMPLES["train-sae"],
-        formatter_class=fmt,
+        "train a TopK SAE at a site on local text with sae-lens's trainer",
+        EXAMPLES["train-sae"],
     )
-    add_common(train)
     train.add_argument("--site", default="resid_post.12")
     train.add_argument("--tokens", type=int, default=1_000_000, help="training activations")
     train.add_argument("--d-sae", type=int, default=4608, help="dictionary size")
@@ -126,14 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
+    from steerlens.experiments.inputs import read_lines
+
     if getattr(args, "prompts_file", None):
-        path: Path = args.prompts_file
-        if not path.is_file():
-            raise InputError(f"prompts file {path} does not exist")
-        prompts = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise InputError(f"prompts file {path} has no non-empty lines")
-        return prompts
+        return read_lines(args.prompts_file, "prompts")
     return [args.prompt or DEFAULT_PROMPT]
 
 

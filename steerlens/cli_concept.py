@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from steerlens.cli_util import add_common, print_result, write_csv
+from steerlens.cli_util import add_command, print_result, write_csv
 from steerlens.errors import InputError
 
 EXAMPLES = {
@@ -21,7 +21,7 @@ EXAMPLES = {
         "      --methods fishback euclidean caa --targets 0.5 --json > records.json\n"
         "past.json maps base words to target words ('▁' marks a leading space):\n"
         '  {"▁walk": "▁walked", "▁see": "▁saw"}\n'
-        "contexts.txt holds one context per line, e.g. 'Every morning the two of them'"
+        "contexts.txt holds one context per line whose next word is a base form, e.g. 'I really want to'"
     ),
     "diagnose": (
         "examples:\n"
@@ -59,17 +59,16 @@ def _add_concept_args(p: argparse.ArgumentParser, *, contexts: bool = True) -> N
     p.add_argument("--damping", type=float, default=1e-2, help="relative ridge λ·tr(G)/d")
 
 
-def add_concept_commands(sub: Any, fmt: Any) -> None:
+def add_concept_commands(sub: Any) -> None:
     from steerlens.experiments.matched import DEFAULT_METHODS, METHOD_NAMES
     from steerlens.where import WHERE_KINDS
 
-    ev = sub.add_parser(
+    ev = add_command(
+        sub,
         "evaluate",
-        help="methods x layers at matched concept probability on your contexts",
-        epilog=EXAMPLES["evaluate"],
-        formatter_class=fmt,
+        "methods x layers at matched concept probability on your contexts",
+        EXAMPLES["evaluate"],
     )
-    add_common(ev)
     _add_concept_args(ev)
     ev.add_argument("--layers", nargs="+", type=int, required=True)
     ev.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(DEFAULT_METHODS))
@@ -78,37 +77,34 @@ def add_concept_commands(sub: Any, fmt: Any) -> None:
     ev.add_argument("--fluency-tokens", type=int, default=8, help="0 skips perplexity")
     ev.add_argument("--out", type=Path, help="also write the records as CSV here")
 
-    dg = sub.add_parser(
+    dg = add_command(
+        sub,
         "diagnose",
-        help="spectral cost ratio ρ of each method's direction for a concept",
-        epilog=EXAMPLES["diagnose"],
-        formatter_class=fmt,
+        "spectral cost ratio ρ of each method's direction for a concept",
+        EXAMPLES["diagnose"],
     )
-    add_common(dg)
     _add_concept_args(dg)
     dg.add_argument("--layers", nargs="+", type=int, required=True)
     dg.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(DEFAULT_METHODS))
 
-    wh = sub.add_parser(
+    wh = add_command(
+        sub,
         "where",
-        help="rank sites by the least off-target KL any direction pays to move the concept",
-        epilog=EXAMPLES["where"],
-        formatter_class=fmt,
+        "rank sites by the least off-target KL any direction pays to move the concept",
+        EXAMPLES["where"],
     )
-    add_common(wh)
     wh.add_argument("--concept", required=True, help="a JSON file or past, third, ing")
     wh.add_argument("--contexts", type=Path, required=True, help="one context per line")
     wh.add_argument("--kinds", nargs="+", choices=WHERE_KINDS, default=list(WHERE_KINDS))
     wh.add_argument("--damping", type=float, default=1e-2, help="relative ridge λ·tr(G)/d")
     wh.add_argument("--top", type=int, default=10, help="rows to print (--json prints all)")
 
-    st = sub.add_parser(
+    st = add_command(
+        sub,
         "steer",
-        help="generate with a steering method applied, beside the clean generation",
-        epilog=EXAMPLES["steer"],
-        formatter_class=fmt,
+        "generate with a steering method applied, beside the clean generation",
+        EXAMPLES["steer"],
     )
-    add_common(st)
     _add_concept_args(st, contexts=False)
     st.add_argument("--method", choices=METHOD_NAMES, required=True)
     st.add_argument("--prompt", required=True)

@@ -12,6 +12,18 @@ from typing import Any
 import pandas as pd
 
 
+def add_command(sub: Any, name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
+    """A subcommand with its examples under ``--help`` and the common options."""
+    parser = sub.add_parser(
+        name,
+        help=help_text,
+        epilog=examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common(parser)
+    return parser
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model name (default: smollm2-135m-instruct)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from steerlens.concepts import PairMapping, VerbContext, verb_contrast_pairs
+from steerlens.concepts import ContrastPairs, PairMapping, VerbContext, verb_contrast_pairs
 from steerlens.cost import kantorovich_bound
 from steerlens.errors import InputError
 from steerlens.experiments.inputs import user_contexts
@@ -30,32 +31,49 @@ from steerlens.experiments.matched import (
     context_tokens,
     fit_fixed,
 )
+from steerlens.methods.intervention import Intervention
 from steerlens.sites import Site
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 
-def _check_layers(model: HookedTransformer, layers: Sequence[int]) -> None:
+@dataclass(frozen=True)
+class _Inputs:
+    """Checked layers, evaluation contexts, and the contrastive fit (pairs, training contexts,
+    whether they are the evaluation contexts themselves)."""
+
+    test: list[VerbContext]
+    train: list[VerbContext]
+    pairs: ContrastPairs | None
+    in_sample: bool
+
+    def fixed(
+        self, model: HookedTransformer, settings: MatchedSettings, layer: int
+    ) -> dict[str, Intervention]:
+        if self.pairs is None:
+            return {}
+        return fit_fixed(model, settings, self.pairs, layer, self.train)
+
+
+def _inputs(
+    model: HookedTransformer,
+    mapping: PairMapping,
+    contexts: Sequence[str],
+    layers: Sequence[int],
+    settings: MatchedSettings,
+    train_contexts: Sequence[str] | None,
+) -> _Inputs:
     if not layers:
         raise InputError("no layers given")
     for layer in layers:
         Site("resid_post", layer).validate(model)
-
-
-def _contexts(
-    model: HookedTransformer,
-    mapping: PairMapping,
-    contexts: Sequence[str],
-    train_contexts: Sequence[str] | None,
-    needs_pairs: bool,
-) -> tuple[list[VerbContext], list[VerbContext] | None, bool]:
     test = user_contexts(model, mapping, contexts)
-    if not needs_pairs:
-        return test, None, False
-    if train_contexts:
-        return test, user_contexts(model, mapping, train_contexts), False
-    return test, test, True
+    if not any(m in FIXED for m in settings.methods):
+        return _Inputs(test, [], None, False)
+    in_sample = not train_contexts
+    train = test if in_sample else user_contexts(model, mapping, train_contexts or [])
+    return _Inputs(test, train, verb_contrast_pairs(train, name=mapping.name), in_sample)
 
 
 def evaluate_concept(
@@ -72,18 +90,13 @@ def evaluate_concept(
     measures of :mod:`steerlens.evaluate`, ρ and the implicit metric; and an info dict (the
     settings, whether the contrastive methods were fitted in-sample)."""
     settings = settings or MatchedSettings()
-    _check_layers(model, layers)
-    fixed_methods = [m for m in settings.methods if m in FIXED]
-    test, train, in_sample = _contexts(
-        model, mapping, contexts, train_contexts, bool(fixed_methods)
-    )
-    pairs = verb_contrast_pairs(train, name=mapping.name) if train else None
+    inputs = _inputs(model, mapping, contexts, layers, settings, train_contexts)
     merge = mapping.as_dict()
     records: list[dict[str, Any]] = []
-    bar = tqdm(total=len(layers) * len(test), desc="evaluate", disable=not progress)
+    bar = tqdm(total=len(layers) * len(inputs.test), desc="evaluate", disable=not progress)
     for layer in layers:
-        fixed = fit_fixed(model, settings, pairs, layer, train or ()) if pairs is not None else {}
-        for ctx in test:
+        fixed = inputs.fixed(model, settings, layer)
+        for ctx in inputs.test:
             common = {"concept": mapping.name, "context_index": ctx.sentence}
             records += context_records(model, ctx, layer, settings, fixed, merge, common)
             bar.update()
@@ -91,11 +104,11 @@ def evaluate_concept(
     info = {
         "concept": mapping.name,
         "pairs": len(mapping),
-        "contexts": len(test),
+        "contexts": len(inputs.test),
         "layers": list(layers),
         "methods": list(settings.methods),
         "targets": list(settings.targets),
-        "fixed_methods_fitted_in_sample": in_sample,
+        "fixed_methods_fitted_in_sample": inputs.in_sample,
     }
     return pd.DataFrame(records), info
 
@@ -114,18 +127,13 @@ def diagnose_concept(
     is a matrix here: Euclidean, depth-0) the Kantorovich bound. ActAdd edits the prompt's first
     positions, not the site, so it has no ρ here."""
     settings = settings or MatchedSettings()
-    _check_layers(model, layers)
-    fixed_methods = [m for m in settings.methods if m in FIXED]
-    test, train, in_sample = _contexts(
-        model, mapping, contexts, train_contexts, bool(fixed_methods)
-    )
-    pairs = verb_contrast_pairs(train, name=mapping.name) if train else None
+    inputs = _inputs(model, mapping, contexts, layers, settings, train_contexts)
     lam = settings.damping
     rows = []
     for layer in layers:
-        fixed = fit_fixed(model, settings, pairs, layer, train or ()) if pairs is not None else {}
+        fixed = inputs.fixed(model, settings, layer)
         site = Site("resid_post", layer)
-        for ctx in test:
+        for ctx in inputs.test:
             point = clean_point(model, site, context_tokens(model, ctx), ctx)
             depth0 = point.depth0
             d0 = depth0.matrix().double()
@@ -155,9 +163,9 @@ def diagnose_concept(
                 )
     info = {
         "concept": mapping.name,
-        "contexts": len(test),
+        "contexts": len(inputs.test),
         "damping": lam,
-        "fixed_methods_fitted_in_sample": in_sample,
+        "fixed_methods_fitted_in_sample": inputs.in_sample,
     }
     return pd.DataFrame(rows), info
 

@@ -21,7 +21,8 @@ EXAMPLES = {
         "      --methods fishback euclidean caa --targets 0.5 --json > records.json\n"
         "past.json maps base words to target words ('▁' marks a leading space):\n"
         '  {"▁walk": "▁walked", "▁see": "▁saw"}\n'
-        "contexts.txt holds one context per line whose next word is a base form, e.g. 'I really want to'"
+        "contexts.txt: one context per line whose next word is a base form,\n"
+        "  e.g. 'I really want to'"
     ),
     "diagnose": (
         "examples:\n"

@@ -212,6 +212,8 @@ def test_unknown_method_and_missing_arguments(model, tokens):
         sl.fit(model, "telepathy")
     with pytest.raises(errors.InputError, match="needs site"):
         sl.fit(model, "fishback", prompt=tokens)
+    with pytest.raises(errors.InputError, match="postblock needs"):
+        sl.fit(model, "postblock", prompt=tokens)
 
 
 def test_registry_lists_every_method():
@@ -227,6 +229,7 @@ def test_registry_lists_every_method():
         "sae",
         "caa",
         "actadd",
+        "postblock",
     }
 
 

@@ -44,7 +44,9 @@ EXAMPLES = {
 }
 
 
-def _add_concept_args(p: argparse.ArgumentParser, *, contexts: bool = True) -> None:
+def _add_concept_args(
+    p: argparse.ArgumentParser, *, contexts: bool = True, train: bool = True
+) -> None:
     p.add_argument(
         "--concept",
         required=True,
@@ -52,16 +54,24 @@ def _add_concept_args(p: argparse.ArgumentParser, *, contexts: bool = True) -> N
     )
     if contexts:
         p.add_argument("--contexts", type=Path, required=True, help="one context per line")
-    p.add_argument(
-        "--train-contexts",
-        type=Path,
-        help="contexts to fit CAA/ActAdd/probe on (default: the evaluation contexts)",
-    )
+    if train:
+        p.add_argument(
+            "--train-contexts",
+            type=Path,
+            help="contexts to fit CAA/ActAdd/probe on (default: the evaluation contexts)",
+        )
     p.add_argument("--damping", type=float, default=1e-2, help="relative ridge λ·tr(G)/d")
 
 
-def add_concept_commands(sub: Any) -> None:
+def _add_layers_and_methods(p: argparse.ArgumentParser) -> None:
     from steerlens.experiments.matched import DEFAULT_METHODS, METHOD_NAMES
+
+    p.add_argument("--layers", nargs="+", type=int, required=True)
+    p.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(DEFAULT_METHODS))
+
+
+def add_concept_commands(sub: Any) -> None:
+    from steerlens.experiments.matched import METHOD_NAMES
     from steerlens.where import WHERE_KINDS
 
     ev = add_command(
@@ -71,8 +81,7 @@ def add_concept_commands(sub: Any) -> None:
         EXAMPLES["evaluate"],
     )
     _add_concept_args(ev)
-    ev.add_argument("--layers", nargs="+", type=int, required=True)
-    ev.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(DEFAULT_METHODS))
+    _add_layers_and_methods(ev)
     ev.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.9])
     ev.add_argument("--step", type=float, default=1.0, help="nats per iterative step")
     ev.add_argument("--fluency-tokens", type=int, default=8, help="0 skips perplexity")
@@ -85,8 +94,7 @@ def add_concept_commands(sub: Any) -> None:
         EXAMPLES["diagnose"],
     )
     _add_concept_args(dg)
-    dg.add_argument("--layers", nargs="+", type=int, required=True)
-    dg.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(DEFAULT_METHODS))
+    _add_layers_and_methods(dg)
 
     wh = add_command(
         sub,
@@ -94,10 +102,8 @@ def add_concept_commands(sub: Any) -> None:
         "rank sites by the least off-target KL any direction pays to move the concept",
         EXAMPLES["where"],
     )
-    wh.add_argument("--concept", required=True, help="a JSON file or past, third, ing")
-    wh.add_argument("--contexts", type=Path, required=True, help="one context per line")
+    _add_concept_args(wh, train=False)
     wh.add_argument("--kinds", nargs="+", choices=WHERE_KINDS, default=list(WHERE_KINDS))
-    wh.add_argument("--damping", type=float, default=1e-2, help="relative ridge λ·tr(G)/d")
     wh.add_argument("--top", type=int, default=10, help="rows to print (--json prints all)")
 
     st = add_command(
@@ -131,7 +137,8 @@ def _concept_inputs(args: argparse.Namespace) -> tuple[Any, Any, list[str], list
     from steerlens.models import load_model
 
     contexts = read_lines(args.contexts) if getattr(args, "contexts", None) else []
-    train = read_lines(args.train_contexts, "train contexts") if args.train_contexts else None
+    train_file = getattr(args, "train_contexts", None)
+    train = read_lines(train_file, "train contexts") if train_file else None
     model = load_model(args.model)
     return model, load_pair_file(model, args.concept), contexts, train
 
@@ -180,17 +187,14 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
 
 
 def cmd_where(args: argparse.Namespace) -> None:
-    from steerlens.experiments.inputs import load_pair_file, read_lines, user_contexts
+    from steerlens.experiments.inputs import user_contexts
     from steerlens.experiments.matched import context_tokens, pair_concept
-    from steerlens.models import load_model
     from steerlens.sites import all_sites
     from steerlens.where import site_costs
 
     if args.top < 1:
         raise InputError(f"--top must be >= 1, got {args.top}")
-    texts = read_lines(args.contexts)
-    model = load_model(args.model)
-    mapping = load_pair_file(model, args.concept)
+    model, mapping, texts, _ = _concept_inputs(args)
     ctxs = user_contexts(model, mapping, texts)
     pairs = [(context_tokens(model, c), pair_concept(c)) for c in ctxs]
     table = site_costs(model, pairs, all_sites(model, args.kinds), damping=args.damping)

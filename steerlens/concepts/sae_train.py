@@ -202,14 +202,10 @@ def train_sae(
     site = as_site(cfg.site, model)
     if texts is not None and windows is not None:
         raise InputError("give texts or windows, not both")
-    if windows is None and texts is None:
-        from steerlens.concepts.text import iter_sentences
-
-        texts = list(iter_sentences(cfg.source, unit="paragraph", min_words=1))
     n_train, n_held = _window_counts(cfg)
     started = time.perf_counter()
     if windows is None:
-        windows = token_windows(model, texts or [], cfg.window, n_train + n_held)
+        windows = _text_windows(model, cfg, texts)
     elif any(w.shape != (cfg.window,) for w in windows):
         raise InputError(f"every window must hold cfg.window = {cfg.window} token ids")
     if len(windows) < n_held + 1:
@@ -277,14 +273,23 @@ def _window_counts(cfg: SaeTrainingConfig) -> tuple[int, int]:
     return math.ceil(cfg.tokens / per), math.ceil(cfg.held_out_tokens / per)
 
 
+def _text_windows(
+    model: HookedTransformer, cfg: SaeTrainingConfig, texts: Sequence[str] | None
+) -> list[Tensor]:
+    """The training then held-out windows of ``texts`` (default: ``cfg.source``'s paragraphs in
+    corpus order)."""
+    if texts is None:
+        from steerlens.concepts.text import iter_sentences
+
+        texts = list(iter_sentences(cfg.source, unit="paragraph", min_words=1))
+    n_train, n_held = _window_counts(cfg)
+    return token_windows(model, texts, cfg.window, n_train + n_held)
+
+
 def held_out_windows(model: HookedTransformer, cfg: SaeTrainingConfig) -> list[Tensor]:
     """The held-out windows :func:`train_sae` measures quality on, for ``cfg`` on its default
     text (so a saved SAE's report can be checked or recomputed)."""
-    from steerlens.concepts.text import iter_sentences
-
-    texts = list(iter_sentences(cfg.source, unit="paragraph", min_words=1))
-    n_train, n_held = _window_counts(cfg)
-    return token_windows(model, texts, cfg.window, n_train + n_held)[-n_held:]
+    return _text_windows(model, cfg, None)[-_window_counts(cfg)[1] :]
 
 
 def _to_inference(sae: Any) -> Any:

@@ -10,6 +10,7 @@ The public API, re-exported explicitly::
 """
 
 from steerlens import errors
+from steerlens.auditing import Audit, audit
 from steerlens.concepts.probes import LinearProbe, fit_probe, train_probe
 from steerlens.concepts.sae import SaeFeature, pretrained_sae, sae_feature
 from steerlens.concepts.tokens import PairMapping, TokenSet
@@ -27,6 +28,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL",
+    "Audit",
+    "audit",
     "Intervention",
     "LinearProbe",
     "PairMapping",

@@ -231,3 +231,94 @@ def predicted_vs_measured(records: pd.DataFrame, *, baseline: str = "fishback") 
     handles, labels = _legend_entries(axes)
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
     return fig
+
+
+#: audit measures whose sign matters (a diverging colour scale centred on 0)
+_SIGNED = ("dla_concept", "metric_share", "off_target_share")
+#: colour-bar labels of the audit measures
+AUDIT_LABELS = {
+    "change_norm": "‖steered − clean‖ at the last position",
+    "first_order_norm": r"first-order change $\|J\delta\|$",
+    "agreement": "cosine(actual, first order)",
+    "dla_concept": "direct effect on the concept (nats)",
+    "dla_off_target_kl": "direct off-target KL, 2nd order (nats)",
+    "metric_share": r"share of $\delta^\top G\,\delta$",
+    "off_target_share": r"share of $\delta^\top G_{\mathrm{off}}\,\delta$",
+}
+
+
+@_styled
+def audit_heatmap(
+    audit: Any, measure: str = "change_norm", methods: Any = None, *, log: bool | None = None
+) -> Figure:
+    """One layer × head heatmap per method (an MLP column at the right), on one colour scale,
+    from :func:`steerlens.audit`. Signed measures use a diverging scale centred on 0; sizes
+    (norms, KL) a log scale over three decades unless ``log=False``."""
+    from matplotlib.colors import LogNorm, Normalize
+
+    methods = list(methods or audit.methods)
+    grids = [audit.grid(measure, m) for m in methods]
+    values = np.concatenate([g.to_numpy(dtype=float).ravel() for g in grids])
+    values = values[np.isfinite(values)]
+    top = float(np.abs(values).max()) if len(values) else 1.0
+    signed = measure in _SIGNED
+    cmap = matplotlib.colormaps["RdBu_r" if signed else "magma_r"].with_extremes(bad="white")
+    log = (not signed and measure != "agreement") if log is None else log
+    norm = LogNorm(top / 1e3, top, clip=True) if log else Normalize(-top if signed else 0, top)
+    n_layers = max(len(g) for g in grids)
+    fig, axes = _figure(min(2.6 * len(methods) + 0.8, 7.0), 0.5 + 0.16 * n_layers, len(methods))
+    image = None
+    for ax, method, grid in zip(axes, methods, grids, strict=True):
+        heads = grid.shape[1] - 1
+        matrix = grid.to_numpy(dtype=float)
+        # a blank column between the heads and the MLP
+        padded = np.column_stack([matrix[:, :heads], np.full(len(matrix), np.nan), matrix[:, -1]])
+        image = ax.imshow(padded, aspect="auto", cmap=cmap, norm=norm, interpolation="none")
+        ax.set_xticks([*range(heads), heads + 1], [*(str(h) for h in range(heads)), "MLP"])
+        step = max(1, len(grid) // 10)
+        rows = list(range(0, len(grid), step))
+        ax.set_yticks(rows, [str(grid.index[r]) for r in rows])
+        ax.set_xlabel("head")
+        ax.set_title(str(method))
+        ax.grid(False)
+        for key in ("top", "right", "left", "bottom"):
+            ax.spines[key].set_visible(False)
+    axes[0].set_ylabel("layer")
+    assert image is not None
+    fig.colorbar(image, ax=list(axes), label=AUDIT_LABELS[measure], shrink=0.9)
+    return fig
+
+
+@_styled
+def audit_agreement(audit: Any) -> Figure:
+    """Each component's actual change against its first-order prediction J·δ (log–log, the
+    identity dashed), one colour per method, with the overall cosine agreement in the legend."""
+    fig, (ax,) = _figure(3.4, 3.0)
+    frame: Any = audit.components
+    summary = audit.summary.set_index("method")
+    lo, hi = np.inf, 0.0
+    for method, group in frame.groupby("method", sort=False):
+        keep = group["change_norm"].gt(0) & group["first_order_norm"].gt(0)
+        x, y = group["first_order_norm"][keep], group["change_norm"][keep]
+        if not len(x):
+            continue
+        cos = float(summary.loc[method, "agreement"])
+        ax.scatter(
+            x,
+            y,
+            s=8,
+            alpha=0.7,
+            color=METHOD_COLORS.get(str(method)),
+            label=f"{method} (cosine {cos:.2f})",
+        )
+        lo, hi = min(lo, x.min(), y.min()), max(hi, x.max(), y.max())
+    if hi > 0:
+        ax.plot([lo, hi], [lo, hi], color="black", lw=0.7, ls="--", label="y = x")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("first-order change ‖J·δ‖ (forward mode)")
+    ax.set_ylabel("actual change ‖steered − clean‖")
+    ax.set_title("Component changes: first order vs actual")
+    ax.legend(frameon=False)
+    _style(ax)
+    return fig

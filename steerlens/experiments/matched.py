@@ -330,3 +330,21 @@ def iterative_runs(
             extra = {"reached": reached, "strength": float(vec.norm()), "steps": iv.info["steps"]}
             out.append((name, target, Intervention(name, {site.name: vec}), extra))
     return out
+
+
+def pick_test(
+    model: HookedTransformer, contexts: Sequence[VerbContext], n: int, top: float
+) -> list[VerbContext]:
+    """The n test contexts with the highest base-form probability, among those whose target
+    probability is below the lowest target (one context per text)."""
+    scored = []
+    seen: set[str] = set()
+    for ctx in contexts[: 12 * n]:
+        if ctx.text in seen:
+            continue
+        seen.add(ctx.text)
+        logp = next_logprobs(model, context_tokens(model, ctx))
+        if float(pair_share(logp, ctx)) < top:
+            scored.append((float(logp[ctx.base_id]), ctx))
+    scored.sort(key=lambda s: -s[0])
+    return [c for _, c in scored[:n]]

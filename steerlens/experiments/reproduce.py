@@ -25,7 +25,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from steerlens.concepts import (
-    VerbContext,
     load_corpus,
     train_test_contexts,
     verb_concept,
@@ -34,7 +33,7 @@ from steerlens.concepts import (
 )
 from steerlens.diagnostics import diagnostics_table
 from steerlens.errors import InputError
-from steerlens.evaluate import next_logprobs, summarize
+from steerlens.evaluate import summarize
 from steerlens.experiments.matched import (
     DEFAULT_METHODS,
     MatchedSettings,
@@ -42,7 +41,7 @@ from steerlens.experiments.matched import (
     context_tokens,
     fit_fixed,
     has_shipped_sae,
-    pair_share,
+    pick_test,
 )
 from steerlens.metric.pullback import pullback_sweep
 from steerlens.sites import Site
@@ -110,18 +109,6 @@ class ReproduceResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _pick_test(model: HookedTransformer, contexts: tuple[VerbContext, ...], n: int, top: float):
-    """The n test contexts with the highest base-form probability, among those whose target
-    probability is below the lowest target."""
-    scored = []
-    for ctx in contexts[: 12 * n]:
-        logp = next_logprobs(model, context_tokens(model, ctx))
-        if float(pair_share(logp, ctx)) < top:
-            scored.append((float(logp[ctx.base_id]), ctx))
-    scored.sort(key=lambda s: -s[0])
-    return [c for _, c in scored[:n]]
-
-
 def run_reproduction(
     model: HookedTransformer, cfg: ReproduceConfig | None = None, *, progress: bool = True
 ) -> ReproduceResult:
@@ -143,7 +130,7 @@ def run_reproduction(
             mapping = verb_concept(model, kind)
             found = verb_contexts(model, mapping, sentences, 600, max_per_verb=4)
             split = train_test_contexts(found, mapping, test_fraction=0.3, seed=cfg.seed)
-            test = _pick_test(model, split.test, cfg.contexts, lo_target)
+            test = pick_test(model, split.test, cfg.contexts, lo_target)
             if not test:
                 raise InputError(f"no usable test contexts for {kind!r}")
             split_cache[kind] = (mapping, split, test)

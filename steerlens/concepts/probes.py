@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -65,6 +66,16 @@ class LinearProbe:
             f"LinearProbe({self.name!r}, site={self.site!r}, d={self.weight.shape[0]}, "
             f"test_accuracy={self.test_accuracy:.3f}, n_train={self.n_train})"
         )
+
+    def _repr_html_(self) -> str:
+        row = {
+            "name": self.name,
+            "site": self.site,
+            "d": self.weight.shape[0],
+            "test_accuracy": self.test_accuracy,
+            "n_train": self.n_train,
+        }
+        return pd.DataFrame([row]).to_html(index=False, float_format="%.3f")
 
     # the Concept interface
     def value(

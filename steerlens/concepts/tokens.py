@@ -21,8 +21,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from html import escape
 from typing import Any, Protocol
 
+import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -143,6 +145,18 @@ class TokenSet:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __repr__(self) -> str:
+        shown = ", ".join(repr(w) for w in self.words[:4])
+        more = ", ..." if len(self.ids) > 4 else ""
+        return (
+            f"TokenSet({self.name!r}, {len(self.ids)} tokens [{shown}{more}], "
+            f"{len(self.dropped)} words dropped)"
+        )
+
+    def _repr_html_(self) -> str:
+        rows = pd.DataFrame({"word": self.words[:10], "id": self.ids[:10]})
+        return f"<p><b>{escape(repr(self))}</b></p>" + rows.to_html(index=False)
+
     @classmethod
     def from_words(
         cls,
@@ -261,6 +275,25 @@ class PairMapping:
 
     def __len__(self) -> int:
         return len(self.bases)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{b!r} → {t!r}" for b, t in self.pairs_words[:3])
+        more = ", ..." if len(self.bases) > 3 else ""
+        return (
+            f"PairMapping({self.name!r}, {self.n_kept} pairs kept [{shown}{more}], "
+            f"{self.n_dropped} dropped)"
+        )
+
+    def _repr_html_(self) -> str:
+        rows = pd.DataFrame(
+            {
+                "base": [b for b, _ in self.pairs_words[:10]],
+                "target": [t for _, t in self.pairs_words[:10]],
+                "base_id": self.bases[:10],
+                "target_id": self.targets[:10],
+            }
+        )
+        return f"<p><b>{escape(repr(self))}</b></p>" + rows.to_html(index=False)
 
     @property
     def n_kept(self) -> int:

@@ -17,6 +17,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
+from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +108,21 @@ class ReproduceResult:
     spectra: dict[int | str, Tensor]
     claims: pd.DataFrame
     info: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        seconds = self.info.get("seconds", math.nan)
+        return (
+            f"ReproduceResult({len(self.records)} records, {len(self.geometry)} sites of "
+            f"geometry, {seconds:.0f} s)"
+        )
+
+    def _repr_html_(self) -> str:
+        return (
+            f"<p><b>{escape(repr(self))}</b></p><p>Paper claims beside the default model</p>"
+            + self.claims.to_html(index=False)
+            + "<p>Off-target KL at matched concept probability</p>"
+            + self.summary.to_html(index=False, float_format="%.4g")
+        )
 
 
 def run_reproduction(

@@ -23,9 +23,11 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
+from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -72,6 +74,29 @@ class Intervention:
     def __repr__(self) -> str:
         sites = ", ".join(self.vectors)
         return f"Intervention({self.method!r}, sites=[{sites}], scale={self.scale:.4g})"
+
+    def table(self) -> pd.DataFrame:
+        """One row per site: its width and the norm of its vector, raw and scaled."""
+        return pd.DataFrame(
+            [
+                {
+                    "site": spec,
+                    "dim": int(v.shape[0]),
+                    "norm": float(v.norm()),
+                    "scaled_norm": abs(self.scale) * float(v.norm()),
+                }
+                for spec, v in self.vectors.items()
+            ]
+        )
+
+    def _repr_html_(self) -> str:
+        info = {k: v for k, v in self.info.items() if isinstance(v, str | int | float | bool)}
+        lines = "".join(f"<li>{escape(str(k))}: {escape(str(v))}</li>" for k, v in info.items())
+        return (
+            f"<p><b>{escape(repr(self))}</b></p>"
+            + self.table().to_html(index=False, float_format="%.4g")
+            + (f"<ul>{lines}</ul>" if lines else "")
+        )
 
     @property
     def sites(self) -> tuple[str, ...]:

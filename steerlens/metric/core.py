@@ -7,8 +7,10 @@ a metric accumulated over a large dataset may hold only its Gram matrix.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from html import escape
 from typing import Any
 
+import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -54,6 +56,17 @@ class Metric:
         keys = ("vocab", "dropped_mass", "n_prompts", "depth", "off_target")
         extra = ", ".join(f"{k}={self.info[k]!r}" for k in keys if k in self.info)
         return f"Metric({self.site!r}, d={self.dim}, {rows}{', ' + extra if extra else ''})"
+
+    def _repr_html_(self) -> str:
+        from steerlens.diagnostics import metric_diagnostics
+
+        diag = metric_diagnostics(self).as_dict()
+        info = {k: v for k, v in self.info.items() if isinstance(v, str | int | float)}
+        values = {
+            k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in {**diag, **info}.items()
+        }
+        table = pd.DataFrame({"value": values})
+        return f"<p><b>{escape(repr(self))}</b></p>" + table.to_html()
 
     # ------------------------------------------------------------------ algebra
     def matrix(self) -> Float[Tensor, "d d"]:

@@ -258,6 +258,23 @@ class Sweep(Mapping[str, Metric]):
     def __repr__(self) -> str:
         return f"Sweep({len(self.metrics)} sites, {self.n_layers} layers, {self.info})"
 
+    def traces(self) -> pd.DataFrame:
+        """tr G per site, as a layer × site-kind table (per-head sites summed over heads)."""
+        rows = []
+        for name, metric in self.metrics.items():
+            site = Site.parse(name)
+            rows.append({"layer": site.layer, "kind": site.kind, "trace": float(metric.trace())})
+        frame: Any = pd.DataFrame(rows)
+        return frame.pivot_table(index="layer", columns="kind", values="trace", aggfunc="sum")
+
+    def _repr_html_(self) -> str:
+        info = ", ".join(f"{k}={v}" for k, v in self.info.items())
+        return (
+            f"<p><b>Sweep</b>: {len(self.metrics)} sites over {self.n_layers} layers"
+            f"{' (' + info + ')' if info else ''}. tr G per layer and site kind:</p>"
+            + self.traces().to_html(float_format="%.4g")
+        )
+
 
 def pullback_sweep(
     model: HookedTransformer,

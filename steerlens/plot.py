@@ -148,7 +148,8 @@ def kl_vs_probability(records: pd.DataFrame, *, kl: str = "off_target_kl") -> Fi
     per layer, one legend for all; only contexts that reached the target count."""
     frame: Any = records
     layers = sorted(frame["layer"].unique())
-    fig, axes = _figure(min(2.4 * len(layers), 7.0), 2.6, len(layers))
+    width = min(max(2.4 * len(layers), 3.4), 7.0)
+    fig, axes = _figure(width, 2.6 if len(layers) > 1 else 3.0, len(layers))
     for ax, layer in zip(axes, layers, strict=True):
         sub = frame[(frame["layer"] == layer) & frame["reached"]]
         for method, group in sub.groupby("method"):
@@ -170,7 +171,7 @@ def kl_vs_probability(records: pd.DataFrame, *, kl: str = "off_target_kl") -> Fi
         handles,
         [lbl.split(" (")[0] for lbl in labels],
         loc="outside lower center",
-        ncols=len(labels),
+        ncols=min(len(labels), max(1, int(width / 0.9))),
         frameon=False,
     )
     return fig

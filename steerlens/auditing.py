@@ -177,7 +177,8 @@ def _runs(
         items = [iv if scale is None else iv.scaled(scale) for iv in items]
         for iv in items:
             iv.check(model)
-            if iv.scale == 0 or all(not bool(v.any()) for v in iv.vectors.values()):
+            still = all(not bool(v.any()) for v in iv.vectors.values())
+            if iv.scale == 0 or (still and not any(iv.multipliers.values())):
                 raise InputError(f"steering {iv.method!r} is zero: nothing to audit")
         label = name or items[0].method
         out[label] = items
@@ -306,11 +307,31 @@ def _dual_pass(
 
         return hook
 
+    def multiply(site: Site, m: float):
+        """Activation scaling a → (1 + t·m)·a: its tangent at t = 0 is m·a."""
+
+        def hook(act: Tensor, hook: object) -> Tensor:
+            sl = _position_slice(site, act.shape[1], 0)
+            primal = fwad.unpack_dual(act).primal
+            tangent = torch.zeros_like(primal)
+            if sl is not None and site.head is not None:
+                tangent[:, sl, site.head] = m * primal[:, sl, site.head]
+            elif sl is not None:
+                tangent[:, sl] = m * primal[:, sl]
+            return act + fwad.make_dual(torch.zeros_like(primal), tangent)
+
+        return hook
+
     fwd: list[tuple[str, Any]] = [(s.hook_name, add(s, iv.vector(s.name))) for s in sites]
+    fwd += [
+        (as_site(spec, model).hook_name, multiply(as_site(spec, model), iv.scale * m))
+        for spec, m in iv.multipliers.items()
+    ]
     fwd += [(name, grab(name)) for name in _record_names(model, first_layer)]
     sae_parsed = [as_site(k, model) for k in sae_sites]
     fwd += [(s.hook_name, grab(f"sae:{s.name}", s.head)) for s in sae_parsed]
-    need_result = any(s.kind == "result" for s in sites + sae_parsed)
+    scaled = [as_site(spec, model) for spec in iv.multipliers]
+    need_result = any(s.kind == "result" for s in sites + sae_parsed + scaled)
     with fwad.dual_level(), torch.no_grad(), hooked(model, fwd, need_result=need_result):
         logits = model(tokens.unsqueeze(0))
         clean = _read(model, acts, first_layer, logits, lambda t: fwad.unpack_dual(t).primal)
@@ -517,7 +538,7 @@ def audit(
 def _first_layer(model: HookedTransformer, iv: Intervention) -> int:
     """The first layer whose components an edit at the intervention's sites can move."""
     layers = []
-    for spec in iv.sites:
+    for spec in (*iv.sites, *iv.multipliers):
         site = as_site(spec, model)
         layers.append(site.layer + 1 if site.kind in ("resid_post", "mlp_out") else site.layer)
     return min(layers)

@@ -20,6 +20,7 @@ torch.Size([1, 3, 16])
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
@@ -150,6 +151,32 @@ def add_vector(
             act[:, sl, site.head] += delta.to(act.dtype)
         else:
             act[:, sl] += delta.view(act.shape[2:]).to(act.dtype)
+        return act
+
+    with hooked(model, [(site.hook_name, hook)], need_result=site.kind == "result"):
+        yield model
+
+
+@contextmanager
+def scale_activation(
+    model: HookedTransformer, site: str | Site, factor: float
+) -> Iterator[HookedTransformer]:
+    """Multiply the activation at ``site`` (its position rule; one head for per-head sites) by
+    ``factor`` while inside the block: 0 ablates it, 2 doubles it, -1 flips its sign."""
+    site = as_site(site, model)
+    factor = float(factor)
+    if not math.isfinite(factor):
+        raise NonFiniteError(f"scaling factor {factor} at {site.name} is not finite")
+
+    def hook(act: Tensor, hook: object) -> Tensor:
+        sl = _position_slice(site, act.shape[1], 0)
+        if sl is None:
+            return act
+        act = act.clone()
+        if site.head is not None:
+            act[:, sl, site.head] *= factor
+        else:
+            act[:, sl] *= factor
         return act
 
     with hooked(model, [(site.hook_name, hook)], need_result=site.kind == "result"):

@@ -323,3 +323,28 @@ def audit_agreement(audit: Any) -> Figure:
     ax.legend(frameon=False)
     _style(ax)
     return fig
+
+
+@_styled
+def rho_by_layer(table: pd.DataFrame) -> Figure:
+    """ρ of each method's direction against layer (median over contexts, with the
+    interquartile range shaded), log scale, from ``diagnose_concept`` or the reproduction's
+    records (one row per context × method × layer; duplicate rows per target are dropped)."""
+    frame: Any = table.dropna(subset=["rho"])
+    keys = [k for k in ("concept", "context", "method", "layer") if k in frame]
+    frame = frame.drop_duplicates(subset=keys)
+    fig, (ax,) = _figure(3.4, 2.8)
+    for method, group in frame.groupby("method", sort=False):
+        stats = group.groupby("layer")["rho"].quantile([0.25, 0.5, 0.75]).unstack()
+        color = METHOD_COLORS.get(str(method))
+        layers = stats.index.to_numpy()
+        ax.plot(layers, stats[0.5], marker="o", ms=3, color=color, label=str(method))
+        ax.fill_between(layers, stats[0.25], stats[0.75], color=color, alpha=0.15, lw=0)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("ρ (1 = Fisher-optimal)")
+    ax.set_title("Spectral cost ratio per method")
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=4, frameon=False)
+    _style(ax)
+    return fig

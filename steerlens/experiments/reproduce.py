@@ -262,6 +262,7 @@ def save_reproduction(result: ReproduceResult, results_dir: Path, figures_dir: P
         "block_shares": plot.block_shares(result.shares),
         "kl_vs_probability": plot.kl_vs_probability(records),
         "predicted_vs_measured": plot.predicted_vs_measured(records),
+        "rho_by_layer": plot.rho_by_layer(records),
     }
     for name, fig in figures.items():
         paths.append(

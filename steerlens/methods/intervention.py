@@ -2,8 +2,10 @@
 
 An intervention is a set of vectors, one per site (the site string carries its position rule:
 ``@last`` steers the prediction position of every forward pass, so each generated token too;
-``@all`` every position; ``@5`` one position), times a ``scale``. It saves to safetensors + JSON
-and loads without unpickling anything.
+``@all`` every position; ``@5`` one position), times a ``scale``; and/or a set of
+``multipliers`` (activation scaling: the activation at a site, e.g. one head's ``hook_z`` or an
+MLP's output, times 1 + scale·m). It saves to safetensors + JSON and loads without unpickling
+anything.
 
 >>> import torch
 >>> from steerlens.tiny import tiny_model
@@ -34,7 +36,7 @@ from torch import Tensor
 
 from steerlens.artifacts import check_dtype, load_artifact, save_artifact
 from steerlens.errors import ArtifactError, InputError, NonFiniteError
-from steerlens.hooks import add_vector, check_vector
+from steerlens.hooks import add_vector, check_vector, scale_activation
 from steerlens.sites import Site, as_site
 
 if TYPE_CHECKING:
@@ -55,10 +57,17 @@ class Intervention:
     vectors: Mapping[str, Float[Tensor, " dim"]]
     scale: float = 1.0
     info: dict[str, Any] = field(default_factory=dict)
+    multipliers: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.vectors:
-            raise InputError(f"intervention {self.method!r} has no vectors")
+        if not self.vectors and not self.multipliers:
+            raise InputError(f"intervention {self.method!r} has no vectors and no multipliers")
+        scaled = {}
+        for spec, m in self.multipliers.items():
+            if not isinstance(m, int | float) or not math.isfinite(m):
+                raise NonFiniteError(f"intervention multiplier at {spec} is {m!r}, not a number")
+            scaled[Site.parse(spec).name] = float(m)
+        object.__setattr__(self, "multipliers", scaled)
         if not math.isfinite(self.scale):
             raise NonFiniteError(f"intervention {self.method!r}: scale {self.scale} is not finite")
         canonical = {}
@@ -73,21 +82,26 @@ class Intervention:
 
     def __repr__(self) -> str:
         sites = ", ".join(self.vectors)
-        return f"Intervention({self.method!r}, sites=[{sites}], scale={self.scale:.4g})"
+        scaled = f", {len(self.multipliers)} scaled sites" if self.multipliers else ""
+        return f"Intervention({self.method!r}, sites=[{sites}]{scaled}, scale={self.scale:.4g})"
 
     def table(self) -> pd.DataFrame:
-        """One row per site: its width and the norm of its vector, raw and scaled."""
-        return pd.DataFrame(
-            [
-                {
-                    "site": spec,
-                    "dim": int(v.shape[0]),
-                    "norm": float(v.norm()),
-                    "scaled_norm": abs(self.scale) * float(v.norm()),
-                }
-                for spec, v in self.vectors.items()
-            ]
-        )
+        """One row per site: its width and the norm of its vector, raw and scaled; or, for a
+        scaled site, its multiplier m and the factor 1 + scale·m it applies."""
+        rows: list[dict[str, Any]] = [
+            {
+                "site": spec,
+                "dim": int(v.shape[0]),
+                "norm": float(v.norm()),
+                "scaled_norm": abs(self.scale) * float(v.norm()),
+            }
+            for spec, v in self.vectors.items()
+        ]
+        rows += [
+            {"site": spec, "multiplier": m, "factor": 1 + self.scale * m}
+            for spec, m in self.multipliers.items()
+        ]
+        return pd.DataFrame(rows)
 
     def _repr_html_(self) -> str:
         info = {k: v for k, v in self.info.items() if isinstance(v, str | int | float | bool)}
@@ -100,10 +114,16 @@ class Intervention:
 
     @property
     def sites(self) -> tuple[str, ...]:
+        """The sites that receive a vector (see :attr:`multipliers` for scaled sites)."""
         return tuple(self.vectors)
 
     def vector(self, site: str | Site | None = None) -> Float[Tensor, " dim"]:
         """The scaled vector at ``site`` (the only site if None)."""
+        if not self.vectors:
+            raise InputError(
+                f"intervention {self.method!r} scales activations; it has no vector (see "
+                ".multipliers)"
+            )
         if site is None:
             if len(self.vectors) != 1:
                 raise InputError(f"intervention has {len(self.vectors)} sites: name one")
@@ -121,6 +141,8 @@ class Intervention:
         """Raise a steerlens error unless every vector fits its site on ``model``."""
         for spec, vector in self.vectors.items():
             check_vector(vector, as_site(spec, model), model, f"{self.method} vector")
+        for spec in self.multipliers:
+            as_site(spec, model)
 
     @contextmanager
     def apply(
@@ -133,6 +155,8 @@ class Intervention:
         with ExitStack() as stack:
             for spec, vector in self.vectors.items():
                 stack.enter_context(add_vector(model, spec, vector, factor))
+            for spec, m in self.multipliers.items():
+                stack.enter_context(scale_activation(model, spec, 1 + factor * m))
             yield model
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -140,11 +164,15 @@ class Intervention:
         names = {f"v{i}": spec for i, spec in enumerate(self.vectors)}
         tensors = {key: self.vectors[spec] for key, spec in names.items()}
         dtypes = {key: str(t.dtype) for key, t in tensors.items()}
+        if self.multipliers:
+            values = list(self.multipliers.values())
+            tensors["multipliers"] = torch.tensor(values, dtype=torch.float64)
         meta = {
             "method": self.method,
             "scale": self.scale,
             "sites": names,
             "dtypes": dtypes,
+            "multiplier_sites": list(self.multipliers),
             "info": self.info,
         }
         return save_artifact(path, ARTIFACT_KIND, tensors, meta)
@@ -156,11 +184,23 @@ def load_intervention(path: str | os.PathLike[str]) -> Intervention:
     tensors, meta = load_artifact(path, ARTIFACT_KIND)
     try:
         sites: dict[str, str] = dict(meta["sites"])
-        if set(sites) != set(tensors):
+        scaled: list[str] = list(meta.get("multiplier_sites", []))
+        expected = set(sites) | ({"multipliers"} if scaled else set())
+        if expected != set(tensors):
             raise ArtifactError(f"{path}: the tensors do not match the sites listed in meta.json")
         vectors = {sites[k]: tensors[k].to(check_dtype(meta["dtypes"][k])) for k in sites}
+        multipliers: dict[str, float] = {}
+        if scaled:
+            values = tensors["multipliers"]
+            if values.shape != (len(scaled),):
+                raise ArtifactError(f"{path}: {len(scaled)} scaled sites but {values.shape} values")
+            multipliers = dict(zip(scaled, values.tolist(), strict=True))
         return Intervention(
-            str(meta["method"]), vectors, float(meta["scale"]), dict(meta.get("info", {}))
+            str(meta["method"]),
+            vectors,
+            float(meta["scale"]),
+            dict(meta.get("info", {})),
+            multipliers,
         )
     except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, ArtifactError):

@@ -136,6 +136,10 @@ def bias_edit(
     """A deep copy of ``model`` whose MLP output biases carry the intervention's vectors (each
     at ``resid_post.L@all`` or ``mlp_out.L@all``), checked to give the steered model's logits on
     ``check_tokens`` (default: a short fixed sequence)."""
+    if intervention.multipliers:
+        raise MethodError(
+            f"{intervention.method!r} scales activations: only additive vectors are bias edits"
+        )
     edits: dict[int, Tensor] = {}
     for spec in intervention.sites:
         site = Site.parse(spec)

@@ -27,6 +27,7 @@ from steerlens.methods.iterative import (
 )
 from steerlens.methods.iti import iti_intervention
 from steerlens.methods.postblock import postblock_intervention
+from steerlens.methods.scaling import scaling_intervention
 from steerlens.methods.vector import (
     actadd_intervention,
     caa_intervention,
@@ -102,6 +103,12 @@ METHODS: dict[str, MethodInfo] = {
             "a resid_post vector trained by Adam on −concept + l2·‖δ‖²; exportable as a bias edit",
         ),
         MethodInfo(
+            "scaling",
+            "prompts + target/source tokens",
+            "none (multiplicative, per component)",
+            "signed scalars on head and MLP outputs: flip target vs source, KL, L1 (Stoehr et al.)",
+        ),
+        MethodInfo(
             "actadd",
             "one prompt pair",
             "Euclidean on one pair",
@@ -156,6 +163,9 @@ def fit(
       (``site`` may change the position rule).
     - ``postblock``: ``concept``, ``prompt`` (prompts) and ``layer``; options ``position``,
       ``steps``, ``lr``, ``l2`` (:func:`~steerlens.methods.postblock.postblock_intervention`).
+    - ``scaling``: ``prompt`` (prompts) and options ``targets``, ``sources`` (one token id each),
+      ``components`` or ``layers``, ``position``, ``steps``, ``lr``, ``l1``, ``faithfulness``
+      (:func:`~steerlens.methods.scaling.scaling_intervention`).
     - ``iti``: ``pairs`` a :class:`ContrastPairs`, ``layer`` an int, a list or None (all);
       options ``k``, ``alpha``, ``direction``.
     - ``caa``, ``repe``: ``pairs`` a :class:`ContrastPairs` and ``layer``; ``actadd``: ``pairs`` one
@@ -175,6 +185,13 @@ def fit(
             return postblock_intervention(model, concept, prompt, layer, **options)
         except TypeError as err:
             raise InputError(f"bad options for postblock: {err}") from None
+    if method == "scaling":
+        if prompt is None:
+            raise InputError("scaling needs prompt= (prompts), targets= and sources= (token ids)")
+        try:
+            return scaling_intervention(model, prompt, **options)
+        except TypeError as err:
+            raise InputError(f"bad options for scaling: {err}") from None
     if method == "iti":
         if not isinstance(pairs, ContrastPairs):
             raise InputError("ITI needs pairs= a ContrastPairs")

@@ -147,3 +147,30 @@ def test_repe_and_iti_move_the_concept(model, split):
     for iv in (repe, iti):
         moved = [float(run(model, c.token_ids, iv)[c.target_id]) for c in test]
         assert sum(moved) / len(moved) > sum(base) / len(base) + 0.5, iv.method
+
+
+def test_activation_scaling_flips_country_facts(model):
+    """Stoehr et al.'s task: "Rome is a city in the country of" → the model's answer loses to
+    its runner-up after scaling a sparse set of heads and MLPs."""
+    from steerlens.concepts.countries import CITIES, capital_facts
+
+    facts = capital_facts(model, cities=CITIES[:12])
+    assert len(facts) >= 6 and facts[0].city == "Rome" and facts[0].country == "Italy"
+    facts = facts[:6]
+    before = weights_snapshot(model)
+    iv = sl.fit(
+        model,
+        "scaling",
+        prompt=[torch.tensor(f.tokens) for f in facts],
+        targets=[f.wrong_id for f in facts],
+        sources=[f.correct_id for f in facts],
+        steps=15,
+    )
+    assert_untouched(model, before)
+    assert iv.info["start"]["flip_rate"] == 0 and iv.info["end"]["flip_rate"] >= 5 / 6
+    assert 0 < len(iv.multipliers) < iv.info["components"] == 30 * 10
+    flipped = 0
+    for f in facts:
+        logits = run(model, list(f.tokens), iv)
+        flipped += int(logits[f.wrong_id] > logits[f.correct_id])
+    assert flipped == round(iv.info["end"]["flip_rate"] * len(facts))

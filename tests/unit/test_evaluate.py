@@ -165,7 +165,13 @@ def test_figures_render(tmp_path):
         plot.block_shares(shares),
         plot.kl_vs_probability(records),
         plot.predicted_vs_measured(records),
+        plot.rho_by_layer(records),
     ]
+    # ρ per method: the median over contexts, one point per (context, method, layer)
+    line = figs[-1].axes[0].get_lines()[1]
+    assert list(line.get_ydata()) == [4.0] and figs[-1].legends[0].get_texts()[1].get_text() == (
+        "euclidean"
+    )
     for i, fig in enumerate(figs):
         path = tmp_path / f"{i}.png"
         fig.savefig(path)

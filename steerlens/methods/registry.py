@@ -26,6 +26,7 @@ from steerlens.methods.iterative import (
     steer_iteratively,
 )
 from steerlens.methods.iti import iti_intervention
+from steerlens.methods.multisite import multisite_intervention
 from steerlens.methods.postblock import postblock_intervention
 from steerlens.methods.scaling import scaling_intervention
 from steerlens.methods.vector import (
@@ -103,6 +104,12 @@ METHODS: dict[str, MethodInfo] = {
             "a resid_post vector trained by Adam on −concept + l2·‖δ‖²; exportable as a bias edit",
         ),
         MethodInfo(
+            "multisite",
+            "ContrastPairs + tuning prompts",
+            "per-segment Euclidean, weights tuned by optuna",
+            "per-layer mean differences at every layer, one optuna-tuned weight per segment",
+        ),
+        MethodInfo(
             "scaling",
             "prompts + target/source tokens",
             "none (multiplicative, per component)",
@@ -163,6 +170,10 @@ def fit(
       (``site`` may change the position rule).
     - ``postblock``: ``concept``, ``prompt`` (prompts) and ``layer``; options ``position``,
       ``steps``, ``lr``, ``l2`` (:func:`~steerlens.methods.postblock.postblock_intervention`).
+    - ``multisite``: ``pairs``, ``prompt`` (tuning prompts), option ``concepts`` (one per
+      prompt), ``layer`` (a list; default all) and options ``segments``, ``trials``,
+      ``max_weight``, ``kl_weight``, ``seed``
+      (:func:`~steerlens.methods.multisite.multisite_intervention`).
     - ``scaling``: ``prompt`` (prompts) and options ``targets``, ``sources`` (one token id each),
       ``components`` or ``layers``, ``position``, ``steps``, ``lr``, ``l1``, ``faithfulness``
       (:func:`~steerlens.methods.scaling.scaling_intervention`).
@@ -185,6 +196,18 @@ def fit(
             return postblock_intervention(model, concept, prompt, layer, **options)
         except TypeError as err:
             raise InputError(f"bad options for postblock: {err}") from None
+    if method == "multisite":
+        if not isinstance(pairs, ContrastPairs) or prompt is None or "concepts" not in options:
+            raise InputError(
+                "multisite needs pairs= a ContrastPairs, prompt= tuning prompts and concepts= "
+                "(one concept per prompt)"
+            )
+        layers = [layer] if isinstance(layer, int) else layer
+        concepts = options.pop("concepts")
+        try:
+            return multisite_intervention(model, pairs, prompt, concepts, layers=layers, **options)
+        except TypeError as err:
+            raise InputError(f"bad options for multisite: {err}") from None
     if method == "scaling":
         if prompt is None:
             raise InputError("scaling needs prompt= (prompts), targets= and sources= (token ids)")

@@ -174,3 +174,36 @@ def test_activation_scaling_flips_country_facts(model):
         logits = run(model, list(f.tokens), iv)
         flipped += int(logits[f.wrong_id] > logits[f.correct_id])
     assert flipped == round(iv.info["end"]["flip_rate"] * len(facts))
+
+
+def test_multisite_raises_the_concept_on_its_tuning_contexts(model, split):
+    from steerlens.experiments.matched import pair_concept
+
+    pairs = verb_contrast_pairs(list(split.train[:16]), name="past")
+    tune = split.test[:3]
+    prompts = [torch.tensor(c.token_ids) for c in tune]
+    before = weights_snapshot(model)
+    iv = sl.fit(
+        model,
+        "multisite",
+        pairs=pairs,
+        prompt=prompts,
+        concepts=[pair_concept(c) for c in tune],
+        layer=list(range(6, 24)),
+        segments=3,
+        trials=8,
+        kl_weight=0.2,
+    )
+    assert_untouched(model, before)
+    assert [len(s) for s in iv.info["segments"]] == [6, 6, 6]
+
+    def share(ctx, intervention=None):
+        logp = run(model, ctx.token_ids, intervention)
+        return float(
+            (logp[ctx.target_id] - torch.logaddexp(logp[ctx.target_id], logp[ctx.base_id])).exp()
+        )
+
+    clean = sum(share(c) for c in tune) / len(tune)
+    steered = sum(share(c, iv) for c in tune) / len(tune)
+    assert steered == pytest.approx(iv.info["probability"], rel=1e-4)
+    assert steered > clean + 0.15

@@ -127,6 +127,28 @@ def _position_slice(site: Site, n_pos: int, offset: int) -> slice | int | None:
 
 
 @contextmanager
+def _edit_at(
+    model: HookedTransformer, site: Site, edit: Callable[[Tensor, torch.Size], Tensor]
+) -> Iterator[HookedTransformer]:
+    """While inside the block, replace the site's slice of its activation (its positions, its
+    head) by ``edit(slice, shape)``, ``shape`` being the site's own activation shape."""
+
+    def hook(act: Tensor, hook: object) -> Tensor:
+        sl = _position_slice(site, act.shape[1], 0)
+        if sl is None:
+            return act
+        act = act.clone()
+        if site.head is not None:
+            act[:, sl, site.head] = edit(act[:, sl, site.head], act.shape[3:])
+        else:
+            act[:, sl] = edit(act[:, sl], act.shape[2:])
+        return act
+
+    with hooked(model, [(site.hook_name, hook)], need_result=site.kind == "result"):
+        yield model
+
+
+@contextmanager
 def add_vector(
     model: HookedTransformer,
     site: str | Site,
@@ -141,19 +163,7 @@ def add_vector(
     delta = (scale * vector).to(dtype=model.cfg.dtype, device=model.cfg.device)
     if not torch.isfinite(delta).all():
         raise NonFiniteError(f"scale {scale} times the vector overflows at site {site.name}")
-
-    def hook(act: Tensor, hook: object) -> Tensor:
-        sl = _position_slice(site, act.shape[1], 0)
-        if sl is None:
-            return act
-        act = act.clone()
-        if site.head is not None:
-            act[:, sl, site.head] += delta.to(act.dtype)
-        else:
-            act[:, sl] += delta.view(act.shape[2:]).to(act.dtype)
-        return act
-
-    with hooked(model, [(site.hook_name, hook)], need_result=site.kind == "result"):
+    with _edit_at(model, site, lambda x, shape: x + delta.view(shape).to(x.dtype)):
         yield model
 
 
@@ -167,17 +177,5 @@ def scale_activation(
     factor = float(factor)
     if not math.isfinite(factor):
         raise NonFiniteError(f"scaling factor {factor} at {site.name} is not finite")
-
-    def hook(act: Tensor, hook: object) -> Tensor:
-        sl = _position_slice(site, act.shape[1], 0)
-        if sl is None:
-            return act
-        act = act.clone()
-        if site.head is not None:
-            act[:, sl, site.head] *= factor
-        else:
-            act[:, sl] *= factor
-        return act
-
-    with hooked(model, [(site.hook_name, hook)], need_result=site.kind == "result"):
+    with _edit_at(model, site, lambda x, shape: x * factor):
         yield model

@@ -230,6 +230,8 @@ def test_registry_lists_every_method():
         "caa",
         "actadd",
         "postblock",
+        "scaling",
+        "multisite",
     }
 
 

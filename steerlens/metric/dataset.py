@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from steerlens.errors import InputError
 from steerlens.metric.core import Metric
 from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS, OffTarget
+from steerlens.metric.precision import compute_model
 from steerlens.metric.pullback import MetricOptions, _prompt_rows, lens_layer
 from steerlens.metric.state import prompt_state
 from steerlens.prompts import as_prompts
@@ -52,6 +53,7 @@ def expected_metric(
         raise InputError(
             "prompts must be an iterable of prompts, not one string: wrap it in a list"
         )
+    model = compute_model(model)
     single = isinstance(sites, (str, Site))
     parsed = [as_site(s, model) for s in ([sites] if single else sites)]  # type: ignore[list-item]
     if not parsed:

@@ -29,6 +29,7 @@ from steerlens.metric.autodiff import pullback_rows
 from steerlens.metric.core import Metric
 from steerlens.metric.direct import direct_rows
 from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS, OffTarget, unembed_factor
+from steerlens.metric.precision import compute_model
 from steerlens.metric.recursion import pull_block
 from steerlens.metric.state import PromptState, prompt_state
 from steerlens.prompts import PromptsLike, as_prompts
@@ -200,7 +201,8 @@ def pullback_metric(
     distribution at each prompt's last position, averaged over prompts.
 
     Args:
-        model: any causal HookedTransformer (float32 or float64).
+        model: any causal HookedTransformer (float16 / bfloat16 models are computed on a
+            float32 copy: :mod:`steerlens.metric.precision`).
         prompts: a string, list of strings, or token tensor ``[pos]`` / ``[batch, pos]``.
         site: e.g. ``"blocks.6.hook_resid_post"``, ``"resid_post.6@all"``, ``"z.6:3"``.
         vocab: ``"auto"`` (top-K + rest, K by ``dropped_mass``) or ``"full"`` (exact).
@@ -210,6 +212,7 @@ def pullback_metric(
             ln_final and the unembedding (None: the full model; 0: the softmax geometry).
         rank, trace_kept: truncate the output factor (fewer rows, a lower bound on G).
     """
+    model = compute_model(model)
     options = MetricOptions(vocab, dropped_mass, off_target, rank, trace_kept)
     site = as_site(site, model)
     top = lens_layer(site, depth, model.cfg.n_layers)
@@ -292,6 +295,7 @@ def pullback_sweep(
     """The metric at every requested site (default: every site of every layer, per head for
     ``hook_z``; ``hook_result`` on request) from one recursive sweep per prompt, plus the block
     decomposition of ‖B_pre‖²_F per layer (``decompose``). Options as :func:`pullback_metric`."""
+    model = compute_model(model)
     options = MetricOptions(vocab, dropped_mass, off_target, rank, trace_kept)
     if sites is None:
         parsed = all_sites(model, SWEEP_KINDS)

@@ -53,8 +53,9 @@ def check_supported(model: HookedTransformer) -> None:
         raise InputError("the pullback metric needs a causal (decoder-only) model")
     if cfg.dtype in (torch.float16, torch.bfloat16):
         raise InputError(
-            f"the model is in {cfg.dtype}; compute metrics on a float32 or float64 copy "
-            "(steerlens.metric.precision) — half precision cannot carry the factor rows"
+            f"the model is in {cfg.dtype}: pullback_metric, pullback_sweep and expected_metric "
+            "compute on a float32 copy by themselves (steerlens.metric.precision); for steering "
+            "and other metric paths use a float32 model, e.g. model.to(torch.float32)"
         )
 
 

@@ -53,6 +53,7 @@ from torch import Tensor
 from steerlens.errors import ConceptError, InputError
 from steerlens.hooks import _position_slice, hooked, record
 from steerlens.methods.intervention import Intervention
+from steerlens.metric.outcomes import complement_kl
 from steerlens.prompts import PromptsLike, as_prompts
 from steerlens.sites import Site, as_site
 
@@ -432,15 +433,14 @@ def _audit_prompt(
         cols["off_target_share"] = _fisher(q, comp_lin, total_lin) / quad_off
         before = float(concept.value(None, clean.logits.double()))
         after = float(concept.value(None, steered.logits.double()))
-        q_steered = _off_target(steered.logits.double(), concept)
-        mask = q > 0
+        exclude = concept.off_target().exclude
         summary |= {
             "quad_off_target": float(quad_off),
             "skip_off_target_share": float(_fisher(q, skip_lin, total_lin) / quad_off),
             "skip_dla_concept": float(logit_change(skip_actual.unsqueeze(0))[0] @ grad),
             "concept_clean": before,
             "concept_steered": after,
-            "off_target_kl": float((q[mask] * (q[mask].log() - q_steered[mask].log())).sum()),
+            "off_target_kl": complement_kl(clean.logits, steered.logits, exclude),
         }
     frame = pd.DataFrame({k: v.detach().cpu().numpy() for k, v in cols.items()})
     sae_rows = {}

@@ -32,6 +32,7 @@ from steerlens.errors import InputError, MethodError
 from steerlens.hooks import record
 from steerlens.methods.intervention import Intervention
 from steerlens.methods.vector import _pair_tokens
+from steerlens.metric.outcomes import complement_kl
 from steerlens.prompts import PromptsLike, as_prompts
 from steerlens.sites import Site
 
@@ -111,10 +112,7 @@ def objective(
             with iv.apply(model):
                 steered = model(tokens[None])[0, -1].double()
         probs.append(math.exp(float(concept.value(None, steered))))
-        keep = torch.ones_like(clean, dtype=torch.bool)
-        keep[list(concept.off_target().exclude)] = False
-        p, q = torch.log_softmax(clean[keep], -1), torch.log_softmax(steered[keep], -1)
-        kls.append(float((p.exp() * (p - q)).sum()))
+        kls.append(complement_kl(clean, steered, concept.off_target().exclude))
     prob, kl = sum(probs) / len(probs), sum(kls) / len(kls)
     return prob - kl_weight * kl, prob, kl
 

@@ -89,6 +89,23 @@ class OffTarget:
             raise ConceptError("the off-target transform excludes the whole vocabulary")
 
 
+def complement_kl(
+    clean: Float[Tensor, " d_vocab"], steered: Float[Tensor, " d_vocab"], exclude: Iterable[int]
+) -> float:
+    """KL(p ‖ q) in nats between two next-token distributions (given as logits or
+    log-probabilities) renormalized on every token but ``exclude``: the off-target KL of a
+    token-set concept.
+
+    >>> round(complement_kl(torch.tensor([0.0, 0.0, 9.0]), torch.tensor([0.0, 1.0, 0.0]), [2]), 4)
+    0.1201
+    """
+    keep = torch.ones_like(clean, dtype=torch.bool)
+    keep[list(exclude)] = False
+    p = torch.log_softmax(clean[keep].double(), -1)
+    q = torch.log_softmax(steered[keep].double(), -1)
+    return float((p.exp() * (p - q)).sum().clamp_min(0))
+
+
 def _outcomes(
     p: Float[Tensor, " d_vocab"], off: OffTarget | None
 ) -> tuple[Tensor, Int[Tensor, " d_vocab"], list[tuple[int, int]]]:

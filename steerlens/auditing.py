@@ -257,7 +257,11 @@ def _read(
         rows.append(get(acts[f"blocks.{layer}.hook_mlp_out"])[0, -1].unsqueeze(0))
     d = model.cfg.d_model
     final_name = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-    comps = torch.cat(rows) if rows else torch.zeros(0, d, dtype=model.cfg.dtype)
+    comps = (
+        torch.cat(rows)
+        if rows
+        else torch.zeros(0, d, dtype=model.cfg.dtype, device=model.cfg.device)
+    )
     sae = {k[4:]: get(v)[0, -1] for k, v in acts.items() if k.startswith("sae:")}
     return _Pass(comps, get(acts[final_name])[0, -1], get(logits)[0, -1], sae)
 
@@ -297,7 +301,7 @@ def _dual_pass(
             tangent = torch.zeros_like(act)
             if sl is not None:
                 target = tangent[:, sl, site.head] if site.head is not None else tangent[:, sl]
-                target += vector.to(act.dtype).view(target.shape[-1])
+                target += vector.to(act).view(target.shape[-1])
             return act + fwad.make_dual(torch.zeros_like(act), tangent)
 
         return hook

@@ -98,8 +98,8 @@ def _kl(logp: Tensor, logq: Tensor) -> float:
 
 def _merge(logp: Tensor, merge: dict[int, int]) -> Tensor:
     p = logp.exp()
-    bases = torch.tensor(list(merge), dtype=torch.long)
-    targets = torch.tensor(list(merge.values()), dtype=torch.long)
+    bases = torch.tensor(list(merge), dtype=torch.long, device=p.device)
+    targets = torch.tensor(list(merge.values()), dtype=torch.long, device=p.device)
     merged = p.clone()
     merged.index_add_(0, targets, p[bases])
     keep = torch.ones_like(p, dtype=torch.bool)
@@ -128,9 +128,11 @@ def outcome_measures(
     mass = torch.cumsum(p[order].exp(), 0)
     top = order[: int((mass < top_p).sum()) + 1]
     rank_p = torch.empty_like(p)
-    rank_p[order] = torch.arange(1, p.shape[0] + 1, dtype=p.dtype)
+    rank_p[order] = torch.arange(1, p.shape[0] + 1, dtype=p.dtype, device=p.device)
     rank_q = torch.empty_like(q)
-    rank_q[torch.argsort(q, descending=True)] = torch.arange(1, q.shape[0] + 1, dtype=q.dtype)
+    rank_q[torch.argsort(q, descending=True)] = torch.arange(
+        1, q.shape[0] + 1, dtype=q.dtype, device=q.device
+    )
     rr = float((1 / rank_p[top] - 1 / rank_q[top]).abs().mean())
     prob = steered[target].exp()
     if base is not None:

@@ -103,8 +103,13 @@ def check_vector(
         raise InputError(
             f"{what} has shape {tuple(vector.shape)} but site {site.name} needs shape ({dim},)"
         )
-    if not vector.is_floating_point():
-        raise InputError(f"{what} must be a floating-point tensor, got dtype {vector.dtype}")
+    if not vector.is_floating_point() or vector.is_complex():
+        raise InputError(f"{what} must be a real floating-point tensor, got dtype {vector.dtype}")
+    if vector.device.type == "meta":
+        raise InputError(
+            f"{what} is on the meta device (it holds no values); the model is on "
+            f"{model.cfg.device}"
+        )
     if not torch.isfinite(vector).all():
         raise NonFiniteError(f"{what} for site {site.name} contains NaN or inf")
 

@@ -70,9 +70,14 @@ def tiny_config(
     raise InputError(f"unknown tiny model flavour {flavour!r}; valid flavours: {FLAVOURS}")
 
 
-def tiny_model(flavour: Flavour = "gpt2", **kwargs: object) -> HookedTransformer:
+def tiny_model(
+    flavour: Flavour = "gpt2", *, device: str | torch.device | None = None, **kwargs: object
+) -> HookedTransformer:
     """A tiny random :class:`HookedTransformer` (float64 by default), weights scaled so that its
-    next-token distributions are far from uniform (a realistic Fisher spectrum)."""
+    next-token distributions are far from uniform (a realistic Fisher spectrum).
+
+    The weights are drawn on the CPU (the same numbers on every machine) and then moved to
+    ``device`` when one is given (e.g. ``"cuda"``)."""
     cfg = tiny_config(flavour, **kwargs)  # type: ignore[arg-type]
     model = HookedTransformer(cfg)
     with torch.no_grad():
@@ -83,4 +88,6 @@ def tiny_model(flavour: Flavour = "gpt2", **kwargs: object) -> HookedTransformer
             if name.endswith(("b_in", "b_out", "b_Q", "b_K", "b_V", "b_O", "b_U")):
                 param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(cfg.seed or 0))
     model.eval()
+    if device is not None and torch.device(device) != torch.device(model.cfg.device):
+        model.to(device)
     return model

@@ -1,7 +1,12 @@
-"""Shared fixtures: tiny float64 models of both flavours, seeded; hook-hygiene checks."""
+"""Shared fixtures: tiny float64 models of both flavours, seeded; hook-hygiene checks.
+
+``STEERLENS_TEST_DEVICE=cuda pytest tests/unit`` puts the tiny models on that device (default
+``cpu``), to run the unit suite on a GPU.
+"""
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -11,6 +16,7 @@ import torch
 from steerlens.tiny import tiny_model
 
 FLAVOURS = ["gpt2", "llama"]
+DEVICE = os.environ.get("STEERLENS_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -23,17 +29,17 @@ def _seed_everything() -> None:
 @pytest.fixture(scope="session", params=FLAVOURS)
 def model(request):
     """A tiny float64 model of each flavour (read-only: tests must leave it as found)."""
-    return tiny_model(request.param)
+    return tiny_model(request.param, device=DEVICE)
 
 
 @pytest.fixture(scope="session")
 def gpt2_model():
-    return tiny_model("gpt2")
+    return tiny_model("gpt2", device=DEVICE)
 
 
 @pytest.fixture(scope="session")
 def llama_model():
-    return tiny_model("llama")
+    return tiny_model("llama", device=DEVICE)
 
 
 @pytest.fixture

@@ -103,7 +103,7 @@ def capital_facts(
     if len(ids) < 2:
         raise ConceptError("fewer than two countries are single tokens for this tokenizer")
     names = list(ids)
-    candidates = torch.tensor([ids[c] for c in names])
+    candidates = torch.tensor([ids[c] for c in names], device=model.cfg.device)
     facts = []
     for city, country in cities:
         if country not in ids:

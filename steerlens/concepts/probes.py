@@ -182,7 +182,7 @@ def fit_probe(
     test_acc = float(clf.score(x_te, y_te)) if len(y_te) else math.nan
     return LinearProbe(
         site=site,
-        weight=torch.tensor(clf.coef_[0], dtype=acts.dtype),
+        weight=torch.tensor(clf.coef_[0], dtype=acts.dtype, device=acts.device),
         bias=float(np.asarray(clf.intercept_).ravel()[0]),
         name=name,
         train_accuracy=float(clf.score(x_tr, y_tr)),

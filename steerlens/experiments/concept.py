@@ -137,7 +137,9 @@ def diagnose_concept(
             point = clean_point(model, site, context_tokens(model, ctx), ctx)
             depth0 = point.depth0
             d0 = depth0.matrix().double()
-            d0 = d0 + depth0.damping_value(lam) * torch.eye(d0.shape[0], dtype=d0.dtype)
+            d0 = d0 + depth0.damping_value(lam) * torch.eye(
+                d0.shape[0], dtype=d0.dtype, device=d0.device
+            )
             directions = {
                 "fishback": point.fishback(lam),
                 "euclidean": point.g,

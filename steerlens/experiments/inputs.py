@@ -74,7 +74,7 @@ def user_contexts(
     if tok is None:
         raise InputError("the model has no tokenizer; contexts are text")
     bos = 1 if model.cfg.default_prepend_bos and tok.bos_token_id is not None else 0
-    bases = torch.tensor(mapping.bases)
+    bases = torch.tensor(mapping.bases, device=model.cfg.device)
     target_of = mapping.as_dict()
     word_of = dict(zip(mapping.bases, mapping.pairs_words, strict=True))
     out = []

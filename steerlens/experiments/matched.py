@@ -218,7 +218,7 @@ def matching_sae_feature(
         raise InputError("no contexts to match an SAE feature on")
     w_dec = sae.W_dec.detach().to(torch.float64)
     units = w_dec / w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    score = torch.zeros(units.shape[0], dtype=torch.float64)
+    score = torch.zeros(units.shape[0], dtype=torch.float64, device=units.device)
     for ctx in contexts:
         with LocalPath(model, context_tokens(model, ctx), site) as path, torch.enable_grad():
             x = path.x0.clone().requires_grad_(True)
@@ -326,7 +326,7 @@ def iterative_runs(
             else:
                 mark = iv.info["checkpoints"].get(repr(math.log(target)))
                 reached = mark is not None
-                vec = torch.tensor(mark, dtype=iv.vector().dtype) if reached else iv.vector()
+                vec = iv.vector().new_tensor(mark) if reached else iv.vector()
             extra = {"reached": reached, "strength": float(vec.norm()), "steps": iv.info["steps"]}
             out.append((name, target, Intervention(name, {site.name: vec}), extra))
     return out

@@ -48,7 +48,8 @@ def layer_deltas(
         Site("resid_post", layer).validate(model)
     plus, minus = _pair_tokens(model, pairs)
     sites = [f"resid_post.{layer}" for layer in layers]
-    total = {layer: torch.zeros(model.cfg.d_model, dtype=torch.float64) for layer in layers}
+    acc = {"dtype": torch.float64, "device": model.cfg.device}
+    total = {layer: torch.zeros(model.cfg.d_model, **acc) for layer in layers}
     for sign, side in ((1.0, plus), (-1.0, minus)):
         for tokens in side:
             with torch.no_grad(), record(model, sites) as acts:

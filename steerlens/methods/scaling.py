@@ -88,7 +88,7 @@ def _losses(
     steered: Tensor, clean_logp: Tensor, targets: Tensor, sources: Tensor, margin: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per prompt: the flip loss, the off-target KL, and whether the target beats the source."""
-    rows = torch.arange(len(targets))
+    rows = torch.arange(len(targets), device=steered.device)
     diff = steered[rows, targets] - steered[rows, sources]
     keep = torch.ones_like(steered, dtype=torch.bool)
     keep[rows, targets] = False
@@ -153,19 +153,20 @@ def scaling_intervention(
     groups: dict[int, list[int]] = {}
     for i, t in enumerate(toks):
         groups.setdefault(len(t), []).append(i)
-    target_t = torch.tensor(list(targets))
-    source_t = torch.tensor(list(sources))
+    device = model.cfg.device
+    target_t = torch.tensor(list(targets), device=device)
+    source_t = torch.tensor(list(sources), device=device)
     with torch.no_grad():
         clean = {n: model(torch.stack([toks[i] for i in idx]))[:, -1] for n, idx in groups.items()}
 
-    m = torch.zeros(len(sites), dtype=torch.float64, requires_grad=True)
+    m = torch.zeros(len(sites), dtype=torch.float64, device=device, requires_grad=True)
     opt = torch.optim.SGD([m], lr=lr)
     need_result = any(s.kind == "result" for s in sites)
     history: list[dict[str, float]] = []
 
     def evaluate(train: bool) -> dict[str, float]:
         flip = kl_sum = eff_sum = 0.0
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for n, idx in groups.items():
             batch = torch.stack([toks[i] for i in idx])
             with hooked(model, _scaled_hooks(model, sites, m), need_result=need_result):

@@ -65,9 +65,11 @@ def expected_metric(
     options = MetricOptions(vocab, dropped_mass, off_target)
     use_dist = dist.is_available() and dist.is_initialized() if distributed is None else distributed
     rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
-    grams = {s.name: torch.zeros(s.dim(model), s.dim(model), dtype=torch.float64) for s in parsed}
-    count = torch.zeros((), dtype=torch.float64)
-    max_dropped = torch.zeros((), dtype=torch.float64)
+    # accumulators live on the model's device (nccl all-reduces GPU tensors only)
+    acc = {"dtype": torch.float64, "device": model.cfg.device}
+    grams = {s.name: torch.zeros(s.dim(model), s.dim(model), **acc) for s in parsed}
+    count = torch.zeros((), **acc)
+    max_dropped = torch.zeros((), **acc)
     shard = islice(prompts, rank, None, world)
     for prompt in tqdm(shard, disable=not progress or rank != 0, total=total, desc="metric"):
         tokens = as_prompts(model, prompt if isinstance(prompt, Tensor) else [prompt])[0]
@@ -76,10 +78,10 @@ def expected_metric(
             s.resolve_position(state.n_pos)
         rows, info, _ = _prompt_rows(model, state, parsed, top, options, decompose=False)
         for name, r in rows.items():
-            r = r.double().cpu()
+            r = r.double()
             grams[name] += r.T @ r
         count += 1
-        max_dropped = torch.maximum(max_dropped, torch.tensor(info["dropped_mass"]))
+        max_dropped = max_dropped.clamp_min(float(info["dropped_mass"]))
     if use_dist:
         for g in grams.values():
             dist.all_reduce(g)

@@ -165,11 +165,11 @@ def unembed_factor(
         return rows, {"vocab": "full", "dropped_mass": 0.0, "top_k": int((mass > 0).sum())}
     order = torch.argsort(q, descending=True)
     cum = torch.cumsum(q[order], 0)
-    k = int(torch.searchsorted(cum, torch.tensor(1 - dropped_mass, dtype=cum.dtype)).item()) + 1
+    k = int(torch.searchsorted(cum, cum.new_tensor(1 - dropped_mass)).item()) + 1
     k = min(k, int((q > 0).sum()))
     top = order[:k]
     m_top = w[:, top].double() * sp[top]  # [d, k]
-    pos_in_top = {int(t): i for i, t in enumerate(top.tolist())}
+    pos_in_top = {int(t): i for i, t in enumerate(top.tolist())} if merged else {}
     for base, target in merged:
         if target in pos_in_top:
             m_top[:, pos_in_top[target]] += w[:, base].double() * sp[base]

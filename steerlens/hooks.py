@@ -107,8 +107,7 @@ def check_vector(
         raise InputError(f"{what} must be a real floating-point tensor, got dtype {vector.dtype}")
     if vector.device.type == "meta":
         raise InputError(
-            f"{what} is on the meta device (it holds no values); the model is on "
-            f"{model.cfg.device}"
+            f"{what} is on the meta device (it holds no values); the model is on {model.cfg.device}"
         )
     if not torch.isfinite(vector).all():
         raise NonFiniteError(f"{what} for site {site.name} contains NaN or inf")
@@ -139,6 +138,8 @@ def _edit_at(
     head) by ``edit(slice, shape)``, ``shape`` being the site's own activation shape."""
 
     def hook(act: Tensor, hook: object) -> Tensor:
+        if site.position == "all" and site.head is None:  # the whole activation: no copy
+            return edit(act, act.shape[2:])
         sl = _position_slice(site, act.shape[1], 0)
         if sl is None:
             return act

@@ -44,17 +44,23 @@ WHERE_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "attn_ou
 def concept_gradients(
     model: HookedTransformer, tokens: Tensor, concept: PairConcept, sites: Sequence[Site]
 ) -> dict[str, Tensor]:
-    """∂c/∂(activation at the last position) at every site, from one backward pass."""
-    with torch.enable_grad(), record(model, sites, detach=False) as acts:
+    """∂c/∂(activation at the last position) at every site, from one backward pass (a per-head
+    site's gradient is read off its whole hook activation: a head's slice is a view that the
+    forward pass never uses, so autograd has no gradient for it)."""
+    whole = {s.name: Site(s.kind, s.layer) for s in sites}
+    with torch.enable_grad(), record(model, set(whole.values()), detach=False) as acts:
         logits = model(tokens.view(1, -1))[0, -1]
         value = concept.value(None, logits)
-        names = [s.name for s in sites]
-        grads = torch.autograd.grad(value, [acts[n] for n in names], allow_unused=True)
+        keys = sorted({w.name for w in whole.values()})
+        found = torch.autograd.grad(value, [acts[k] for k in keys], allow_unused=True)
+        grads = dict(zip(keys, found, strict=True))
     out = {}
-    for name, grad in zip(names, grads, strict=True):
+    for s in sites:
+        grad = grads[whole[s.name].name]
         if grad is None:
-            raise InputError(f"the concept does not depend on {name}")
-        out[name] = grad[0, -1].reshape(-1).detach()
+            raise InputError(f"the concept does not depend on {s.name}")
+        last = grad[0, -1] if s.head is None else grad[0, -1, s.head]
+        out[s.name] = last.reshape(-1).detach()
     return out
 
 

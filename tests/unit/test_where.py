@@ -21,7 +21,10 @@ SITES = ["resid_pre.1", "resid_mid.0", "attn_out.1", "mlp_out.0", "resid_post.1"
 def _perturbed_logits(model, tokens, site: Site, delta=None):
     def hook(act, hook):
         act = act.clone()
-        act[0, -1] = act[0, -1] + delta
+        if site.head is None:
+            act[0, -1] = act[0, -1] + delta
+        else:
+            act[0, -1, site.head] = act[0, -1, site.head] + delta
         return act
 
     hooks = [] if delta is None else [(site.hook_name, hook)]
@@ -106,3 +109,16 @@ def test_bad_inputs(gpt2_model, tokens, sites, contexts, error):
     with pytest.raises(errors.SteerlensError, match=error):
         site_costs(gpt2_model, ctxs, sites)
     assert hook_count(gpt2_model) == 0
+
+
+def test_concept_gradient_at_a_head(model, tokens):
+    """A per-head site's gradient (read off the whole hook_z) equals brute-force autodiff."""
+    concept = PairConcept(BASE, TARGET)
+    site = Site.parse("z.1:2")
+    grad = concept_gradients(model, tokens, concept, [site, Site.parse("z.1:0")])[site.name]
+
+    def value(delta):
+        return concept.value(None, _perturbed_logits(model, tokens, site, delta))
+
+    ref = torch.func.grad(value)(torch.zeros(site.dim(model), dtype=torch.float64))
+    torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-12)

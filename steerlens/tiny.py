@@ -88,6 +88,6 @@ def tiny_model(
             if name.endswith(("b_in", "b_out", "b_Q", "b_K", "b_V", "b_O", "b_U")):
                 param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(cfg.seed or 0))
     model.eval()
-    if device is not None and torch.device(device) != torch.device(model.cfg.device):
+    if device is not None and torch.device(device) != torch.device(str(model.cfg.device)):
         model.to(device)
     return model

@@ -4,7 +4,9 @@ Every artifact steerlens writes (interventions, probes, metrics) is two files in
 written to a temporary folder beside it and renamed into place, so a reader never sees half of
 one. ``meta.json`` names the artifact's ``kind`` and ``format_version`` and records the SHA-256 of
 the tensor file; loading checks all three and refuses anything else with an
-:class:`~steerlens.errors.ArtifactError`.
+:class:`~steerlens.errors.ArtifactError`. An artifact may carry extra files in sub-folders (an
+intervention that clamps an SAE feature keeps the SAE in sae-lens's own safetensors format); their
+SHA-256 are recorded and checked the same way.
 
 >>> import tempfile, torch
 >>> folder = tempfile.mkdtemp()
@@ -21,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +47,25 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _extra_files(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file in the artifact's sub-folders, keyed by relative path."""
+    return {
+        str(f.relative_to(folder)): _sha256(f)
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.parent != folder
+    }
+
+
 def save_artifact(
-    path: str | os.PathLike[str], kind: str, tensors: dict[str, Tensor], meta: dict[str, Any]
+    path: str | os.PathLike[str],
+    kind: str,
+    tensors: dict[str, Tensor],
+    meta: dict[str, Any],
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``tensors`` (safetensors) and ``meta`` (JSON) to the folder ``path`` atomically;
-    an existing artifact there is replaced. Returns the folder."""
+    an existing artifact there is replaced. ``extra(folder)`` may write more files, in
+    sub-folders of the (staged) folder. Returns the folder."""
     final = Path(path)
     if final.exists() and not (final / META).is_file():
         raise ArtifactError(
@@ -59,12 +76,17 @@ def save_artifact(
     try:
         plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         save_file(plain, str(staged / TENSORS))
+        if extra is not None:
+            extra(staged)
         record = {
             **meta,
             "kind": kind,
             "format_version": FORMAT_VERSION,
             "tensors_sha256": _sha256(staged / TENSORS),
         }
+        files = _extra_files(staged)
+        if files:
+            record["files_sha256"] = files
         (staged / META).write_text(json.dumps(record, indent=2, sort_keys=True))
         if final.exists():
             old = final.with_name(f".{final.name}.old")
@@ -107,6 +129,12 @@ def load_artifact(path: str | os.PathLike[str], kind: str) -> tuple[dict[str, Te
     if meta.get("tensors_sha256") != _sha256(tensor_path):
         raise ArtifactError(
             f"{tensor_path} does not match the checksum in {META}: truncated or tampered with"
+        )
+    recorded = meta.get("files_sha256", {})
+    if not isinstance(recorded, dict) or recorded != _extra_files(folder):
+        raise ArtifactError(
+            f"{folder}: the files in its sub-folders do not match the checksums in {META}: "
+            "missing, truncated or tampered with"
         )
     try:
         tensors = load_file(str(tensor_path))

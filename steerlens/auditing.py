@@ -50,7 +50,7 @@ import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor
 
-from steerlens.errors import ConceptError, InputError
+from steerlens.errors import ConceptError, InputError, MethodError
 from steerlens.hooks import _position_slice, hooked, record
 from steerlens.methods.intervention import Intervention
 from steerlens.metric.outcomes import complement_kl
@@ -178,6 +178,12 @@ def _runs(
         items = [iv if scale is None else iv.scaled(scale) for iv in items]
         for iv in items:
             iv.check(model)
+            if iv.clamps:
+                raise MethodError(
+                    f"steering {iv.method!r} clamps an SAE feature: its edit depends on the "
+                    "activation, so it has no first-order tangent to audit; audit the added "
+                    "decoder row instead (sae_intervention(..., mode='add'))"
+                )
             still = all(not bool(v.any()) for v in iv.vectors.values())
             if iv.scale == 0 or (still and not any(iv.multipliers.values())):
                 raise InputError(f"steering {iv.method!r} is zero: nothing to audit")

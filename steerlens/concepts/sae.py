@@ -80,13 +80,13 @@ class SaeFeature:
             captured.append(pre)
 
         with self.sae.hooks(fwd_hooks=[("hook_sae_acts_pre", grab)]):
-            self.sae.encode(act.to(self.sae.dtype))
-        return captured[-1][..., self.feature].to(act.dtype)
+            self.sae.encode(act.to(self.sae.W_dec))
+        return captured[-1][..., self.feature].to(act)
 
     def activation(self, act: Float[Tensor, "... dim"]) -> Tensor:
         """The feature's activation (after the SAE's nonlinearity)."""
         with torch.no_grad():
-            return self.sae.encode(act.to(self.sae.dtype))[..., self.feature]
+            return self.sae.encode(act.to(self.sae.W_dec))[..., self.feature].to(act.device)
 
     def target_value(self, probability: float) -> float:
         raise ConceptError(

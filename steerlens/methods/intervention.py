@@ -4,8 +4,9 @@ An intervention is a set of vectors, one per site (the site string carries its p
 ``@last`` steers the prediction position of every forward pass, so each generated token too;
 ``@all`` every position; ``@5`` one position), times a ``scale``; and/or a set of
 ``multipliers`` (activation scaling: the activation at a site, e.g. one head's ``hook_z`` or an
-MLP's output, times 1 + scale·m). It saves to safetensors + JSON and loads without unpickling
-anything.
+MLP's output, times 1 + scale·m); and/or a set of ``clamps`` (an SAE feature's activation set to
+scale·value, :mod:`steerlens.methods.clamp`). It saves to safetensors + JSON (a clamped SAE in
+sae-lens's own safetensors format beside them) and loads without unpickling anything.
 
 >>> import torch
 >>> from steerlens.tiny import tiny_model
@@ -37,6 +38,7 @@ from torch import Tensor
 from steerlens.artifacts import check_dtype, load_artifact, save_artifact
 from steerlens.errors import ArtifactError, InputError, NonFiniteError
 from steerlens.hooks import add_vector, check_vector, scale_activation
+from steerlens.methods.clamp import SaeClamp, clamp_feature, load_clamps, save_clamps
 from steerlens.sites import Site, as_site
 
 if TYPE_CHECKING:
@@ -58,10 +60,19 @@ class Intervention:
     scale: float = 1.0
     info: dict[str, Any] = field(default_factory=dict)
     multipliers: Mapping[str, float] = field(default_factory=dict)
+    clamps: Mapping[str, SaeClamp] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.vectors and not self.multipliers:
-            raise InputError(f"intervention {self.method!r} has no vectors and no multipliers")
+        if not self.vectors and not self.multipliers and not self.clamps:
+            raise InputError(
+                f"intervention {self.method!r} has no vectors, no multipliers and no clamps"
+            )
+        clamped = {}
+        for spec, clamp in self.clamps.items():
+            if not isinstance(clamp, SaeClamp):
+                raise InputError(f"clamp at {spec} must be an SaeClamp, got {type(clamp).__name__}")
+            clamped[Site.parse(spec).name] = clamp
+        object.__setattr__(self, "clamps", clamped)
         scaled = {}
         for spec, m in self.multipliers.items():
             if not isinstance(m, int | float) or not math.isfinite(m):
@@ -83,7 +94,11 @@ class Intervention:
     def __repr__(self) -> str:
         sites = ", ".join(self.vectors)
         scaled = f", {len(self.multipliers)} scaled sites" if self.multipliers else ""
-        return f"Intervention({self.method!r}, sites=[{sites}]{scaled}, scale={self.scale:.4g})"
+        clamped = f", clamps at [{', '.join(self.clamps)}]" if self.clamps else ""
+        return (
+            f"Intervention({self.method!r}, sites=[{sites}]{scaled}{clamped}, "
+            f"scale={self.scale:.4g})"
+        )
 
     def table(self) -> pd.DataFrame:
         """One row per site: its width and the norm of its vector, raw and scaled; or, for a
@@ -100,6 +115,15 @@ class Intervention:
         rows += [
             {"site": spec, "multiplier": m, "factor": 1 + self.scale * m}
             for spec, m in self.multipliers.items()
+        ]
+        rows += [
+            {
+                "site": spec,
+                "dim": c.feature.d_in,
+                "clamped_feature": c.feature.feature,
+                "clamp_value": self.scale * c.value,
+            }
+            for spec, c in self.clamps.items()
         ]
         return pd.DataFrame(rows)
 
@@ -121,8 +145,9 @@ class Intervention:
         """The scaled vector at ``site`` (the only site if None)."""
         if not self.vectors:
             raise InputError(
-                f"intervention {self.method!r} scales activations; it has no vector (see "
-                ".multipliers)"
+                f"intervention {self.method!r} scales or clamps activations; it has no vector "
+                "(see .multipliers, or .clamps[site].feature.direction for a clamped feature's "
+                "decoder row)"
             )
         if site is None:
             if len(self.vectors) != 1:
@@ -143,6 +168,8 @@ class Intervention:
             check_vector(vector, as_site(spec, model), model, f"{self.method} vector")
         for spec in self.multipliers:
             as_site(spec, model)
+        for spec, clamp in self.clamps.items():
+            clamp.check(as_site(spec, model), model)
 
     @contextmanager
     def apply(
@@ -157,6 +184,8 @@ class Intervention:
                 stack.enter_context(add_vector(model, spec, vector, factor))
             for spec, m in self.multipliers.items():
                 stack.enter_context(scale_activation(model, spec, 1 + factor * m))
+            for spec, clamp in self.clamps.items():
+                stack.enter_context(clamp_feature(model, spec, clamp, factor))
             yield model
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -175,7 +204,12 @@ class Intervention:
             "multiplier_sites": list(self.multipliers),
             "info": self.info,
         }
-        return save_artifact(path, ARTIFACT_KIND, tensors, meta)
+        clamps = dict(self.clamps)
+
+        def write_saes(folder: Path) -> None:
+            meta["clamps"] = save_clamps(folder, clamps)
+
+        return save_artifact(path, ARTIFACT_KIND, tensors, meta, write_saes if clamps else None)
 
 
 def load_intervention(path: str | os.PathLike[str]) -> Intervention:
@@ -195,12 +229,14 @@ def load_intervention(path: str | os.PathLike[str]) -> Intervention:
             if values.shape != (len(scaled),):
                 raise ArtifactError(f"{path}: {len(scaled)} scaled sites but {values.shape} values")
             multipliers = dict(zip(scaled, values.tolist(), strict=True))
+        clamps = load_clamps(Path(path), list(meta.get("clamps", [])))
         return Intervention(
             str(meta["method"]),
             vectors,
             float(meta["scale"]),
             dict(meta.get("info", {})),
             multipliers,
+            clamps,
         )
     except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, ArtifactError):

@@ -78,7 +78,12 @@ METHODS: dict[str, MethodInfo] = {
             "Park et al.'s dual steering: CG-solved Newton steps on a probe",
         ),
         MethodInfo("probe", "a LinearProbe", "I on the probe", "δ ∝ probe weight w"),
-        MethodInfo("sae", "an SaeFeature", "the SAE's dictionary", "δ ∝ decoder row W_dec[f]"),
+        MethodInfo(
+            "sae",
+            "an SaeFeature",
+            "the SAE's dictionary",
+            "δ ∝ decoder row W_dec[f] (mode='add'), or clamped: x + (c − f(x))·W_dec[f]",
+        ),
         MethodInfo(
             "caa",
             "ContrastPairs",
@@ -167,7 +172,8 @@ def fit(
       ``concept`` and the ``prompt`` to steer; ``options`` go to the method's config
       (``target_probability``, ``damping``...); ``stop_on`` stops on another concept.
     - ``probe``: ``concept`` a :class:`LinearProbe`; ``sae``: ``concept`` an :class:`SaeFeature`
-      (``site`` may change the position rule).
+      (``site`` may change the position rule), option ``mode`` ``"add"`` (default: add
+      scale·W_dec[f]/‖W_dec[f]‖) or ``"clamp"`` (set the feature's activation to ``scale``).
     - ``postblock``: ``concept``, ``prompt`` (prompts) and ``layer``; options ``position``,
       ``steps``, ``lr``, ``l2`` (:func:`~steerlens.methods.postblock.postblock_intervention`).
     - ``multisite``: ``pairs``, ``prompt`` (tuning prompts), option ``concepts`` (one per
@@ -223,16 +229,19 @@ def fit(
             return iti_intervention(model, pairs, layers=layers, **options)
         except TypeError as err:
             raise InputError(f"bad options for iti: {err}") from None
+    if method == "sae":
+        if not isinstance(concept, SaeFeature):
+            raise InputError("SAE steering needs concept= an SaeFeature")
+        mode = options.pop("mode", "add")
+        if options:
+            raise InputError(f"sae takes only the option mode=, not {sorted(options)}")
+        return sae_intervention(model, concept, site, scale, mode=mode)
     if options:
         raise InputError(f"{method} takes no options {sorted(options)}")
     if method == "probe":
         if not isinstance(concept, LinearProbe):
             raise InputError("probe steering needs concept= a LinearProbe")
         return probe_intervention(model, concept, site, scale)
-    if method == "sae":
-        if not isinstance(concept, SaeFeature):
-            raise InputError("SAE steering needs concept= an SaeFeature")
-        return sae_intervention(model, concept, site, scale)
     if layer is None:
         raise InputError(f"{method} needs layer=")
     if method in ("caa", "repe"):

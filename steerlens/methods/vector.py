@@ -18,6 +18,7 @@ from steerlens.concepts.probes import LinearProbe
 from steerlens.concepts.sae import SaeFeature
 from steerlens.errors import ConceptError, InputError, MethodError
 from steerlens.hooks import record
+from steerlens.methods.clamp import SaeClamp
 from steerlens.methods.intervention import Intervention
 from steerlens.prompts import as_prompts
 from steerlens.sites import Site, as_site
@@ -49,12 +50,22 @@ def sae_intervention(
     feature: SaeFeature,
     site: str | Site | None = None,
     scale: float = 1.0,
+    *,
+    mode: str = "add",
 ) -> Intervention:
-    """δ = scale · W_dec[f]/‖W_dec[f]‖ at the SAE's site (or ``site``, another position rule)."""
+    """At the SAE's site (or ``site``, another position rule): ``mode="add"`` adds
+    δ = scale · W_dec[f]/‖W_dec[f]‖; ``mode="clamp"`` sets the feature's activation to ``scale``
+    (x ← x + (scale − f(x))·W_dec[f], :mod:`steerlens.methods.clamp`). The Fisher-optimal step
+    that raises the feature is ``fit(model, "fishback", concept=feature, ...)``."""
+    if mode not in ("add", "clamp"):
+        raise InputError(f"unknown SAE steering mode {mode!r}; valid: 'add', 'clamp'")
     target = as_site(site if site is not None else feature.site, model)
     feature.check_site(target, model)
+    info = {"feature": feature.feature, "mode": mode}
+    if mode == "clamp":
+        return Intervention("sae_clamp", {}, scale, info, clamps={target.name: SaeClamp(feature)})
     vec = _unit(feature.direction.to(model.cfg.dtype), feature.name)
-    return Intervention("sae", {target.name: vec}, scale, {"feature": feature.feature})
+    return Intervention("sae", {target.name: vec}, scale, info)
 
 
 def _pair_tokens(

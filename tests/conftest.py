@@ -17,6 +17,9 @@ from steerlens.tiny import tiny_model
 
 FLAVOURS = ["gpt2", "llama"]
 DEVICE = os.environ.get("STEERLENS_TEST_DEVICE", "cpu")
+if DEVICE != "cpu":
+    # the tests' own tensors (tokens, directions, brute-force references) on the same device
+    torch.set_default_device(DEVICE)
 
 
 @pytest.fixture(autouse=True)

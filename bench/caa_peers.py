@@ -24,15 +24,13 @@ the difference of the residual stream after block ``--layer`` at each side's las
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pandas as pd
 import torch
+from common import header, machine, save
 from steering_vectors import train_steering_vector
 
 import steerlens as sl
@@ -40,8 +38,6 @@ from steerlens.concepts import load_corpus, verb_concept, verb_contexts
 from steerlens.concepts.pairs import ContrastPairs, verb_contrast_pairs
 from steerlens.methods.vector import caa_intervention
 from steerlens.models import _smollm2_gguf, load_hf_gguf
-
-OUT = Path(__file__).parent / "results"
 
 
 def timed(fn, repeats: int = 1) -> tuple[float, object]:
@@ -136,13 +132,10 @@ def main() -> None:
     sl_over = statistics.median(frame["steerlens_steered_ms"] / frame["steerlens_forward_ms"])
     sv_over = statistics.median(frame["sv_steered_ms"] / frame["sv_forward_ms"])
     steered_ratio = statistics.median(frame["steerlens_steered_ms"] / frame["sv_steered_ms"])
-    command = " ".join(["bench/caa_peers.py", *sys.argv[1:]])
     lines = [
-        "# CAA: steerlens vs steering-vectors on the same weights",
+        *header("CAA: steerlens vs steering-vectors on the same weights"),
         "",
-        f"Command: `.venv/bin/python {command}`",
-        "",
-        f"{datetime.now(UTC):%Y-%m-%d}, {platform.machine()}, {args.threads} torch threads, "
+        f"{datetime.now(UTC):%Y-%m-%d}, {machine(threads=args.threads)}, "
         f"torch {torch.__version__}; default model, layer {args.layer}, {len(strings)} "
         f"contrast pairs (past tense), {len(held_out)} held-out prompts, multiplier "
         f"{args.multiplier}; both tokenizations identical: {same_tokens}.",
@@ -167,9 +160,7 @@ def main() -> None:
         "",
         frame.to_markdown(index=False, floatfmt=".4g"),
     ]
-    OUT.mkdir(exist_ok=True)
-    frame.to_csv(OUT / "caa_peers.csv", index=False)
-    (OUT / "caa_peers.md").write_text("\n".join(lines) + "\n")
+    save("caa_peers", lines, frame)
     print("\n".join(lines))
 
 

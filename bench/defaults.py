@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import platform
-import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pandas as pd
 import torch
+from common import header, machine, save
 
 import steerlens as sl
 from steerlens.concepts import (
@@ -35,8 +33,6 @@ from steerlens.concepts import (
 )
 from steerlens.evaluate import next_logprobs, outcome_measures
 from steerlens.methods import EuclideanConfig, FishBackConfig, steer_iteratively
-
-OUT = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -109,15 +105,10 @@ def main() -> None:
         )
         .reset_index()
     )
-    OUT.mkdir(exist_ok=True)
-    frame.to_csv(OUT / "defaults.csv", index=False)
-    command = " ".join(["bench/defaults.py", *sys.argv[1:]])
     lines = [
-        "# FishBack damping and step over concepts × layers",
+        *header("FishBack damping and step over concepts × layers"),
         "",
-        f"Command: `.venv/bin/python {command}`",
-        "",
-        f"{datetime.now(UTC):%Y-%m-%d}, {platform.machine()}, {args.threads} torch threads, "
+        f"{datetime.now(UTC):%Y-%m-%d}, {machine(threads=args.threads)}, "
         f"torch {torch.__version__}; concepts {args.concepts}, layers {args.layers}, one "
         "held-out context each, target pair share 0.5. kl_ratio = Euclidean / FishBack "
         "off-target KL at the same step size; time_ratio = FishBack / Euclidean wall time.",
@@ -128,7 +119,7 @@ def main() -> None:
         "",
         frame.to_markdown(index=False, floatfmt=".4g"),
     ]
-    (OUT / "defaults.md").write_text("\n".join(lines) + "\n")
+    save("defaults", lines, frame)
     print("\n".join(lines[:12]))
     print(summary.to_markdown(index=False, floatfmt=".4g"))
 

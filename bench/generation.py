@@ -13,30 +13,22 @@ both; the overhead is the median over (prompt, repeat) of steered / plain wall t
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pandas as pd
 import torch
+from common import header, machine, save, sync
 
 import steerlens as sl
 
-OUT = Path(__file__).parent / "results"
 PROMPTS = [
     "Yesterday the committee",
     "The history of the city begins",
     "In the morning she walked to the",
     "Our economy is strong because",
 ]
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def generate(model, tokens: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
@@ -92,17 +84,11 @@ def main() -> None:
     frame = pd.DataFrame(rows)
     ratio = statistics.median(frame["ratio"])
     per_token_ms = 1e3 * statistics.median(frame["plain_s"]) / args.new_tokens
-    if args.device.startswith("cuda"):
-        machine = torch.cuda.get_device_name()
-    else:
-        machine = f"{platform.machine()}, {args.threads} torch threads"
-    command = " ".join(["bench/generation.py", *sys.argv[1:]])
     lines = [
-        "# Generation with a steering vector vs without",
+        *header("Generation with a steering vector vs without"),
         "",
-        f"Command: `.venv/bin/python {command}`",
-        "",
-        f"{datetime.now(UTC):%Y-%m-%d}, {machine}, torch {torch.__version__}; "
+        f"{datetime.now(UTC):%Y-%m-%d}, {machine(args.device, args.threads)}, "
+        f"torch {torch.__version__}; "
         f"{args.new_tokens} new tokens, greedy, KV cache; vector at {site.name}.",
         "",
         f"- steered / plain wall time: median {ratio:.3f}× (range "
@@ -114,9 +100,7 @@ def main() -> None:
         "",
         frame.to_markdown(index=False, floatfmt=".4g"),
     ]
-    OUT.mkdir(exist_ok=True)
-    frame.to_csv(OUT / f"{args.out}.csv", index=False)
-    (OUT / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    save(args.out, lines, frame)
     print("\n".join(lines))
 
 

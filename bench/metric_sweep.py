@@ -17,16 +17,14 @@ pre/mid/post, attn_out, per-head hook_z, mlp_out, mlp hook_pre/hook_post), it re
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import statistics
-import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pandas as pd
 import torch
+from common import header, machine, save, sync
 
 import steerlens as sl
 from steerlens.metric.direct import direct_rows
@@ -36,16 +34,10 @@ from steerlens.prompts import as_prompts
 from steerlens.sites import Site, all_sites
 
 PROMPT = "The quick brown fox jumps over the lazy dog while the farmer watches from the old"
-OUT = Path(__file__).parent / "results"
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -74,12 +66,6 @@ def floor_flops(model, rows: int, n_pos: int) -> float:
     per_block = sum(p.numel() for n, p in model.blocks[0].named_parameters() if p.dim() > 1)
     attn = 2 * 2 * cfg.n_heads * n_pos * cfg.d_head
     return rows * cfg.n_layers * (2 * per_block + attn)
-
-
-def machine(args) -> str:
-    if args.device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name()}, {platform.machine()} host"
-    return f"{platform.processor() or platform.machine()}, {args.threads} torch threads"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -136,7 +122,7 @@ def main() -> None:
     floor = floor_flops(model, rows, tokens.shape[0]) / (gflops * 1e9)
     record = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": machine(args),
+        "machine": machine(args.device, args.threads),
         "torch": torch.__version__,
         "prompt_tokens": int(tokens.shape[0]),
         "sites": len(sites),
@@ -159,15 +145,8 @@ def main() -> None:
         "peak_rss_mb_after_auto_sweep": rss_auto,
         "peak_rss_mb_after_full_sweep": rss_full,
     }
-    OUT.mkdir(exist_ok=True)
-    pd.DataFrame([{k: str(v) for k, v in record.items()}]).to_csv(
-        OUT / f"{args.out}.csv", index=False
-    )
-    command = " ".join(["bench/metric_sweep.py", *sys.argv[1:]])
     lines = [
-        "# Metric sweep benchmark",
-        "",
-        f"Command: `.venv/bin/python {command}`",
+        *header("Metric sweep benchmark"),
         "",
         "| measure | value |",
         "|---|---|",
@@ -175,7 +154,7 @@ def main() -> None:
     for key, value in record.items():
         shown = f"{value:.4g}" if isinstance(value, float) else value
         lines.append(f"| {key} | {shown} |")
-    (OUT / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    save(args.out, lines, pd.DataFrame([{k: str(v) for k, v in record.items()}]))
     print("\n".join(lines))
 
 

@@ -14,15 +14,13 @@ run.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pandas as pd
 import torch
+from common import header, machine, save, sync
 
 import steerlens as sl
 from steerlens.concepts import (
@@ -34,8 +32,6 @@ from steerlens.concepts import (
 )
 from steerlens.evaluate import next_logprobs, outcome_measures
 from steerlens.methods import EuclideanConfig, FishBackConfig, steer_iteratively
-
-OUT = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -89,15 +85,10 @@ def main() -> None:
     frame = pd.DataFrame(rows)
     wide = frame.pivot(index="context", columns="method", values="seconds")
     kl = frame.pivot(index="context", columns="method", values="off_target_kl")
-    OUT.mkdir(exist_ok=True)
-    frame.to_csv(OUT / f"{args.out}.csv", index=False)
-    command = " ".join(["bench/steering.py", *sys.argv[1:]])
     lines = [
-        "# FishBack vs Euclidean steering: wall time",
+        *header("FishBack vs Euclidean steering: wall time"),
         "",
-        f"Command: `.venv/bin/python {command}`",
-        "",
-        f"{datetime.now(UTC):%Y-%m-%d}, {machine(args)}, "
+        f"{datetime.now(UTC):%Y-%m-%d}, {machine(args.device, args.threads)}, "
         f"torch {torch.__version__}, site {site}, target pair share 0.5.",
         "",
     ]
@@ -111,19 +102,8 @@ def main() -> None:
             f"(range {min(kl_ratio):.3g}–{max(kl_ratio):.3g}×)",
         ]
     lines += ["", frame.to_markdown(index=False, floatfmt=".4g")]
-    (OUT / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    save(args.out, lines, frame)
     print("\n".join(lines))
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def machine(args) -> str:
-    if args.device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"{platform.machine()}, {args.threads} torch threads"
 
 
 def _options(variant: str) -> dict[str, float | int]:

@@ -17,21 +17,18 @@ where the default model costs ~1–2 s a prompt on 2 cores (see the README's per
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pandas as pd
 import torch
+from common import header, machine, save
 
 import steerlens as sl
 from steerlens.concepts import load_corpus
 
-OUT = Path(__file__).parent / "results"
 PAGE_MB = resource.getpagesize() / 2**20
 
 
@@ -125,16 +122,11 @@ def write(args, rows: list[dict[str, float]], metric=None) -> None:
     frame = pd.DataFrame(rows)
     first, last = rows[0], rows[-1]
     cuda = args.device.startswith("cuda")
-    machine = (
-        torch.cuda.get_device_name() if cuda else f"{platform.machine()}, {args.threads} threads"
-    )
-    command = " ".join(["bench/streaming.py", *sys.argv[1:]])
     lines = [
-        "# Dataset-level metric streamed over short prompts: memory",
+        *header("Dataset-level metric streamed over short prompts: memory"),
         "",
-        f"Command: `.venv/bin/python {command}`",
-        "",
-        f"{datetime.now(UTC):%Y-%m-%d}, {machine}, torch {torch.__version__}; "
+        f"{datetime.now(UTC):%Y-%m-%d}, {machine(args.device, args.threads)}, "
+        f"torch {torch.__version__}; "
         f"{args.model} model, site {args.site}, prompts of {args.length} tokens, vocab auto.",
         "",
         f"- peak RSS at {first['prompts']:,} prompts: {first['peak_rss_mb']:.0f} MB; at "
@@ -156,9 +148,7 @@ def write(args, rows: list[dict[str, float]], metric=None) -> None:
             f"{last['cuda_allocated_mb']:.0f} MB (peak {last['cuda_peak_mb']:.0f} MB)"
         )
     lines += ["", frame.to_markdown(index=False, floatfmt=".4g")]
-    OUT.mkdir(exist_ok=True)
-    frame.to_csv(OUT / f"{args.out}.csv", index=False)
-    (OUT / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    save(args.out, lines, frame)
     if metric is not None:
         print("\n".join(lines))
 

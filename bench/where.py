@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
-import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pandas as pd
-import torch
+from common import header, machine, save
 
 import steerlens as sl
 from steerlens.concepts import load_corpus, train_test_contexts, verb_concept, verb_contexts
@@ -28,8 +25,6 @@ from steerlens.evaluate import next_logprobs, outcome_measures
 from steerlens.experiments.matched import context_tokens, pair_concept, pair_share
 from steerlens.methods import FishBackConfig, steer_iteratively
 from steerlens.where import site_costs
-
-OUT = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -77,15 +72,11 @@ def main() -> None:
     per_layer["kl_per_unit"] = [float(cost.loc[layer]) for layer in per_layer.layer]
     rank_rho = per_layer[["kl_per_unit", "measured_kl"]].corr(method="spearman").iloc[0, 1]
     ratio = frame.measured_over_predicted
-    OUT.mkdir(exist_ok=True)
-    frame.to_csv(OUT / "where.csv", index=False)
     lines = [
-        "# Where to steer: the Fisher-optimal site cost against measured FishBack KL",
+        *header("Where to steer: the Fisher-optimal site cost against measured FishBack KL"),
         "",
-        f"Command: `.venv/bin/python {' '.join(['bench/where.py', *sys.argv[1:]])}`",
-        "",
-        f"{datetime.now(UTC):%Y-%m-%d}, {platform.machine()}, {torch.get_num_threads()} torch "
-        f"threads; concept past (pair share), {len(test)} held-out contexts, target share 0.5.",
+        f"{datetime.now(UTC):%Y-%m-%d}, {machine()}; concept past (pair share), "
+        f"{len(test)} held-out contexts, target share 0.5.",
         "",
         f"- Spearman(kl_per_unit, measured KL) across layers {args.layers}: {rank_rho:.3f}",
         f"- measured / predicted KL per run: median {ratio.median():.3g} "
@@ -105,7 +96,7 @@ def main() -> None:
         "",
         table.to_markdown(index=False, floatfmt=".4g"),
     ]
-    (OUT / "where.md").write_text("\n".join(lines) + "\n")
+    save("where", lines, frame)
     print("\n".join(lines[:12]))
     if not math.isfinite(rank_rho):
         raise SystemExit("the rank correlation is not finite")

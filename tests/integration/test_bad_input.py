@@ -275,13 +275,17 @@ API_CASES = [
 ]  # fmt: skip
 
 
+def _raises_and_leaves_untouched(case: Case, model, tmp_path: Path) -> None:
+    before = weights_snapshot(model)
+    with pytest.raises(case.error) as info:
+        case.run(model, tmp_path)
+    assert case.message in str(info.value), str(info.value)
+    assert_untouched(model, before)
+
+
 @pytest.mark.parametrize("case", API_CASES, ids=lambda c: c.id)
 def test_api_bad_input(case, gpt2_model, tmp_path):
-    before = weights_snapshot(gpt2_model)
-    with pytest.raises(case.error) as info:
-        case.run(gpt2_model, tmp_path)
-    assert case.message in str(info.value), str(info.value)
-    assert_untouched(gpt2_model, before)
+    _raises_and_leaves_untouched(case, gpt2_model, tmp_path)
 
 
 def test_every_error_is_a_steerlens_error_and_its_builtin():
@@ -313,11 +317,7 @@ REAL_CASES = [
 @pytest.mark.integration
 @pytest.mark.parametrize("case", REAL_CASES, ids=lambda c: c.id)
 def test_default_model_bad_input(case, default_model, tmp_path):
-    before = weights_snapshot(default_model)
-    with pytest.raises(case.error) as info:
-        case.run(default_model, tmp_path)
-    assert case.message in str(info.value), str(info.value)
-    assert_untouched(default_model, before)
+    _raises_and_leaves_untouched(case, default_model, tmp_path)
 
 
 def _concept_file(tmp_path: Path, content: str) -> str:

@@ -138,7 +138,7 @@ def _edit_at(
     head) by ``edit(slice, shape)``, ``shape`` being the site's own activation shape."""
 
     def hook(act: Tensor, hook: object) -> Tensor:
-        if site.position == "all" and site.head is None:  # the whole activation: no copy
+        if site.position == "all" and site.head is None:  # one addition, no clone
             return edit(act, act.shape[2:])
         sl = _position_slice(site, act.shape[1], 0)
         if sl is None:

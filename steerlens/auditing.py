@@ -51,7 +51,7 @@ import torch.autograd.forward_ad as fwad
 from torch import Tensor
 
 from steerlens.errors import ConceptError, InputError, MethodError
-from steerlens.hooks import _position_slice, hooked, record
+from steerlens.hooks import hooked, record, site_index
 from steerlens.methods.intervention import Intervention
 from steerlens.metric.outcomes import complement_kl
 from steerlens.prompts import PromptsLike, as_prompts
@@ -303,11 +303,10 @@ def _dual_pass(
 
     def add(site: Site, vector: Tensor):
         def hook(act: Tensor, hook: object) -> Tensor:
-            sl = _position_slice(site, act.shape[1], 0)
+            index = site_index(site, act.shape[1])
             tangent = torch.zeros_like(act)
-            if sl is not None:
-                target = tangent[:, sl, site.head] if site.head is not None else tangent[:, sl]
-                target += vector.to(act).view(target.shape[-1])
+            if index is not None:
+                tangent[index] += vector.to(act).view(act.shape[len(index) :])
             return act + fwad.make_dual(torch.zeros_like(act), tangent)
 
         return hook
@@ -322,13 +321,11 @@ def _dual_pass(
         """Activation scaling a → (1 + t·m)·a: its tangent at t = 0 is m·a."""
 
         def hook(act: Tensor, hook: object) -> Tensor:
-            sl = _position_slice(site, act.shape[1], 0)
+            index = site_index(site, act.shape[1])
             primal = fwad.unpack_dual(act).primal
             tangent = torch.zeros_like(primal)
-            if sl is not None and site.head is not None:
-                tangent[:, sl, site.head] = m * primal[:, sl, site.head]
-            elif sl is not None:
-                tangent[:, sl] = m * primal[:, sl]
+            if index is not None:
+                tangent[index] = m * primal[index]
             return act + fwad.make_dual(torch.zeros_like(primal), tangent)
 
         return hook

@@ -130,8 +130,18 @@ def _position_slice(site: Site, n_pos: int, offset: int) -> slice | int | None:
     return idx if 0 <= idx < n_pos else None
 
 
+def site_index(site: Site, n_pos: int) -> tuple[slice | int, ...] | None:
+    """The index of the site's slice of a [batch, pos, ...] activation of ``n_pos`` positions:
+    its positions, and its head for a per-head site; None if none of its positions is in this
+    forward pass. The site's own activation shape is ``act.shape[len(index):]``."""
+    sl = _position_slice(site, n_pos, 0)
+    if sl is None:
+        return None
+    return (slice(None), sl) if site.head is None else (slice(None), sl, site.head)
+
+
 @contextmanager
-def _edit_at(
+def edit_at(
     model: HookedTransformer, site: Site, edit: Callable[[Tensor, torch.Size], Tensor]
 ) -> Iterator[HookedTransformer]:
     """While inside the block, replace the site's slice of its activation (its positions, its
@@ -140,14 +150,11 @@ def _edit_at(
     def hook(act: Tensor, hook: object) -> Tensor:
         if site.position == "all" and site.head is None:  # one addition, no clone
             return edit(act, act.shape[2:])
-        sl = _position_slice(site, act.shape[1], 0)
-        if sl is None:
+        index = site_index(site, act.shape[1])
+        if index is None:
             return act
         act = act.clone()
-        if site.head is not None:
-            act[:, sl, site.head] = edit(act[:, sl, site.head], act.shape[3:])
-        else:
-            act[:, sl] = edit(act[:, sl], act.shape[2:])
+        act[index] = edit(act[index], act.shape[len(index) :])
         return act
 
     with hooked(model, [(site.hook_name, hook)], need_result=site.kind == "result"):
@@ -169,7 +176,7 @@ def add_vector(
     delta = (scale * vector).to(dtype=model.cfg.dtype, device=model.cfg.device)
     if not torch.isfinite(delta).all():
         raise NonFiniteError(f"scale {scale} times the vector overflows at site {site.name}")
-    with _edit_at(model, site, lambda x, shape: x + delta.view(shape).to(x.dtype)):
+    with edit_at(model, site, lambda x, shape: x + delta.view(shape).to(x.dtype)):
         yield model
 
 
@@ -183,5 +190,5 @@ def scale_activation(
     factor = float(factor)
     if not math.isfinite(factor):
         raise NonFiniteError(f"scaling factor {factor} at {site.name} is not finite")
-    with _edit_at(model, site, lambda x, shape: x * factor):
+    with edit_at(model, site, lambda x, shape: x * factor):
         yield model

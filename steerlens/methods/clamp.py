@@ -36,7 +36,7 @@ from torch import Tensor
 
 from steerlens.concepts.sae import SaeFeature
 from steerlens.errors import ArtifactError, InputError, NonFiniteError
-from steerlens.hooks import _edit_at
+from steerlens.hooks import edit_at
 from steerlens.sites import Site, as_site
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ def clamp_feature(
     clamp.check(site, model)
     if not math.isfinite(scale * clamp.value):
         raise NonFiniteError(f"clamp value {scale} × {clamp.value} overflows at {site.name}")
-    with _edit_at(model, site, lambda x, shape: clamp.edit(x, scale)):
+    with edit_at(model, site, lambda x, shape: clamp.edit(x, scale)):
         yield model
 
 

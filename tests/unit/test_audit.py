@@ -28,7 +28,7 @@ def _components(model, tokens, site, vector):
         if s.head is not None:
             act[:, -1, s.head] += vector
         else:
-            act[:, -1] += vector
+            act[:, -1] += vector.view(act.shape[2:])  # all heads of hook_z: [n_heads, d_head]
         return act
 
     with torch.no_grad(), model.hooks(fwd_hooks=[(s.hook_name, add)]):
@@ -41,7 +41,7 @@ def _components(model, tokens, site, vector):
     return torch.cat(rows), cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][0, -1]
 
 
-@pytest.mark.parametrize("site", ["resid_pre.0", "z.0:1", "resid_mid.0"])
+@pytest.mark.parametrize("site", ["resid_pre.0", "z.0:1", "z.0", "resid_mid.0"])
 def test_first_order_matches_finite_differences(model, tokens, site):
     s = sl.Site.parse(site)
     dim = s.dim(model)

@@ -2,12 +2,14 @@
 
     .venv/bin/python bench/steering.py        # writes bench/results/steering.{md,csv}
     .venv/bin/python bench/steering.py --variants exact trace_kept=0.99 metric_every=3
+    .venv/bin/python bench/steering.py --variants exact precision=float64
 
 On the default model, past-tense contexts from the State of the Union corpus, resid_post of a
 middle layer: each method steers the pair share p_t / (p_t + p_b) from its clean value to 0.5
 with the same concept ladder (1 nat per step). Reports wall time per run and per step, steps, and
 the off-target KL each pays. ``--variants`` adds FishBack runs with speed options
-(``trace_kept=<f>``, ``metric_every=<k>``, combined with ``,``), each beside the same Euclidean
+(``trace_kept=<f>``, ``metric_every=<k>``, ``dropped_mass=<f>``, ``precision=float64``, combined
+with ``,``), each beside the same Euclidean
 run.
 """
 
@@ -106,18 +108,22 @@ def main() -> None:
     print("\n".join(lines))
 
 
-def _options(variant: str) -> dict[str, float | int]:
+def _options(variant: str) -> dict[str, float | int | str]:
     """``exact`` → {}; ``trace_kept=0.99,metric_every=3`` → those FishBack options."""
     if variant == "exact":
         return {}
-    out: dict[str, float | int] = {}
+    out: dict[str, float | int | str] = {}
     for part in variant.split(","):
         key, _, value = part.partition("=")
-        if key not in ("trace_kept", "metric_every", "dropped_mass") or not value:
+        if key not in ("trace_kept", "metric_every", "dropped_mass", "precision") or not value:
             raise SystemExit(
-                f"bad variant {variant!r}: use trace_kept=, metric_every=, dropped_mass="
+                f"bad variant {variant!r}: use trace_kept=, metric_every=, dropped_mass=, "
+                "precision="
             )
-        out[key] = int(value) if key == "metric_every" else float(value)
+        if key == "precision":
+            out[key] = value
+        else:
+            out[key] = int(value) if key == "metric_every" else float(value)
     return out
 
 

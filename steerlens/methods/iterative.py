@@ -39,7 +39,7 @@ from steerlens.errors import InputError, MethodError, NonFiniteError
 from steerlens.methods.intervention import Intervention
 from steerlens.metric.core import Metric
 from steerlens.metric.local import LocalPath
-from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS, OffTarget
+from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS, PRECISIONS, OffTarget
 from steerlens.metric.pullback import MetricOptions
 from steerlens.prompts import PromptsLike, as_prompts
 
@@ -86,7 +86,9 @@ class FishBackConfig(IterativeConfig):
     λ = ``damping``·tr(G)/d. The defaults (damping 1e-2, step 0.5) were chosen on the default
     model over 3 concepts × 3 layers (``bench/defaults.py``, ``bench/results/defaults.md``).
 
-    Speed knobs (bench/steering.py measures both): ``trace_kept`` keeps only the output-factor
+    Speed knobs (bench/steering.py measures them): ``precision`` is the dtype of the output
+    factor's top-K Gram (``"float32"``, the default, changes the direction by ~4e-4 relative to
+    float64 under this damping, at half the cost); ``trace_kept`` keeps only the output-factor
     directions holding that fraction of its trace before the pull-back (fewer rows, a lower
     bound on G); ``metric_every`` recomputes G every that many steps (1: every step, the exact
     natural gradient) and reuses it in between."""
@@ -98,11 +100,13 @@ class FishBackConfig(IterativeConfig):
     dropped_mass: float = DEFAULT_DROPPED_MASS
     trace_kept: float | None = None
     metric_every: int = 1
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (math.isfinite(self.damping) and self.damping > 0):
             raise InputError(f"damping must be a finite number > 0, got {self.damping}")
+        _check_precision(self.precision)
         if self.trace_kept is not None and not 0 < self.trace_kept <= 1:
             raise InputError(f"trace_kept must be in (0, 1], got {self.trace_kept}")
         if not (isinstance(self.metric_every, int) and self.metric_every >= 1):
@@ -137,6 +141,16 @@ class DualConfig(IterativeConfig):
     cg_iters: int = 20
     vocab: str = "auto"
     dropped_mass: float = DEFAULT_DROPPED_MASS
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_precision(self.precision)
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
 
 
 Direction = Callable[[LocalPath, Tensor, Tensor], tuple[Tensor, dict[str, Any]]]
@@ -185,7 +199,9 @@ def direction_fn(cfg: IterativeConfig, concept: Concept, stop: Concept) -> Direc
     """The update direction u(x, g) of ``cfg``'s method."""
     if isinstance(cfg, FishBackConfig):
         off = _off_target(concept, stop, cfg.off_target)
-        options = MetricOptions(cfg.vocab, cfg.dropped_mass, off, trace_kept=cfg.trace_kept)
+        options = MetricOptions(
+            cfg.vocab, cfg.dropped_mass, off, trace_kept=cfg.trace_kept, precision=cfg.precision
+        )
         depth = cfg.depth if isinstance(cfg, TruncatedFisherConfig) else None
         cache: dict[str, Any] = {"metric": None, "age": 0}
 
@@ -198,7 +214,7 @@ def direction_fn(cfg: IterativeConfig, concept: Concept, stop: Concept) -> Direc
 
         return natural
     if isinstance(cfg, DualConfig):
-        options = MetricOptions(cfg.vocab, cfg.dropped_mass)
+        options = MetricOptions(cfg.vocab, cfg.dropped_mass, precision=cfg.precision)
 
         def dual(path: LocalPath, x: Tensor, g: Tensor) -> tuple[Tensor, dict[str, Any]]:
             metric = path.metric(x, options, depth=0)

@@ -30,6 +30,8 @@ from torch import Tensor
 from steerlens.errors import ConceptError, InputError
 
 VOCAB_MODES = ("auto", "full")
+#: dtypes the top-K Gram can be formed in (``precision`` of :func:`unembed_factor`)
+PRECISIONS = ("float64", "float32")
 
 
 #: the default probability mass left out of the top-K outcomes. Once K + 1 > d the factor is
@@ -137,17 +139,25 @@ def unembed_factor(
     dropped_mass: float = DEFAULT_DROPPED_MASS,
     off_target: OffTarget | None = None,
     softcap: float | None = None,
+    precision: str = "float64",
 ) -> tuple[Float[Tensor, "n_rows d_model"], dict[str, Any]]:
     """Fisher factor rows of the (transformed) next-token distribution w.r.t. the unembedding
-    input u, in float64, and what was kept (``dropped_mass``, ``top_k``, ``vocab``)."""
+    input u, in float64, and what was kept (``dropped_mass``, ``top_k``, ``vocab``).
+
+    ``precision="float32"`` forms the top-K columns and their d×d Gram in float32 (about 4×
+    faster on a CPU; ``bench/steering.py``): its absolute error, ~1e-7 of the top eigenvalue,
+    is harmless under a damped solve (FishBack's ridge is 1e-2 of the mean eigenvalue) but not
+    for the smallest eigenvalues, so the metric engine keeps float64."""
     if vocab not in VOCAB_MODES:
         raise InputError(f"unknown vocab mode {vocab!r}; valid: {VOCAB_MODES}")
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; valid: {PRECISIONS}")
     if not 0 <= dropped_mass < 1:
         raise InputError(f"dropped_mass must be in [0, 1), got {dropped_mass}")
     logits = logits.double()
-    # Everything in float64: the metric's spectrum spans ~12 decades and some sites (single
-    # heads) live in its small directions, where a float32 Gram's absolute error (~1e-7 of the
-    # top eigenvalue) became a 1e-2 relative error. W_U is promoted in vocabulary chunks.
+    # By default everything in float64: the metric's spectrum spans ~12 decades and some sites
+    # (single heads) live in its small directions, where a float32 Gram's absolute error (~1e-7
+    # of the top eigenvalue) became a 1e-2 relative error. W_U is promoted in vocabulary chunks.
     w = w_u
     p = torch.softmax(logits, -1)
     s = 1 - (logits / softcap).pow(2) if softcap else torch.ones_like(p)
@@ -157,7 +167,11 @@ def unembed_factor(
     if total <= 0:
         raise ConceptError("the off-target distribution has zero probability mass")
     in_u = rep >= 0
-    m_u = _chunked_matvec(w, torch.where(in_u, sp, torch.zeros_like(sp)))
+    sp_u = torch.where(in_u, sp, torch.zeros_like(sp))
+    if precision == "float64":
+        m_u = _chunked_matvec(w, sp_u)
+    else:
+        m_u = (w @ sp_u.to(w.dtype)).double()
     mu_u = m_u / total
     q = mass / total
     if vocab == "full":
@@ -168,22 +182,45 @@ def unembed_factor(
     k = int(torch.searchsorted(cum, cum.new_tensor(1 - dropped_mass)).item()) + 1
     k = min(k, int((q > 0).sum()))
     top = order[:k]
-    m_top = w[:, top].double() * sp[top]  # [d, k]
+    p_top = mass[top]
+    p_rest = total - p_top.sum()
+    rest_q = float(p_rest / total)
+    info = {"vocab": "auto", "dropped_mass": max(rest_q, 0.0), "top_k": k}
+    gram = k + 1 > w.shape[0]  # then the same metric from at most d rows, via the d×d Gram
+    if gram:
+        top = top.sort().values  # the Gram ignores order; sorted columns gather faster
+        p_top = mass[top]
+    dt = torch.float64 if precision == "float64" else torch.float32
+    # column j of x: √q_j (m_j / P_j − μ_U), m_j = s_j p_j w_j (plus merged members' terms)
+    root_q = (p_top / total).sqrt()
+    # a tied unembedding is W_E transposed: gather its rows, not strided columns
+    x = (w.T[top].T if w.stride(0) < w.stride(1) else w[:, top]).to(dt)
+    x *= (sp[top] * root_q / p_top).to(dt)
     pos_in_top = {int(t): i for i, t in enumerate(top.tolist())} if merged else {}
     for base, target in merged:
         if target in pos_in_top:
-            m_top[:, pos_in_top[target]] += w[:, base].double() * sp[base]
-    p_top = mass[top]
-    rows = q[top].sqrt().unsqueeze(1) * (m_top / p_top - mu_u.unsqueeze(1)).T
-    p_rest = total - p_top.sum()
-    rest_q = float(p_rest / total)
+            i = pos_in_top[target]
+            x[:, i] += (w[:, base].double() * sp[base] * root_q[i] / p_top[i]).to(dt)
+    x.addr_(mu_u.to(dt), root_q.to(dt), alpha=-1)
+    rest = None
     if rest_q > 1e-12:
-        m_rest = m_u - m_top.sum(1)
+        if precision == "float64":
+            m_rest = m_u - x.double() @ (p_top / root_q) - mu_u * p_top.sum()
+        else:  # summed directly: m_u − Σ m_top would cancel to ~1e-7 / p_rest relative error
+            in_top = torch.zeros_like(in_u)
+            in_top[top] = True
+            in_rest = in_u & ~in_top[rep.clamp_min(0)]  # tokens whose outcome is not kept
+            m_rest = (w @ torch.where(in_rest, sp, torch.zeros_like(sp)).to(w.dtype)).double()
         rest = (p_rest / total).sqrt() * (m_rest / p_rest - mu_u)
+    if gram:
+        g = (x @ x.T).double()
+        if rest is not None:
+            g += torch.outer(rest, rest)
+        return _gram_factor(g), info
+    rows = x.T.double()
+    if rest is not None:
         rows = torch.cat([rows, rest.unsqueeze(0)], 0)
-    if rows.shape[0] > rows.shape[1]:  # K + 1 > d: the same metric from at most d rows
-        rows = _gram_factor(rows.T @ rows)
-    return rows, {"vocab": "auto", "dropped_mass": max(rest_q, 0.0), "top_k": k}
+    return rows.contiguous(), info
 
 
 _CHUNK = 8192  # vocabulary columns of W_U promoted to float64 at a time

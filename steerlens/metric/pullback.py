@@ -50,6 +50,8 @@ class MetricOptions:
     ``vocab``: ``"auto"`` (top-K outcomes holding 1 − ``dropped_mass`` plus an exact rest row) or
     ``"full"`` (exact). ``off_target``: an :class:`OffTarget` transform, or None.
     ``rank`` / ``trace_kept``: optional truncation of the factor before the recursion.
+    ``precision``: the dtype of the top-K Gram (``"float32"`` is faster and fine under a damped
+    solve; see :func:`~steerlens.metric.outcomes.unembed_factor`).
     """
 
     vocab: str = "auto"
@@ -57,6 +59,7 @@ class MetricOptions:
     off_target: OffTarget | None = None
     rank: int | None = None
     trace_kept: float | None = None
+    precision: str = "float64"
 
 
 def lens_logits(
@@ -90,6 +93,7 @@ def lens_rows(
         dropped_mass=options.dropped_mass,
         off_target=options.off_target,
         softcap=cap if cap and cap > 0 else None,
+        precision=options.precision,
     )
     rows_u = rows_u.to(dtype)
     if ln is not None:

@@ -269,3 +269,42 @@ def test_fast_block_equals_hooked_block(model, tokens):
             assert abs(fast.shares[path] - share) < 1e-12
         assert torch.allclose(torch.tensor(fast.head_shares), torch.tensor(slow.head_shares))
         b = fast.rows["resid_pre"]
+
+
+@pytest.mark.parametrize(
+    "off",
+    [None, OffTarget.complement([3, 9, 40]), OffTarget.pair_merge({5: 6, 7: 8, 11: 6})],
+    ids=["plain", "complement", "merge"],
+)
+def test_unembed_factor_precisions_and_layouts_agree(off):
+    """The top-K factor is the same whether W_U is row-major or a transposed (tied) view, and
+    its float32 Gram stays within float32 rounding of the float64 one, rest row included."""
+    from steerlens.metric.outcomes import unembed_factor
+
+    gen = torch.Generator().manual_seed(0)
+    # a shared offset in W_U (as real unembeddings have) and a small rest mass: where forming
+    # the rest row as m_U − Σ m_top in float32 would cancel (a 1.2e-6 Gram error here, 3e-4 on
+    # the default model; the direct sum gives 1.9e-7)
+    w = torch.randn(24, 3000, dtype=torch.float64, generator=gen, device="cpu") + 4
+    logits = 2 * torch.randn(3000, dtype=torch.float64, generator=gen, device="cpu")
+    tied = w.T.contiguous().T  # same values, column-major like a tied unembedding
+    grams = {}
+    for name, weights, precision in [
+        ("row64", w, "float64"),
+        ("tied64", tied, "float64"),
+        ("tied32", tied.float(), "float32"),
+        ("row32", w.float(), "float32"),
+    ]:
+        rows, info = unembed_factor(
+            logits, weights, dropped_mass=1e-5, off_target=off, precision=precision
+        )
+        assert info["top_k"] + 1 > 24 and info["dropped_mass"] > 0  # Gram path, with a rest row
+        grams[name] = rows.T @ rows
+    full, _ = unembed_factor(logits, w, vocab="full", off_target=off)
+    assert rel_err(grams["row64"], grams["tied64"]) < 1e-12
+    assert rel_err(grams["tied32"], grams["row64"]) < 5e-7
+    assert rel_err(grams["row32"], grams["row64"]) < 5e-7
+    # coarse-graining the last 1e-5 of the mass is a lower bound close to the exact metric
+    assert rel_err(grams["row64"], full.T @ full) < 1e-3
+    with pytest.raises(errors.InputError, match="precision"):
+        unembed_factor(logits, w, precision="float16")

@@ -1,4 +1,5 @@
-"""The spectral cost ratio of a steering direction, and its Kantorovich bound.
+"""The spectral cost ratio of a steering direction, its Kantorovich bound, and ρ integrated
+along a steering path (:class:`PathRho`).
 
 For a concept with gradient g at a site with metric G (damped: G_λ = G + λI with
 λ = ``damping``·tr G/d), a step v that changes the concept by ε costs ½ε²·vᵀG_λv/(gᵀv)² nats
@@ -24,6 +25,9 @@ M^{-½}G_λM^{-½}.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
@@ -76,3 +80,35 @@ def kantorovich_bound(
         return float("inf")
     kappa = hi / lo
     return (kappa + 1) ** 2 / (4 * kappa)
+
+
+@dataclass
+class PathRho:
+    """ρ integrated along a steering path. At each step t of the path (concept change Δc_t,
+    damped metric G_t, gradient g_t), the Fisher-optimal direction costs √κ*_t of Fisher length
+    per unit of concept, κ*_t = 1/(g_tᵀG_t⁻¹g_t), and a direction v_t costs √(ρ_t(v_t)κ*_t).
+    The ratio of the two lengths over the path, squared, is the second-order KL ratio of moving
+    the concept along the same ladder in v's direction rather than the optimal one:
+
+        ρ_path = (Σ_t Δc_t √(ρ_t κ*_t) / Σ_t Δc_t √κ*_t)²
+
+    It equals ρ when ρ_t is constant and weighs each step by where the concept actually moves;
+    steps where v does not raise the concept (ρ_t undefined) make it NaN.
+
+    >>> acc = PathRho()
+    >>> acc.add(4.0, 1.0, 1.0); acc.add(1.0, 1.0, 1.0)
+    >>> acc.value()   # ((2 + 1) / 2)²
+    2.25
+    """
+
+    num: float = 0.0
+    den: float = 0.0
+
+    def add(self, rho: float, best: float, change: float) -> None:
+        """One step: ρ_t, g_tᵀG_t⁻¹g_t and Δc_t."""
+        weight = abs(change) / math.sqrt(best) if best > 0 else math.nan
+        self.num += weight * math.sqrt(rho)
+        self.den += weight
+
+    def value(self) -> float:
+        return (self.num / self.den) ** 2 if self.den > 0 else math.nan

@@ -154,22 +154,35 @@ def match_strength(
     *,
     max_scale: float = 256.0,
     iters: int = 30,
+    tol: float = 1e-4,
 ) -> tuple[float, bool]:
     """The scale s at which ``probability(s)`` first reaches ``target``, by doubling from 1 and
-    then bisection; (the largest scale tried, False) if it never does by ``max_scale``."""
+    then bisection until the probability at the upper end is within ``tol`` above the target
+    (or ``iters`` halvings); (the largest scale tried, False) if it never does by
+    ``max_scale``.
+
+    >>> scale, ok = match_strength(lambda s: s / 10, 0.5)
+    >>> ok and 5.0 <= scale < 5.001
+    True
+    """
     if not 0 < target < 1:
         raise InputError(f"target probability must be in (0, 1), got {target}")
     if probability(0.0) >= target:
         return 0.0, True
     lo, hi = 0.0, 1.0
-    while probability(hi) < target:
+    p_hi = probability(hi)
+    while p_hi < target:
         lo, hi = hi, hi * 2
         if hi > max_scale:
             return lo, False
+        p_hi = probability(hi)
     for _ in range(iters):
+        if p_hi - target <= tol:
+            break
         mid = (lo + hi) / 2
-        if probability(mid) >= target:
-            hi = mid
+        p_mid = probability(mid)
+        if p_mid >= target:
+            hi, p_hi = mid, p_mid
         else:
             lo = mid
     return hi, True
@@ -214,33 +227,38 @@ def with_kl_ratio(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataF
     return out.drop(columns=list(cols.values()))
 
 
-def predictor_agreement(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataFrame:
+def predictor_agreement(
+    records: pd.DataFrame, baseline: str = "fishback", *, by_method: bool = False
+) -> pd.DataFrame:
     """How well each predictor of the measured KL ratio to ``baseline`` does over the reached
     runs of the other methods: ``rho`` (clean-point spectral cost ratio) and, where present,
-    ``kl_quadratic_ratio`` (finite change). Spearman and Pearson-on-logs correlations, the median
-    predicted/measured, and the fraction within 2× of measured."""
+    ``rho_path`` (ρ integrated along FishBack's path) and ``kl_quadratic_ratio`` (finite
+    change). Spearman and Pearson-on-logs correlations, the median predicted/measured, and the
+    fraction within 2× of measured; ``by_method``: one row per predictor and method."""
     frame: Any = with_kl_ratio(records, baseline) if "kl_ratio" not in records else records
     rows = []
-    for name in ("rho", "kl_quadratic_ratio"):
+    for name in ("rho", "rho_path", "kl_quadratic_ratio"):
         if name not in frame:
             continue
         ok = frame[(frame["method"] != baseline) & frame["kl_ratio"].gt(0) & frame[name].gt(0)]
-        if len(ok) < 3:
-            continue
-        pred, meas = ok[name].astype(float), ok["kl_ratio"].astype(float)
-        over = pred / meas
-        rows.append(
-            {
-                "predictor": name,
-                "runs": len(ok),
-                "methods": ", ".join(sorted(ok["method"].unique())),
-                "spearman": float(pred.corr(meas, method="spearman")),
-                "pearson_log": float(np.log(pred).corr(np.log(meas))),
-                "median_predicted_over_measured": float(over.median()),
-                "within_2x": float(((over <= 2) & (over >= 0.5)).mean()),
-            }
-        )
+        groups = ok.groupby("method") if by_method else [(None, ok)]
+        for _, group in groups:
+            if len(group) >= 3:
+                rows.append({"predictor": name, **_agreement(group, name)})
     return pd.DataFrame(rows)
+
+
+def _agreement(ok: Any, name: str) -> dict[str, Any]:
+    pred, meas = ok[name].astype(float), ok["kl_ratio"].astype(float)
+    over = pred / meas
+    return {
+        "runs": len(ok),
+        "methods": ", ".join(sorted(ok["method"].unique())),
+        "spearman": float(pred.corr(meas, method="spearman")),
+        "pearson_log": float(np.log(pred).corr(np.log(meas))),
+        "median_predicted_over_measured": float(over.median()),
+        "within_2x": float(((over <= 2) & (over >= 0.5)).mean()),
+    }
 
 
 def summarize(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataFrame:
@@ -268,6 +286,7 @@ def summarize(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataFrame
                 f"kl_ratio_to_{baseline}": r_mean,
                 "kl_ratio_ci": (r_lo, r_hi),
                 "rho": float(ok["rho"].mean()) if "rho" in ok else math.nan,
+                "rho_path": float(ok["rho_path"].mean()) if "rho_path" in ok else math.nan,
             }
         )
     return pd.DataFrame(rows)

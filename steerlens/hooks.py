@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -53,12 +53,27 @@ def attn_result_enabled(model: HookedTransformer, enabled: bool = True) -> Itera
 def hooked(
     model: HookedTransformer, fwd_hooks: list[tuple[str, HookFn]], *, need_result: bool = False
 ) -> Iterator[HookedTransformer]:
-    """Attach forward hooks for the duration of the block; always removed in ``finally``."""
+    """Attach forward hooks for the duration of the block; always removed in ``finally``.
+
+    TransformerLens's ``model.hooks`` removes them by visiting every hook point of the model
+    (~14 ms on the default model, a third of a bisection's forward pass); this adds them at a
+    new context level the same way and removes that level from the touched points only."""
     with ExitStack() as stack:
         if need_result:
             stack.enter_context(attn_result_enabled(model))
-        stack.enter_context(model.hooks(fwd_hooks=fwd_hooks))  # type: ignore[arg-type]
-        yield model
+        model.context_level += 1
+        level = model.context_level
+        touched: dict[str, Any] = {}
+        try:
+            for name, fn in fwd_hooks:
+                point = model.mod_dict[name]
+                point.add_hook(fn, dir="fwd", level=level)  # type: ignore[operator]
+                touched[name] = point
+            yield model
+        finally:
+            for point in touched.values():
+                point.remove_hooks("fwd", including_permanent=False, level=level)
+            model.context_level -= 1
 
 
 def _select(act: Tensor, site: Site) -> Tensor:

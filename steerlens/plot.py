@@ -193,6 +193,7 @@ def _legend_entries(axes: Any) -> tuple[list[Any], list[str]]:
 #: predictors of the measured KL ratio, with their axis labels
 PREDICTORS = {
     "rho": "ρ at the clean point",
+    "rho_path": "ρ along FishBack's path",
     "kl_quadratic_ratio": "½δᵀGδ ratio at the matched edit",
 }
 
@@ -201,7 +202,8 @@ PREDICTORS = {
 def predicted_vs_measured(records: pd.DataFrame, *, baseline: str = "fishback") -> Figure:
     """Predicted cost ratio against the measured off-target KL ratio to ``baseline`` at matched
     probability, log–log, with the identity line: one panel per predictor present in
-    ``records`` (ρ at the clean point; the finite-change ratio ``kl_quadratic_ratio``)."""
+    ``records`` (ρ at the clean point; ρ integrated along FishBack's path, ``rho_path``; the
+    finite-change ratio ``kl_quadratic_ratio``)."""
     if "kl_ratio" not in records:
         raise ValueError("records need a kl_ratio column (steerlens.evaluate.with_kl_ratio)")
     frame: Any = records

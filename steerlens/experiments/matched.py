@@ -7,10 +7,12 @@ from a base form b to a target form t. The concept is the pair share p_t/(p_t + 
 ascent, depth-0 Fisher) steer the residual at the prediction position until the share reaches
 the highest target, keeping checkpoints for the lower ones; fixed-direction methods (CAA, ActAdd,
 probe) are scaled by bisection to each target. Every (method, target) is one record, reached or
-not, with the measures of :mod:`steerlens.evaluate`, ρ of the method's direction at the clean
-point (:mod:`steerlens.cost`), and ``kl_quadratic`` = ½δᵀG_offδ of the method's actual matched
-edit δ in the clean-point metric — the finite-change predictor: its ratio to FishBack's
-predicts the measured KL ratio without ρ's assumption that Δc is linear in the strength.
+not, with the measures of :mod:`steerlens.evaluate` and three predictors of its KL ratio to
+FishBack: ``rho``, ρ of the method's direction at the clean point (:mod:`steerlens.cost`);
+``rho_path``, ρ of the method's direction at each point of FishBack's own path, integrated over
+the concept change (:class:`~steerlens.methods.iterative.PathRho`; Euclidean, depth-0, probe and
+SAE, whose edits sit at the site); and ``kl_quadratic`` = ½δᵀG_offδ of the method's actual
+matched edit δ in the clean-point metric (its ratio to FishBack's).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from steerlens.evaluate import (
 )
 from steerlens.methods.intervention import Intervention
 from steerlens.methods.iterative import (
+    Compared,
     EuclideanConfig,
     FishBackConfig,
     TruncatedFisherConfig,
@@ -271,6 +274,7 @@ def context_records(
             **extra,
             **outcome_measures(clean, steered, ctx.target_id, merge, base=ctx.base_id),
             "rho": point.rho(directions[name], settings.damping),
+            "rho_path": 1.0 if name == "fishback" else path_rho.get(target, {}).get(name, math.nan),
             "kl_quadratic": point.quadratic_kl(iv, site),
             "implicit_metric": IMPLICIT_METRIC[name],
         }
@@ -278,8 +282,11 @@ def context_records(
             out["perplexity"] = continuation_perplexity(model, tokens, iv, settings.fluency_tokens)
         return out
 
+    compare = along_directions(settings, ctx, fixed)
+    runs = iterative_runs(model, settings, ctx, tokens, site, compare)
+    path_rho = {t: extra.pop("path_rho", {}) for name, t, _, extra in runs if name == "fishback"}
     records = []
-    for name, target, iv, extra in iterative_runs(model, settings, ctx, tokens, site):
+    for name, target, iv, extra in runs:
         records.append(record(name, target, iv, extra))
     for name, iv in fixed.items():
         for target in settings.targets:
@@ -298,14 +305,42 @@ def share_at(
     return prob
 
 
+def along_directions(
+    settings: MatchedSettings, ctx: VerbContext, fixed: dict[str, Intervention]
+) -> dict[str, Compared]:
+    """Each other method's direction at a point x of FishBack's path, for ρ integrated along
+    it: Euclidean g; depth-0 (G⁽⁰⁾(x) + λI)⁻¹g with G⁽⁰⁾ off-target like its own run; the
+    probe's and the SAE feature's fixed vectors. CAA and ActAdd are left out: they edit other
+    positions too, which no metric at the prediction position prices."""
+    options = MetricOptions(off_target=pair_concept(ctx).off_target(), precision="float32")
+    damping = settings.damping
+
+    def depth0(path: LocalPath, x: Tensor, g: Tensor) -> Tensor:
+        return path.metric(x, options, depth=0).solve(g, damping)
+
+    out: dict[str, Compared] = {}
+    if "euclidean" in settings.methods:
+        out["euclidean"] = lambda path, x, g: g
+    if "depth0" in settings.methods:
+        out["depth0"] = depth0
+    for name in ("probe", "sae"):
+        if name in fixed:
+            vector = fixed[name].vector()
+            out[name] = lambda path, x, g, v=vector: v
+    return out
+
+
 def iterative_runs(
     model: HookedTransformer,
     settings: MatchedSettings,
     ctx: VerbContext,
     tokens: Tensor,
     site: Site,
+    compare: dict[str, Compared] | None = None,
 ) -> list[tuple[str, float, Intervention, dict[str, Any]]]:
-    """One run per iterative method to the highest target; lower targets from checkpoints."""
+    """One run per iterative method to the highest target; lower targets from checkpoints.
+    ``compare``: directions whose ρ is integrated along FishBack's path (its records' extra
+    ``path_rho``, per target)."""
     concept = pair_concept(ctx)
     top = max(settings.targets)
     step, damping = settings.step, settings.damping
@@ -319,15 +354,20 @@ def iterative_runs(
     for name, cfg in configs.items():
         if name not in settings.methods:
             continue
-        iv = steer_iteratively(model, cfg, concept, tokens, checkpoints=checkpoints)
+        along = compare if name == "fishback" else None
+        iv = steer_iteratively(model, cfg, concept, tokens, checkpoints=checkpoints, compare=along)
         for target in settings.targets:
             if target == top:
                 vec, reached = iv.vector(), bool(iv.info["reached"])
+                path_rho = iv.info.get("path_rho", {})
             else:
                 mark = iv.info["checkpoints"].get(repr(math.log(target)))
                 reached = mark is not None
                 vec = iv.vector().new_tensor(mark) if reached else iv.vector()
+                path_rho = iv.info.get("checkpoint_path_rho", {}).get(repr(math.log(target)), {})
             extra = {"reached": reached, "strength": float(vec.norm()), "steps": iv.info["steps"]}
+            if along:
+                extra["path_rho"] = path_rho
             out.append((name, target, Intervention(name, {site.name: vec}), extra))
     return out
 

@@ -243,10 +243,17 @@ def save_reproduction(result: ReproduceResult, results_dir: Path, figures_dir: P
             "## Predicting the measured KL ratio to FishBack",
             "",
             "`rho`: the spectral cost ratio of the method's direction at the clean point; "
-            "`kl_quadratic_ratio`: ½δᵀGδ of the method's actual matched edit over FishBack's, "
-            "in the clean-point off-target metric (edits at the site only: not CAA or ActAdd).",
+            "`rho_path`: ρ of the method's direction at each point of FishBack's path, "
+            "integrated over the concept change (Euclidean, depth-0, probe and SAE: edits at "
+            "the site); `kl_quadratic_ratio`: ½δᵀGδ of the method's actual matched edit over "
+            "FishBack's, in the clean-point off-target metric (edits at the site only: not CAA "
+            "or ActAdd).",
             "",
             predictor_agreement(records).to_markdown(index=False, floatfmt=".3g"),
+            "",
+            "By method (predictor and method with at least 3 reached runs):",
+            "",
+            predictor_agreement(records, by_method=True).to_markdown(index=False, floatfmt=".3g"),
             "",
         ]
     )

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -35,6 +35,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steerlens.concepts.base import Concept
+from steerlens.cost import PathRho, spectral_cost_ratio
 from steerlens.errors import InputError, MethodError, NonFiniteError
 from steerlens.methods.intervention import Intervention
 from steerlens.metric.core import Metric
@@ -154,6 +155,8 @@ def _check_precision(precision: str) -> None:
 
 
 Direction = Callable[[LocalPath, Tensor, Tensor], tuple[Tensor, dict[str, Any]]]
+#: another method's direction at a point of the path: (path, x, g) -> v
+Compared = Callable[[LocalPath, Tensor, Tensor], Tensor]
 
 
 def conjugate_gradient(
@@ -210,7 +213,7 @@ def direction_fn(cfg: IterativeConfig, concept: Concept, stop: Concept) -> Direc
                 cache["metric"], cache["age"] = path.metric(x, options, depth=depth), 0
             cache["age"] += 1
             metric = cache["metric"]
-            return metric.solve(g, cfg.damping), _metric_info(metric)
+            return metric.solve(g, cfg.damping), {**_metric_info(metric), "_metric": metric}
 
         return natural
     if isinstance(cfg, DualConfig):
@@ -262,6 +265,7 @@ def steer_iteratively(
     *,
     stop_on: Concept | None = None,
     checkpoints: Sequence[float] = (),
+    compare: Mapping[str, Compared] | None = None,
 ) -> Intervention:
     """Run ``cfg``'s method on one prompt until the stop concept (``stop_on``, default the
     concept) reaches its target, or ``max_steps``. Returns the intervention δ at the site, with
@@ -269,7 +273,14 @@ def steer_iteratively(
 
     ``checkpoints``: lower stop-concept values passed on the way; the δ where the path first
     crosses each (bisected like the final step) is kept in ``info["checkpoints"]`` as
-    ``{value: list of floats}``, so one run serves several matched targets."""
+    ``{value: list of floats}``, so one run serves several matched targets.
+
+    ``compare`` (FishBack and depth-k only: they hold the metric at every step): other methods'
+    directions v(path, x, g) at the points of this path. ``info["path_rho"][name]`` is ρ
+    integrated along the path (:class:`~steerlens.cost.PathRho`), the predictor of that
+    method's off-target KL over this one's at matched concept change;
+    ``info["checkpoint_path_rho"][value]`` the same up to the step that crosses each
+    checkpoint."""
     if not isinstance(concept, Concept):
         raise InputError(f"concept must have value() and target_value(), got {type(concept)}")
     stop = concept if stop_on is None else stop_on
@@ -287,17 +298,26 @@ def steer_iteratively(
         if callable(check_site):
             check_site(path.site, model)
         direction = direction_fn(cfg, concept, stop)
+        damping = getattr(cfg, "damping", None)
+        if compare and not isinstance(cfg, FishBackConfig):
+            raise InputError(
+                f"compare needs a method that computes the metric at every step (fishback, "
+                f"truncated_fisher), not {cfg.name}"
+            )
+        along = _Along(compare or {}, damping)
         x = path.x0.clone()
         c, g, s = _evaluate(path, concept, stop, x)
         trajectory = [{"step": 0, "value": c, "stop_value": s, "delta_norm": 0.0}]
         start_value, reached, steps = s, s >= target, 0
         pending = sorted(float(v) for v in checkpoints if v < target)
         marks: dict[str, list[float]] = {}
+        marked_rho: dict[str, dict[str, float]] = {}
         while pending and s >= pending[0]:
             marks[repr(pending.pop(0))] = [0.0] * x.shape[0]
         while not reached and steps < cfg.max_steps:
             steps += 1
             u, extra = direction(path, x, g)
+            along.observe(extra.pop("_metric", None), path, x, g)
             gu = float(g @ u)
             if not gu > 0:
                 raise MethodError(
@@ -313,11 +333,15 @@ def steer_iteratively(
                 eta /= 2
             while pending and s_new >= pending[0]:
                 mark = _bisect(path, stop, x, eta * u, pending[0])
-                marks[repr(pending.pop(0))] = (mark - path.x0).tolist()
+                key = repr(pending.pop(0))
+                marks[key] = (mark - path.x0).tolist()
+                if along.rho:
+                    marked_rho[key] = along.values(c_new - c)
             if s_new >= target:
                 x_new = _bisect(path, stop, x, eta * u, target)
                 c_new, g_new, s_new = _evaluate(path, concept, stop, x_new)
                 reached = True
+            along.step(c_new - c)
             x, c, g, s = x_new, c_new, g_new, s_new
             norm = float((x - path.x0).norm())
             trajectory.append(
@@ -338,7 +362,45 @@ def steer_iteratively(
         "checkpoints": marks,
         "seconds": time.perf_counter() - started,
     }
+    if along.rho:
+        info["path_rho"] = along.values()
+        info["checkpoint_path_rho"] = marked_rho
     return Intervention(cfg.name, {site: delta}, 1.0, info)
+
+
+class _Along:
+    """:class:`PathRho` of each compared direction, fed one step at a time."""
+
+    def __init__(self, compare: Mapping[str, Compared], damping: float | None) -> None:
+        self.compare, self.damping = compare, damping
+        self.rho = {name: PathRho() for name in compare}
+        self._now: dict[str, float] = {}
+        self._best = math.nan
+
+    def observe(self, metric: Metric | None, path: LocalPath, x: Tensor, g: Tensor) -> None:
+        """ρ of every compared direction at the current point."""
+        self._now = {}
+        if not self.rho or metric is None or self.damping is None:
+            return
+        self._best = float(metric.pinv_quad(g, self.damping))
+        for name, fn in self.compare.items():
+            v = fn(path, x, g).to(g)
+            ok = bool(torch.isfinite(v).all()) and float(v @ g) > 0
+            self._now[name] = spectral_cost_ratio(metric, v, g, self.damping) if ok else math.nan
+
+    def step(self, change: float) -> None:
+        for name, rho in self._now.items():
+            self.rho[name].add(rho, self._best, change)
+
+    def values(self, pending_change: float | None = None) -> dict[str, float]:
+        """The integrals so far (plus the current step with ``pending_change``)."""
+        out = {}
+        for name, acc in self.rho.items():
+            part = replace(acc)
+            if pending_change is not None and name in self._now:
+                part.add(self._now[name], self._best, pending_change)
+            out[name] = part.value()
+        return out
 
 
 def _bisect(path: LocalPath, stop: Concept, x: Tensor, step: Tensor, target: float) -> Tensor:

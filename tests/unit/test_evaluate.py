@@ -87,8 +87,11 @@ def test_outcome_measures():
 
 
 def test_match_strength_and_errors():
-    scale, ok = match_strength(lambda s: 1 - math.exp(-s), 0.5)
-    assert ok and scale == pytest.approx(math.log(2), abs=1e-6)
+    prob = lambda s: 1 - math.exp(-s)  # noqa: E731
+    scale, ok = match_strength(prob, 0.5)
+    assert ok and 0.5 <= prob(scale) <= 0.5 + 1e-4  # the default tolerance, from above
+    scale, ok = match_strength(prob, 0.5, tol=1e-9)
+    assert ok and scale == pytest.approx(math.log(2), abs=1e-8)
     scale, ok = match_strength(lambda s: 0.1, 0.5)
     assert not ok
     with pytest.raises(errors.InputError):

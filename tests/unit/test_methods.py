@@ -447,3 +447,52 @@ def test_tampered_and_pickled_artifacts_are_refused(tmp_path):
         sl.LinearProbe.load(folder)
     with pytest.raises(errors.ArtifactError, match="not an artifact folder"):
         load_intervention(tmp_path / "missing")
+
+
+def test_path_rho_one_step_is_rho_at_the_clean_point(model, tokens):
+    """With one step the integral is ρ at x0: reference from the jacrev metric and gradient."""
+    concept = concept_for(model)
+    cfg = FishBackConfig(SITE, 0.99, vocab="full", max_steps=1)
+    compare = {"euclidean": lambda path, x, g: g, "fixed": lambda path, x, g: g + 0.3 * g.flip(0)}
+    iv = steer_iteratively(model, cfg, concept, tokens, compare=compare)
+    g = full_grad(model, tokens, SITE, concept)
+    big_g = oracle_metric(model, tokens, sl.Site.parse(SITE), exclude=[TARGET])
+    a = big_g + cfg.damping * torch.trace(big_g) / big_g.shape[0] * torch.eye(big_g.shape[0])
+    best = g @ torch.linalg.solve(a, g)
+    for name, fn in compare.items():
+        v = fn(None, None, g)
+        want = float((v @ a @ v) * best / (g @ v) ** 2)
+        assert iv.info["path_rho"][name] == pytest.approx(want, rel=1e-8)
+    assert iv.info["path_rho"]["euclidean"] > 1
+
+
+def test_path_rho_of_fishbacks_own_direction_is_one(model, tokens):
+    """Along the whole path, FishBack's own direction at each point costs the optimum."""
+    concept = concept_for(model)
+    cfg = FishBackConfig(SITE, 0.99, step=0.2, max_steps=6)
+    options = sl.metric.MetricOptions(
+        cfg.vocab, cfg.dropped_mass, concept.off_target(), precision=cfg.precision
+    )
+
+    def own(path, x, g):
+        return path.metric(x, options).solve(g, cfg.damping)
+
+    compare = {"own": own, "euclidean": lambda path, x, g: g}
+    mark = math.log(prob(model, tokens)) + 0.5  # passed at the third step or so
+    iv = steer_iteratively(model, cfg, concept, tokens, compare=compare, checkpoints=[mark])
+    assert iv.info["steps"] == 6
+    assert iv.info["path_rho"]["own"] == pytest.approx(1.0, abs=1e-9)
+    assert iv.info["path_rho"]["euclidean"] > 1
+    marked = iv.info["checkpoint_path_rho"][repr(mark)]
+    assert marked["own"] == pytest.approx(1.0, abs=1e-9) and marked["euclidean"] > 1
+
+
+def test_compare_needs_a_metric_method(model, tokens):
+    with pytest.raises(errors.InputError, match="compare needs"):
+        steer_iteratively(
+            model,
+            EuclideanConfig(SITE, 0.6),
+            concept_for(model),
+            tokens,
+            compare={"euclidean": lambda path, x, g: g},
+        )

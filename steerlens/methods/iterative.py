@@ -299,10 +299,15 @@ def steer_iteratively(
             check_site(path.site, model)
         direction = direction_fn(cfg, concept, stop)
         damping = getattr(cfg, "damping", None)
-        if compare and not isinstance(cfg, FishBackConfig):
+        if compare and not (isinstance(cfg, FishBackConfig) and cfg.metric_every == 1):
             raise InputError(
                 f"compare needs a method that computes the metric at every step (fishback, "
-                f"truncated_fisher), not {cfg.name}"
+                f"truncated_fisher, with metric_every=1), not {cfg.name}"
+                + (
+                    f" with metric_every={cfg.metric_every}"
+                    if isinstance(cfg, FishBackConfig)
+                    else ""
+                )
             )
         along = _Along(compare or {}, damping)
         x = path.x0.clone()
@@ -332,11 +337,12 @@ def steer_iteratively(
                     break
                 eta /= 2
             while pending and s_new >= pending[0]:
-                mark = _bisect(path, stop, x, eta * u, pending[0])
-                key = repr(pending.pop(0))
-                marks[key] = (mark - path.x0).tolist()
-                if along.rho:
-                    marked_rho[key] = along.values(c_new - c)
+                value = pending.pop(0)
+                mark = _bisect(path, stop, x, eta * u, value)
+                marks[repr(value)] = (mark - path.x0).tolist()
+                if along.rho:  # the crossing step counts only up to the checkpoint
+                    c_mark = value if stop is concept else _stop_value(path, concept, mark)
+                    marked_rho[repr(value)] = along.values(c_mark - c)
             if s_new >= target:
                 x_new = _bisect(path, stop, x, eta * u, target)
                 c_new, g_new, s_new = _evaluate(path, concept, stop, x_new)

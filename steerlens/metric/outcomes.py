@@ -168,10 +168,8 @@ def unembed_factor(
         raise ConceptError("the off-target distribution has zero probability mass")
     in_u = rep >= 0
     sp_u = torch.where(in_u, sp, torch.zeros_like(sp))
-    if precision == "float64":
-        m_u = _chunked_matvec(w, sp_u)
-    else:
-        m_u = (w @ sp_u.to(w.dtype)).double()
+    dt = torch.float32 if precision == "float32" and vocab == "auto" else torch.float64
+    m_u = _chunked_matvec(w, sp_u, dt)
     mu_u = m_u / total
     q = mass / total
     if vocab == "full":
@@ -190,7 +188,6 @@ def unembed_factor(
     if gram:
         top = top.sort().values  # the Gram ignores order; sorted columns gather faster
         p_top = mass[top]
-    dt = torch.float64 if precision == "float64" else torch.float32
     # column j of x: √q_j (m_j / P_j − μ_U), m_j = s_j p_j w_j (plus merged members' terms)
     root_q = (p_top / total).sqrt()
     # a tied unembedding is W_E transposed: gather its rows, not strided columns
@@ -210,7 +207,7 @@ def unembed_factor(
             in_top = torch.zeros_like(in_u)
             in_top[top] = True
             in_rest = in_u & ~in_top[rep.clamp_min(0)]  # tokens whose outcome is not kept
-            m_rest = (w @ torch.where(in_rest, sp, torch.zeros_like(sp)).to(w.dtype)).double()
+            m_rest = _chunked_matvec(w, torch.where(in_rest, sp, torch.zeros_like(sp)), dt)
         rest = (p_rest / total).sqrt() * (m_rest / p_rest - mu_u)
     if gram:
         g = (x @ x.T).double()
@@ -223,14 +220,18 @@ def unembed_factor(
     return rows.contiguous(), info
 
 
-_CHUNK = 8192  # vocabulary columns of W_U promoted to float64 at a time
+_CHUNK = 8192  # vocabulary columns of W_U promoted at a time
 
 
-def _chunked_matvec(w: Tensor, v: Tensor) -> Tensor:
-    """W v in float64 (``v`` float64), promoting ``w`` a chunk of columns at a time."""
+def _chunked_matvec(w: Tensor, v: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """W v in float64, each chunk of ``w``'s columns multiplied in ``dtype`` (a half-precision
+    W_U is promoted, never used as it is; one product when ``w`` already has that dtype)."""
+    if w.dtype == dtype:
+        return (w @ v.to(dtype)).double()
     out = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
     for start in range(0, w.shape[1], _CHUNK):
-        out += w[:, start : start + _CHUNK].double() @ v[start : start + _CHUNK]
+        chunk = w[:, start : start + _CHUNK].to(dtype)
+        out += (chunk @ v[start : start + _CHUNK].to(dtype)).double()
     return out
 
 

@@ -496,3 +496,43 @@ def test_compare_needs_a_metric_method(model, tokens):
             tokens,
             compare={"euclidean": lambda path, x, g: g},
         )
+
+
+def test_path_rho_weights_each_step_by_its_concept_change(model, tokens):
+    """Reference: ρ_t, κ*_t from dense matrices at the points the loop visits, Δc_t from the
+    trajectory; the checkpoint counts its crossing step only up to the checkpoint."""
+    concept = concept_for(model)
+    cfg = FishBackConfig(SITE, 0.99, step=0.3, max_steps=5)
+    options = sl.metric.MetricOptions(
+        cfg.vocab, cfg.dropped_mass, concept.off_target(), precision=cfg.precision
+    )
+    seen = []
+    fixed = full_grad(model, tokens, SITE, concept)  # g at x0, held fixed along the path
+
+    def record(path, x, g):
+        big_g = path.metric(x, options).matrix().double()
+        a = big_g + cfg.damping * torch.trace(big_g) / big_g.shape[0] * torch.eye(len(g))
+        best = float(g @ torch.linalg.solve(a, g))
+        rho = float((fixed @ a @ fixed) * best / (g @ fixed) ** 2)
+        seen.append((rho, best))
+        return fixed
+
+    mark = math.log(prob(model, tokens)) + 0.75
+    iv = steer_iteratively(
+        model, cfg, concept, tokens, compare={"fixed": record}, checkpoints=[mark]
+    )
+    values = [step["value"] for step in iv.info["trajectory"]]
+    changes = [b - a for a, b in zip(values, values[1:], strict=False)]
+    assert len(seen) == len(changes) == 5
+    assert max(r for r, _ in seen) / min(r for r, _ in seen) > 1.01  # ρ_t does vary
+
+    def integral(pairs, dcs):
+        num = sum(dc * math.sqrt(r / b) for (r, b), dc in zip(pairs, dcs, strict=True))
+        den = sum(dc / math.sqrt(b) for (_, b), dc in zip(pairs, dcs, strict=True))
+        return (num / den) ** 2
+
+    assert iv.info["path_rho"]["fixed"] == pytest.approx(integral(seen, changes), rel=1e-7)
+    cross = next(i for i, v in enumerate(values) if v >= mark) - 1  # the step that crosses it
+    partial = changes[:cross] + [mark - values[cross]]
+    got = iv.info["checkpoint_path_rho"][repr(mark)]["fixed"]
+    assert got == pytest.approx(integral(seen[: cross + 1], partial), rel=1e-7)

@@ -272,11 +272,17 @@ def test_fast_block_equals_hooked_block(model, tokens):
 
 
 @pytest.mark.parametrize(
-    "off",
-    [None, OffTarget.complement([3, 9, 40]), OffTarget.pair_merge({5: 6, 7: 8, 11: 6})],
-    ids=["plain", "complement", "merge"],
+    "off,low",
+    [
+        (None, ()),
+        (OffTarget.complement([3, 9, 40]), ()),
+        (OffTarget.pair_merge({5: 6, 7: 8, 11: 6}), ()),
+        # merged outcomes outside the top K: their bases go into the rest row with them
+        (OffTarget.pair_merge({5: 6, 7: 8, 11: 6}), (5, 6, 7, 8, 11)),
+    ],
+    ids=["plain", "complement", "merge", "merge-in-rest"],
 )
-def test_unembed_factor_precisions_and_layouts_agree(off):
+def test_unembed_factor_precisions_and_layouts_agree(off, low):
     """The top-K factor is the same whether W_U is row-major or a transposed (tied) view, and
     its float32 Gram stays within float32 rounding of the float64 one, rest row included."""
     from steerlens.metric.outcomes import unembed_factor
@@ -287,6 +293,7 @@ def test_unembed_factor_precisions_and_layouts_agree(off):
     # the default model; the direct sum gives 1.9e-7)
     w = torch.randn(24, 3000, dtype=torch.float64, generator=gen, device="cpu") + 4
     logits = 2 * torch.randn(3000, dtype=torch.float64, generator=gen, device="cpu")
+    logits[list(low)] = -40.0
     tied = w.T.contiguous().T  # same values, column-major like a tied unembedding
     grams = {}
     for name, weights, precision in [
@@ -299,6 +306,9 @@ def test_unembed_factor_precisions_and_layouts_agree(off):
             logits, weights, dropped_mass=1e-5, off_target=off, precision=precision
         )
         assert info["top_k"] + 1 > 24 and info["dropped_mass"] > 0  # Gram path, with a rest row
+        if low:
+            kept = torch.argsort(logits, descending=True)[: info["top_k"]].tolist()
+            assert not set(low) & set(kept)
         grams[name] = rows.T @ rows
     full, _ = unembed_factor(logits, w, vocab="full", off_target=off)
     assert rel_err(grams["row64"], grams["tied64"]) < 1e-12
@@ -306,5 +316,15 @@ def test_unembed_factor_precisions_and_layouts_agree(off):
     assert rel_err(grams["row32"], grams["row64"]) < 5e-7
     # coarse-graining the last 1e-5 of the mass is a lower bound close to the exact metric
     assert rel_err(grams["row64"], full.T @ full) < 1e-3
+    # K + 1 ≤ d: the rows themselves, no Gram
+    sharp = 4 * logits
+    few = {}
+    for precision, weights in [("float64", w), ("float32", tied.float())]:
+        rows, info = unembed_factor(
+            sharp, weights, dropped_mass=0.05, off_target=off, precision=precision
+        )
+        assert info["top_k"] + 1 <= 24 and rows.shape[0] == info["top_k"] + 1
+        few[precision] = rows.T @ rows
+    assert rel_err(few["float32"], few["float64"]) < 2e-6  # float32 rows, no cancellation
     with pytest.raises(errors.InputError, match="precision"):
         unembed_factor(logits, w, precision="float16")

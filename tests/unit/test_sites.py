@@ -148,3 +148,43 @@ def test_add_vector_errors_leave_no_hooks(model, tokens):
         with add_vector(model, "result.0:1", torch.ones(16, dtype=torch.float64)):
             raise KeyboardInterrupt
     assert_untouched(model, snap)
+
+
+def test_hooked_nests_and_leaves_other_hooks(model, tokens):
+    """Each context removes only its own hooks: nested contexts unwind in order, an exception
+    inside removes them, and a hook the user added outside stays."""
+    from steerlens.hooks import hooked
+
+    name = "blocks.0.hook_resid_post"
+    calls: list[str] = []
+
+    def tag(label):
+        def hook(act, hook):
+            calls.append(label)
+
+        return hook
+
+    level = model.context_level
+    user = model.hook_dict[name]
+    user.add_hook(tag("user"))
+    try:
+        with hooked(model, [(name, tag("outer"))]):
+            with hooked(model, [(name, tag("inner")), ("blocks.1.hook_resid_pre", tag("pre"))]):
+                model(tokens[None])
+            assert sorted(calls) == ["inner", "outer", "pre", "user"]
+            calls.clear()
+            with pytest.raises(RuntimeError), hooked(model, [(name, tag("doomed"))]):
+                raise RuntimeError("inside")
+            model(tokens[None])
+            assert sorted(calls) == ["outer", "user"]
+        calls.clear()
+        model(tokens[None])
+        assert calls == ["user"]
+        with pytest.raises(KeyError), hooked(model, [(name, tag("a")), ("no.such.hook", tag("b"))]):
+            pass
+        calls.clear()
+        model(tokens[None])
+        assert calls == ["user"]
+    finally:
+        user.remove_hooks("fwd")
+    assert hook_count(model) == 0 and model.context_level == level

@@ -42,8 +42,11 @@ def spectral_cost_ratio(
     v: Float[Tensor, " d"],
     g: Float[Tensor, " d"],
     damping: float = 1e-2,
+    *,
+    best: float | None = None,
 ) -> float:
     """ρ(v) for concept gradient ``g`` in the damped metric (see the module docstring).
+    ``best``: gᵀG_λ⁻¹g where the caller already has it (one damped solve saved per direction).
     Raises :class:`InputError` if v does not move the concept (gᵀv = 0)."""
     v64, g64 = v.double(), g.double()
     if float(v64.norm()) == 0 or float(g64.norm()) == 0:
@@ -53,7 +56,8 @@ def spectral_cost_ratio(
     if gv == 0:
         raise InputError("the direction is orthogonal to the concept gradient: ρ is infinite")
     cost = float(metric.quad(v64).double()) + lam * float(v64 @ v64)
-    best = float((g64 * metric.solve(g64, damping).double()).sum())
+    if best is None:
+        best = float((g64 * metric.solve(g64, damping).double()).sum())
     return cost * best / gv**2
 
 

@@ -10,7 +10,7 @@ probe) are scaled by bisection to each target. Every (method, target) is one rec
 not, with the measures of :mod:`steerlens.evaluate` and three predictors of its KL ratio to
 FishBack: ``rho``, ρ of the method's direction at the clean point (:mod:`steerlens.cost`);
 ``rho_path``, ρ of the method's direction at each point of FishBack's own path, integrated over
-the concept change (:class:`~steerlens.methods.iterative.PathRho`; Euclidean, depth-0, probe and
+the concept change (:class:`~steerlens.cost.PathRho`; Euclidean, depth-0, probe and
 SAE, whose edits sit at the site); and ``kl_quadratic`` = ½δᵀG_offδ of the method's actual
 matched edit δ in the clean-point metric (its ratio to FishBack's).
 """

@@ -40,7 +40,7 @@ from steerlens.errors import InputError, MethodError, NonFiniteError
 from steerlens.methods.intervention import Intervention
 from steerlens.metric.core import Metric
 from steerlens.metric.local import LocalPath
-from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS, PRECISIONS, OffTarget
+from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS, OffTarget, check_precision
 from steerlens.metric.pullback import MetricOptions
 from steerlens.prompts import PromptsLike, as_prompts
 
@@ -107,7 +107,7 @@ class FishBackConfig(IterativeConfig):
         super().__post_init__()
         if not (math.isfinite(self.damping) and self.damping > 0):
             raise InputError(f"damping must be a finite number > 0, got {self.damping}")
-        _check_precision(self.precision)
+        check_precision(self.precision)
         if self.trace_kept is not None and not 0 < self.trace_kept <= 1:
             raise InputError(f"trace_kept must be in (0, 1], got {self.trace_kept}")
         if not (isinstance(self.metric_every, int) and self.metric_every >= 1):
@@ -146,12 +146,7 @@ class DualConfig(IterativeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_precision(self.precision)
-
-
-def _check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
 
 
 Direction = Callable[[LocalPath, Tensor, Tensor], tuple[Tensor, dict[str, Any]]]
@@ -298,18 +293,13 @@ def steer_iteratively(
         if callable(check_site):
             check_site(path.site, model)
         direction = direction_fn(cfg, concept, stop)
-        damping = getattr(cfg, "damping", None)
-        if compare and not (isinstance(cfg, FishBackConfig) and cfg.metric_every == 1):
+        every = getattr(cfg, "metric_every", None)
+        if compare and not (isinstance(cfg, FishBackConfig) and every == 1):
             raise InputError(
-                f"compare needs a method that computes the metric at every step (fishback, "
-                f"truncated_fisher, with metric_every=1), not {cfg.name}"
-                + (
-                    f" with metric_every={cfg.metric_every}"
-                    if isinstance(cfg, FishBackConfig)
-                    else ""
-                )
+                "compare needs a method that computes the metric at every step (fishback, "
+                f"truncated_fisher, with metric_every=1), not {cfg.name} (metric_every={every})"
             )
-        along = _Along(compare or {}, damping)
+        along = _Along(compare or {}, getattr(cfg, "damping", None))
         x = path.x0.clone()
         c, g, s = _evaluate(path, concept, stop, x)
         trajectory = [{"step": 0, "value": c, "stop_value": s, "delta_norm": 0.0}]
@@ -388,11 +378,14 @@ class _Along:
         self._now = {}
         if not self.rho or metric is None or self.damping is None:
             return
-        self._best = float(metric.pinv_quad(g, self.damping))
+        g64 = g.double()
+        self._best = float((g64 * metric.solve(g64, self.damping).double()).sum())
         for name, fn in self.compare.items():
             v = fn(path, x, g).to(g)
             ok = bool(torch.isfinite(v).all()) and float(v @ g) > 0
-            self._now[name] = spectral_cost_ratio(metric, v, g, self.damping) if ok else math.nan
+            self._now[name] = (
+                spectral_cost_ratio(metric, v, g, self.damping, best=self._best) if ok else math.nan
+            )
 
     def step(self, change: float) -> None:
         for name, rho in self._now.items():

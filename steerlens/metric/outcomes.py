@@ -34,6 +34,12 @@ VOCAB_MODES = ("auto", "full")
 PRECISIONS = ("float64", "float32")
 
 
+def check_precision(precision: str) -> None:
+    """Raise :class:`InputError` unless ``precision`` is one of :data:`PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+
+
 #: the default probability mass left out of the top-K outcomes. Once K + 1 > d the factor is
 #: compressed to d rows anyway, so a smaller dropped mass costs only the K×d Gram; on the default
 #: model 1e-4 gives a median relative error of 2.5e-4 over every site (bench/results).
@@ -144,14 +150,13 @@ def unembed_factor(
     """Fisher factor rows of the (transformed) next-token distribution w.r.t. the unembedding
     input u, in float64, and what was kept (``dropped_mass``, ``top_k``, ``vocab``).
 
-    ``precision="float32"`` forms the top-K columns and their d×d Gram in float32 (about 4×
-    faster on a CPU; ``bench/steering.py``): its absolute error, ~1e-7 of the top eigenvalue,
-    is harmless under a damped solve (FishBack's ridge is 1e-2 of the mean eigenvalue) but not
-    for the smallest eigenvalues, so the metric engine keeps float64."""
+    ``precision="float32"`` forms the top-K columns and their d×d Gram in float32 (about 2×
+    faster on a CPU; ``bench/results/fishback_floor.md``): its absolute error, ~1e-7 of the top
+    eigenvalue, is harmless under a damped solve (FishBack's ridge is 1e-2 of the mean
+    eigenvalue) but not for the smallest eigenvalues, so the metric engine keeps float64."""
     if vocab not in VOCAB_MODES:
         raise InputError(f"unknown vocab mode {vocab!r}; valid: {VOCAB_MODES}")
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}; valid: {PRECISIONS}")
+    check_precision(precision)
     if not 0 <= dropped_mass < 1:
         raise InputError(f"dropped_mass must be in [0, 1), got {dropped_mass}")
     logits = logits.double()

@@ -32,8 +32,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from steerlens.cost import fisher_length
 from steerlens.errors import InputError
 from steerlens.methods.intervention import Intervention
+from steerlens.metric.local import LocalPath
+from steerlens.metric.outcomes import OffTarget, outcome_distribution
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -90,6 +93,60 @@ def continuation_perplexity(
     logp = torch.log_softmax(model(seq[None])[0, start - 1 : -1].double(), -1)
     nll = -logp.gather(1, seq[start:, None]).mean()
     return float(nll.exp())
+
+
+def path_length(
+    model: HookedTransformer,
+    tokens: Tensor,
+    intervention: Intervention,
+    off_target: OffTarget | None = None,
+    *,
+    points: int = 16,
+    sub: int = 2,
+) -> float:
+    """The Fisher length (:func:`steerlens.cost.fisher_length`) of the next-token distribution,
+    after ``off_target``'s transform, along the path that brings the model from clean to
+    ``intervention``: an iterative method's recorded points (``info["path"]``, one residual
+    site at the last position; each segment sampled at ``sub`` evenly spaced points, through
+    the blocks after the site only: :class:`~steerlens.metric.local.LocalPath`), otherwise
+    the ray of its scale, s from 0 to ``intervention.scale`` at ``points`` evenly spaced
+    points. (length / FishBack's)² is ρ along the method's own path: the matched protocol's
+    ``rho_own``.
+
+    >>> from steerlens.tiny import tiny_model
+    >>> model = tiny_model()
+    >>> v = torch.ones(model.cfg.d_model, dtype=torch.float64)
+    >>> iv = Intervention("v", {"blocks.1.hook_resid_pre": v})
+    >>> tokens = torch.tensor([1, 2, 3])
+    >>> path_length(model, tokens, iv.scaled(0.0))
+    0.0
+    >>> path_length(model, tokens, iv) >= path_length(model, tokens, iv, points=1)  # chord
+    True
+    """
+    if points < 1 or sub < 1:
+        raise InputError(f"points and sub must be >= 1, got points={points}, sub={sub}")
+    recorded = intervention.info.get("path")
+    if recorded is None:
+        steps = [intervention.scaled(intervention.scale * k / points) for k in range(points + 1)]
+    else:
+        if len(intervention.vectors) != 1 or not recorded:
+            raise InputError(
+                f"{intervention.method}: a recorded path needs one vector site and at least one "
+                f"point, got {len(intervention.vectors)} sites and {len(recorded)} points"
+            )
+        site, vector = next(iter(intervention.vectors.items()))
+        path = vector.new_tensor(recorded) * intervention.scale
+        ends = zip(path[:-1], path[1:], strict=True)
+        samples = [path[0]] + [a + (b - a) * (k / sub) for a, b in ends for k in range(1, sub + 1)]
+        # only the blocks after the site, at the last position: a fraction of a forward pass
+        with LocalPath(model, tokens, site) as local, torch.no_grad():
+            x0 = local.x0
+            return fisher_length(
+                outcome_distribution(local.logits(x0 + v.to(x0)), off_target) for v in samples
+            )
+    return fisher_length(
+        outcome_distribution(next_logprobs(model, tokens, iv), off_target) for iv in steps
+    )
 
 
 def _kl(logp: Tensor, logq: Tensor) -> float:
@@ -210,13 +267,16 @@ def with_kl_ratio(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataF
     """``records`` with a column ``kl_ratio``: each row's off-target KL over ``baseline``'s on
     the same (concept, layer, context, target); NaN where either did not reach the target. With
     a ``kl_quadratic`` column, also ``kl_quadratic_ratio`` (the finite-change predictor of
-    ``kl_ratio``)."""
+    ``kl_ratio``); with ``path_length``, ``rho_own`` = (path_length / baseline's)², ρ along
+    the method's own path."""
     keys = ["concept", "layer", "context", "target_probability"]
     frame: Any = records  # pandas' inline types defeat the checker here
     is_base = (frame["method"] == baseline) & frame["reached"]
     cols = {"off_target_kl": "_baseline_kl"}
     if "kl_quadratic" in frame:
         cols["kl_quadratic"] = "_baseline_quad"
+    if "path_length" in frame:
+        cols["path_length"] = "_baseline_length"
     base = frame[is_base][keys + list(cols)].rename(columns=cols)
     out = frame.merge(base, on=keys, how="left")
     ratio = out["off_target_kl"] / out["_baseline_kl"]
@@ -224,38 +284,47 @@ def with_kl_ratio(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataF
     if "kl_quadratic" in frame:
         quad = out["kl_quadratic"] / out["_baseline_quad"]
         out["kl_quadratic_ratio"] = quad.where(out["reached"])
+    if "path_length" in frame:
+        own = (out["path_length"] / out["_baseline_length"]) ** 2
+        out["rho_own"] = own.where(out["reached"])
     return out.drop(columns=list(cols.values()))
 
 
 def predictor_agreement(
-    records: pd.DataFrame, baseline: str = "fishback", *, by_method: bool = False
+    records: pd.DataFrame, baseline: str = "fishback", *, by: str | None = None
 ) -> pd.DataFrame:
     """How well each predictor of the measured KL ratio to ``baseline`` does over the reached
     runs of the other methods: ``rho`` (clean-point spectral cost ratio) and, where present,
-    ``rho_path`` (ρ integrated along FishBack's path) and ``kl_quadratic_ratio`` (finite
-    change). Spearman and Pearson-on-logs correlations, the median predicted/measured, and the
-    fraction within 2× of measured; ``by_method``: one row per predictor and method."""
+    ``rho_path`` (ρ integrated along FishBack's path), ``rho_own`` (along the method's own
+    path) and ``kl_quadratic_ratio`` (finite change). Spearman and Pearson-on-logs correlations,
+    the median predicted/measured, and the fraction within 2× of measured; ``by`` (a records
+    column, e.g. ``"method"`` or ``"layer"``): one row per predictor and value of it, for
+    groups of at least 3 runs."""
     frame: Any = with_kl_ratio(records, baseline) if "kl_ratio" not in records else records
+    if by is not None and by not in frame:
+        raise InputError(f"no column {by!r} to group by; records have {list(frame.columns)}")
     rows = []
-    for name in ("rho", "rho_path", "kl_quadratic_ratio"):
+    for name in ("rho", "rho_path", "rho_own", "kl_quadratic_ratio"):
         if name not in frame:
             continue
         ok = frame[(frame["method"] != baseline) & frame["kl_ratio"].gt(0) & frame[name].gt(0)]
-        groups = ok.groupby("method") if by_method else [(None, ok)]
-        for _, group in groups:
+        groups = ok.groupby(by) if by is not None else [(None, ok)]
+        for key, group in groups:
             if len(group) >= 3:
-                rows.append({"predictor": name, **_agreement(group, name)})
+                head = {"predictor": name} | ({by: key} if by not in (None, "method") else {})
+                rows.append(head | _agreement(group, name))
     return pd.DataFrame(rows)
 
 
 def _agreement(ok: Any, name: str) -> dict[str, Any]:
     pred, meas = ok[name].astype(float), ok["kl_ratio"].astype(float)
     over = pred / meas
+    varies = pred.nunique() > 1 and meas.nunique() > 1  # else no correlation is defined
     return {
         "runs": len(ok),
         "methods": ", ".join(sorted(ok["method"].unique())),
-        "spearman": float(pred.corr(meas, method="spearman")),
-        "pearson_log": float(np.log(pred).corr(np.log(meas))),
+        "spearman": float(pred.corr(meas, method="spearman")) if varies else math.nan,
+        "pearson_log": float(np.log(pred).corr(np.log(meas))) if varies else math.nan,
         "median_predicted_over_measured": float(over.median()),
         "within_2x": float(((over <= 2) & (over >= 0.5)).mean()),
     }
@@ -286,7 +355,10 @@ def summarize(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataFrame
                 f"kl_ratio_to_{baseline}": r_mean,
                 "kl_ratio_ci": (r_lo, r_hi),
                 "rho": float(ok["rho"].mean()) if "rho" in ok else math.nan,
-                "rho_path": float(ok["rho_path"].mean()) if "rho_path" in ok else math.nan,
+                **{
+                    name: float(ok[name].mean()) if name in ok else math.nan
+                    for name in ("rho_path", "rho_own")
+                },
             }
         )
     return pd.DataFrame(rows)

@@ -194,6 +194,7 @@ def _legend_entries(axes: Any) -> tuple[list[Any], list[str]]:
 PREDICTORS = {
     "rho": "ρ at the clean point",
     "rho_path": "ρ along FishBack's path",
+    "rho_own": "ρ along its own path",
     "kl_quadratic_ratio": "½δᵀGδ ratio at the matched edit",
 }
 
@@ -201,17 +202,25 @@ PREDICTORS = {
 @_styled
 def predicted_vs_measured(records: pd.DataFrame, *, baseline: str = "fishback") -> Figure:
     """Predicted cost ratio against the measured off-target KL ratio to ``baseline`` at matched
-    probability, log–log, with the identity line: one panel per predictor present in
-    ``records`` (ρ at the clean point; ρ integrated along FishBack's path, ``rho_path``; the
-    finite-change ratio ``kl_quadratic_ratio``)."""
+    probability, log–log on one scale, with the identity line and the band within 2× of it:
+    one panel per predictor present in
+    ``records`` (ρ at the clean point; ρ integrated along FishBack's path, ``rho_path``; ρ
+    along the method's own path, ``rho_own``; the finite-change ratio ``kl_quadratic_ratio``)."""
     if "kl_ratio" not in records:
         raise ValueError("records need a kl_ratio column (steerlens.evaluate.with_kl_ratio)")
     frame: Any = records
     names = [p for p in PREDICTORS if p in frame]
     fig, axes = _figure(3.4 * len(names), 3.0, ncols=len(names))
-    for ax, name in zip(axes, names, strict=True):
+    shown = {}
+    for name in names:
         keep = (frame["method"] != baseline) & frame["kl_ratio"].gt(0) & frame[name].gt(0)
-        df = frame[keep][["method", name, "kl_ratio"]]
+        shown[name] = frame[keep][["method", name, "kl_ratio"]]
+    values = [v for n, df in shown.items() for v in (*df[n], *df["kl_ratio"])]
+    lo, hi = (min(values + [1.0]) / 1.5, max(values) * 1.5) if values else (0.5, 2.0)
+    line = np.geomspace(lo, hi, 50)
+    for ax, name in zip(axes, names, strict=True):
+        df = shown[name]
+        ax.fill_between(line, line / 2, line * 2, color="0.85", lw=0, label="within 2×")
         for method, group in df.groupby("method"):
             ax.scatter(
                 group[name],
@@ -221,12 +230,11 @@ def predicted_vs_measured(records: pd.DataFrame, *, baseline: str = "fishback") 
                 label=str(method),
                 color=METHOD_COLORS.get(str(method)),
             )
-        if len(df):
-            lo = min(df[name].min(), df["kl_ratio"].min(), 1.0) / 1.5
-            hi = max(df[name].max(), df["kl_ratio"].max()) * 1.5
-            ax.plot([lo, hi], [lo, hi], color="black", lw=0.7, ls="--", label="y = x")
+        ax.plot([lo, hi], [lo, hi], color="black", lw=0.7, ls="--", label="y = x")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
         ax.set_xlabel(f"{PREDICTORS[name]} (predicted)")
         ax.set_ylabel(f"off-target KL / {baseline}'s (measured)")
         ax.set_title(f"Predicted by {PREDICTORS[name].split(' at ')[0]}")

@@ -7,12 +7,15 @@ from a base form b to a target form t. The concept is the pair share p_t/(p_t + 
 ascent, depth-0 Fisher) steer the residual at the prediction position until the share reaches
 the highest target, keeping checkpoints for the lower ones; fixed-direction methods (CAA, ActAdd,
 probe) are scaled by bisection to each target. Every (method, target) is one record, reached or
-not, with the measures of :mod:`steerlens.evaluate` and three predictors of its KL ratio to
+not, with the measures of :mod:`steerlens.evaluate` and what predicts its KL ratio to
 FishBack: ``rho``, ρ of the method's direction at the clean point (:mod:`steerlens.cost`);
 ``rho_path``, ρ of the method's direction at each point of FishBack's own path, integrated over
 the concept change (:class:`~steerlens.cost.PathRho`; Euclidean, depth-0, probe and
-SAE, whose edits sit at the site); and ``kl_quadratic`` = ½δᵀG_offδ of the method's actual
-matched edit δ in the clean-point metric (its ratio to FishBack's).
+SAE, whose edits sit at the site); ``path_length``, the off-target Fisher length of the
+method's own path to its matched edit (:func:`~steerlens.evaluate.path_length`), whose squared
+ratio to FishBack's is ρ along the method's own path (``rho_own``, every method); and
+``kl_quadratic`` = ½δᵀG_offδ of the method's actual matched edit δ in the clean-point metric
+(its ratio to FishBack's).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from steerlens.evaluate import (
     match_strength,
     next_logprobs,
     outcome_measures,
+    path_length,
 )
 from steerlens.methods.intervention import Intervention
 from steerlens.methods.iterative import (
@@ -275,6 +279,7 @@ def context_records(
             **outcome_measures(clean, steered, ctx.target_id, merge, base=ctx.base_id),
             "rho": point.rho(directions[name], settings.damping),
             "rho_path": 1.0 if name == "fishback" else path_rho.get(target, {}).get(name, math.nan),
+            "path_length": path_length(model, tokens, iv, off) if extra["reached"] else math.nan,
             "kl_quadratic": point.quadratic_kl(iv, site),
             "implicit_metric": IMPLICIT_METRIC[name],
         }
@@ -282,6 +287,7 @@ def context_records(
             out["perplexity"] = continuation_perplexity(model, tokens, iv, settings.fluency_tokens)
         return out
 
+    off = pair_concept(ctx).off_target()
     compare = along_directions(settings, ctx, fixed)
     runs = iterative_runs(model, settings, ctx, tokens, site, compare)
     path_rho = {t: extra.pop("path_rho", {}) for name, t, _, extra in runs if name == "fishback"}
@@ -340,7 +346,8 @@ def iterative_runs(
 ) -> list[tuple[str, float, Intervention, dict[str, Any]]]:
     """One run per iterative method to the highest target; lower targets from checkpoints.
     ``compare``: directions whose ρ is integrated along FishBack's path (its records' extra
-    ``path_rho``, per target)."""
+    ``path_rho``, per target). Each intervention's ``info["path"]`` is the run's path up to
+    that target."""
     concept = pair_concept(ctx)
     top = max(settings.targets)
     step, damping = settings.step, settings.damping
@@ -356,20 +363,35 @@ def iterative_runs(
             continue
         along = compare if name == "fishback" else None
         iv = steer_iteratively(model, cfg, concept, tokens, checkpoints=checkpoints, compare=along)
+        points = iv.info["path"]
         for target in settings.targets:
             if target == top:
                 vec, reached = iv.vector(), bool(iv.info["reached"])
                 path_rho = iv.info.get("path_rho", {})
+                path = points
             else:
                 mark = iv.info["checkpoints"].get(repr(math.log(target)))
                 reached = mark is not None
                 vec = iv.vector().new_tensor(mark) if reached else iv.vector()
                 path_rho = iv.info.get("checkpoint_path_rho", {}).get(repr(math.log(target)), {})
+                path = _path_to(points, iv.info["trajectory"], math.log(target), mark)
             extra = {"reached": reached, "strength": float(vec.norm()), "steps": iv.info["steps"]}
             if along:
                 extra["path_rho"] = path_rho
-            out.append((name, target, Intervention(name, {site.name: vec}), extra))
+            made = Intervention(name, {site.name: vec}, info={"path": path})
+            out.append((name, target, made, extra))
     return out
+
+
+def _path_to(
+    points: list[list[float]], trajectory: list[dict[str, Any]], value: float, mark: Any
+) -> list[list[float]]:
+    """The points of an iterative run up to the checkpoint ``value``: those before the step
+    that first crossed it, then the checkpoint's own δ (the whole path if it was not passed)."""
+    if mark is None:
+        return points
+    crossed = next(i for i, t in enumerate(trajectory) if t["stop_value"] >= value)
+    return points[:crossed] + [mark]
 
 
 def pick_test(

@@ -245,15 +245,20 @@ def save_reproduction(result: ReproduceResult, results_dir: Path, figures_dir: P
             "`rho`: the spectral cost ratio of the method's direction at the clean point; "
             "`rho_path`: ρ of the method's direction at each point of FishBack's path, "
             "integrated over the concept change (Euclidean, depth-0, probe and SAE: edits at "
-            "the site); `kl_quadratic_ratio`: ½δᵀGδ of the method's actual matched edit over "
+            "the site); `rho_own`: (Fisher length of the method's own path to its matched edit "
+            "/ FishBack's)², the off-target distribution's Fisher–Rao length sampled along the "
+            "path (every method); `kl_quadratic_ratio`: ½δᵀGδ of the method's actual matched "
+            "edit over "
             "FishBack's, in the clean-point off-target metric (edits at the site only: not CAA "
             "or ActAdd).",
             "",
             predictor_agreement(records).to_markdown(index=False, floatfmt=".3g"),
             "",
-            "By method (predictor and method with at least 3 reached runs):",
+            "By method, then by layer (groups of at least 3 reached runs):",
             "",
-            predictor_agreement(records, by_method=True).to_markdown(index=False, floatfmt=".3g"),
+            predictor_agreement(records, by="method").to_markdown(index=False, floatfmt=".3g"),
+            "",
+            predictor_agreement(records, by="layer").to_markdown(index=False, floatfmt=".3g"),
             "",
         ]
     )

@@ -275,7 +275,10 @@ def steer_iteratively(
     integrated along the path (:class:`~steerlens.cost.PathRho`), the predictor of that
     method's off-target KL over this one's at matched concept change;
     ``info["checkpoint_path_rho"][value]`` the same up to the step that crosses each
-    checkpoint."""
+    checkpoint.
+
+    ``info["path"]``: δ at every point the loop accepted, from 0 to the returned δ (lists of
+    floats), for the path's Fisher length (:func:`steerlens.evaluate.path_length`)."""
     if not isinstance(concept, Concept):
         raise InputError(f"concept must have value() and target_value(), got {type(concept)}")
     stop = concept if stop_on is None else stop_on
@@ -303,6 +306,7 @@ def steer_iteratively(
         x = path.x0.clone()
         c, g, s = _evaluate(path, concept, stop, x)
         trajectory = [{"step": 0, "value": c, "stop_value": s, "delta_norm": 0.0}]
+        points = [[0.0] * x.shape[0]]
         start_value, reached, steps = s, s >= target, 0
         pending = sorted(float(v) for v in checkpoints if v < target)
         marks: dict[str, list[float]] = {}
@@ -340,6 +344,7 @@ def steer_iteratively(
             along.step(c_new - c)
             x, c, g, s = x_new, c_new, g_new, s_new
             norm = float((x - path.x0).norm())
+            points.append((x - path.x0).tolist())
             trajectory.append(
                 {"step": steps, "value": c, "stop_value": s, "delta_norm": norm, **extra}
             )
@@ -356,6 +361,7 @@ def steer_iteratively(
         "target_value": target,
         "trajectory": trajectory,
         "checkpoints": marks,
+        "path": points,
         "seconds": time.perf_counter() - started,
     }
     if along.rho:

@@ -114,6 +114,20 @@ def complement_kl(
     return float((p.exp() * (p - q)).sum().clamp_min(0))
 
 
+def outcome_distribution(
+    logits: Float[Tensor, " d_vocab"], off: OffTarget | None = None
+) -> Float[Tensor, " d_vocab"]:
+    """The next-token distribution after ``off``'s transform (float64, on the vocabulary's
+    indices; dropped and merged-away tokens hold 0): the distribution whose Fisher metric the
+    engine pulls back and whose KL the protocol measures.
+
+    >>> outcome_distribution(torch.tensor([0.0, 0.0, 9.0]), OffTarget.complement([2])).tolist()
+    [0.5, 0.5, 0.0]
+    """
+    mass, _, _ = _outcomes(torch.softmax(logits.double(), -1), off)
+    return mass / mass.sum()
+
+
 def _outcomes(
     p: Float[Tensor, " d_vocab"], off: OffTarget | None
 ) -> tuple[Tensor, Int[Tensor, " d_vocab"], list[tuple[int, int]]]:

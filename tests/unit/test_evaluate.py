@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -11,19 +12,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from steerlens import errors, plot
-from steerlens.concepts import PairConcept
-from steerlens.cost import kantorovich_bound, spectral_cost_ratio
+from steerlens.concepts import PairConcept, TokenSet
+from steerlens.cost import fisher_length, fisher_rao, kantorovich_bound, spectral_cost_ratio
 from steerlens.evaluate import (
     bootstrap_ci,
     continuation_perplexity,
     greedy_continuation,
     match_strength,
+    next_logprobs,
     outcome_measures,
+    path_length,
+    predictor_agreement,
     summarize,
     with_kl_ratio,
 )
+from steerlens.experiments.matched import _path_to
+from steerlens.methods import EuclideanConfig, Intervention, steer_iteratively
 from steerlens.metric import Metric, pullback_metric
 from steerlens.metric.local import LocalPath
+from steerlens.metric.outcomes import OffTarget, outcome_distribution
 from tests.conftest import hook_count
 
 
@@ -114,6 +121,7 @@ def test_bootstrap_and_summary():
                     reached=True,
                     off_target_kl=kl,
                     rho=1.0,
+                    path_length=0.5 if method == "fishback" else 1.5,
                 )
             )
     rows.append(
@@ -131,6 +139,8 @@ def test_bootstrap_and_summary():
     records = pd.DataFrame(rows)
     ratio = with_kl_ratio(records)
     assert ratio[ratio.method == "euclidean"].kl_ratio.dropna().tolist() == pytest.approx([3, 3])
+    own = ratio[ratio.method == "euclidean"].rho_own
+    assert own.dropna().tolist() == pytest.approx([9, 9]) and own.isna().sum() == 1  # unreached
     summary = summarize(records).set_index("method")
     assert summary.loc["euclidean", "kl_ratio_to_fishback"] == pytest.approx(3.0)
     assert summary.loc["euclidean", "reached"] == 2 and summary.loc["euclidean", "contexts"] == 3
@@ -211,3 +221,105 @@ def sl_intervention(model):
     gen = torch.Generator().manual_seed(1)
     vec = torch.randn(model.cfg.d_model, generator=gen, dtype=torch.float64)
     return Intervention("test", {"blocks.0.hook_resid_post": vec})
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_fisher_rao_is_twice_the_angle_between_root_distributions(seed):
+    gen = torch.Generator().manual_seed(seed)
+    p, q = (torch.softmax(3 * torch.randn(9, generator=gen, dtype=torch.float64), 0) for _ in "pq")
+    want = 2 * math.acos(float((p * q).sqrt().sum()))
+    assert fisher_rao(p, q) == pytest.approx(want, rel=1e-9, abs=1e-12)
+    # locally KL ≈ ½d²: a tiny step of q's logits
+    r = torch.softmax(p.log() + 1e-4 * torch.randn(9, generator=gen, dtype=torch.float64), 0)
+    kl_pr = float((p * (p / r).log()).sum())
+    assert kl_pr == pytest.approx(0.5 * fisher_rao(p, r) ** 2, rel=1e-3)
+
+
+def test_path_length_is_the_fisher_length_by_jacrev(gpt2_model, tokens):
+    """Reference: ∫₀¹ √(vᵀG(x₀ + sv)v) ds by Simpson's rule, with G's quadratic form from the
+    jacrev of the site-to-logits map and the off-target softmax Fisher at each point."""
+    model, off = gpt2_model, OffTarget.complement([7, 3])
+    gen = torch.Generator().manual_seed(1)
+    with LocalPath(model, tokens, "resid_post.0") as path:
+        v = torch.randn(path.x0.shape[0], generator=gen, dtype=torch.float64)
+        v *= 3 * path.x0.norm() / v.norm()
+
+        def speed(s: float) -> float:
+            x = path.x0 + s * v
+            u = (torch.func.jacrev(path.logits)(x) @ v).detach()  # d logits / ds
+            q = outcome_distribution(path.logits(x).detach(), off)
+            mean = (q * u).sum()
+            return math.sqrt(float((q * (u - mean) ** 2).sum()))
+
+        n = 40
+        weights = [1] + [4 if k % 2 else 2 for k in range(1, n)] + [1]
+        want = sum(w * speed(k / n) for k, w in enumerate(weights)) / (3 * n)
+        site = path.site.name
+        ends = [outcome_distribution(path.logits(path.x0 + s * v).detach(), off) for s in (0, 1)]
+    iv = Intervention("ray", {site: v})
+    got = path_length(model, tokens, iv, off, points=400)
+    assert got == pytest.approx(want, rel=1e-4)
+    assert got > 1.05 * fisher_rao(*ends)  # the path is not a geodesic: length is not distance
+    assert path_length(model, tokens, iv.scaled(0.5), off, points=200) < got
+    with pytest.raises(errors.InputError, match="points and sub"):
+        path_length(model, tokens, iv, off, points=0)
+
+
+def test_iterative_path_is_recorded_and_walked(gpt2_model, tokens):
+    model, off = gpt2_model, OffTarget.complement([7])
+    cfg = EuclideanConfig("resid_post.0", 0.99, step=0.4, max_steps=4)
+    iv = steer_iteratively(model, cfg, TokenSet.from_ids([7], d_vocab=model.cfg.d_vocab), tokens)
+    points = torch.tensor(iv.info["path"], dtype=torch.float64)
+    assert points.shape[0] == iv.info["steps"] + 1 == 5
+    assert points[0].abs().max() == 0 and torch.allclose(points[-1], iv.vector(), atol=1e-12)
+    with LocalPath(model, tokens, "resid_post.0") as path:
+        xs = [path.x0 + points[0]]
+        for a, b in zip(points[:-1], points[1:], strict=True):
+            xs += [path.x0 + a + (b - a) * k / 3 for k in (1, 2, 3)]
+        want = fisher_length(outcome_distribution(path.logits(x).detach(), off) for x in xs)
+        end = path.logits(xs[-1]).detach()
+    assert path_length(model, tokens, iv, off, sub=3) == pytest.approx(want, rel=1e-9)
+    # the walked path ends where the intervention's full forward pass lands
+    full = next_logprobs(model, tokens, iv)
+    assert torch.allclose(torch.log_softmax(end, -1), full, atol=1e-10)
+    two = Intervention("two", {"resid_post.0": iv.vector(), "resid_post.1": iv.vector()})
+    with pytest.raises(errors.InputError, match="one vector site"):
+        path_length(model, tokens, replace(two, info=iv.info), off)
+
+
+def test_path_to_a_checkpoint_stops_at_its_mark():
+    points = [[0.0], [1.0], [2.0], [3.0]]
+    trajectory = [{"stop_value": v} for v in (0.0, 0.5, 1.5, 2.5)]
+    assert _path_to(points, trajectory, 1.0, [1.4]) == [[0.0], [1.0], [1.4]]
+    assert _path_to(points, trajectory, -1.0, [0.0]) == [[0.0]]  # passed at the clean point
+    assert _path_to(points, trajectory, 1.0, None) == points
+
+
+def test_predictor_agreement_by_hand():
+    """Euclidean measured 10× FishBack on six contexts over two layers; ``rho`` says 10, 30,
+    20 at layer 1 and 5, 4, 10 at layer 2 (predicted / measured 1, 3, 2, 0.5, 0.4, 1);
+    ``rho_own`` says 10 everywhere."""
+    rows = []
+    cases = [(1, 10.0), (1, 30.0), (1, 20.0), (2, 5.0), (2, 4.0), (2, 10.0)]
+    for i, (layer, rho) in enumerate(cases):
+        for method, kl, length in (("fishback", 0.1, 1.0), ("euclidean", 1.0, math.sqrt(10))):
+            rows.append(
+                dict(concept="c", layer=layer, context=str(i), target_probability=0.5,
+                     method=method, reached=True, off_target_kl=kl, path_length=length,
+                     rho=1.0 if method == "fishback" else rho)
+            )  # fmt: skip
+    table = predictor_agreement(pd.DataFrame(rows)).set_index("predictor")
+    assert table.loc["rho", "runs"] == 6 and table.loc["rho", "within_2x"] == pytest.approx(4 / 6)
+    assert table.loc["rho", "median_predicted_over_measured"] == pytest.approx(1.0)
+    assert table.loc["rho_own", "within_2x"] == 1.0
+    assert table.loc["rho_own", "median_predicted_over_measured"] == pytest.approx(1.0)
+    assert table["spearman"].isna().all()  # the measured ratio is constant: no correlation
+    rows += [dict(row, context=c, layer=3) for c in ("6", "7") for row in rows[-2:]]
+    by_layer = predictor_agreement(pd.DataFrame(rows), by="layer")
+    rho = by_layer[by_layer["predictor"] == "rho"].set_index("layer")
+    assert list(rho.index) == [1, 2]  # layer 3 has 2 runs: no row
+    assert rho["median_predicted_over_measured"].tolist() == pytest.approx([2.0, 0.5])
+    assert rho["within_2x"].tolist() == pytest.approx([2 / 3, 2 / 3])
+    with pytest.raises(errors.InputError, match="no column 'site'"):
+        predictor_agreement(pd.DataFrame(rows), by="site")

@@ -34,9 +34,9 @@ MEASURES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Audit:
-    """What :func:`audit` found. ``components``: one row per (method, component), means over
-    prompts; ``per_prompt``: the same per prompt; ``summary``: one row per method (means over
-    prompts); ``sae_features``: the most-moved SAE features per (method, site)."""
+    """What :func:`steerlens.audit` found. ``components``: one row per (method, component),
+    means over prompts; ``per_prompt``: the same per prompt; ``summary``: one row per method
+    (means over prompts); ``sae_features``: the most-moved SAE features per (method, site)."""
 
     components: pd.DataFrame
     per_prompt: pd.DataFrame

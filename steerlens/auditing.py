@@ -50,7 +50,7 @@ import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor
 
-from steerlens.audit_result import Audit
+from steerlens.audit_result import MEASURES, Audit
 from steerlens.errors import ConceptError, InputError, MethodError
 from steerlens.hooks import hooked, record, site_index
 from steerlens.methods.intervention import Intervention
@@ -60,6 +60,8 @@ from steerlens.sites import Site, as_site
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
+
+__all__ = ["MEASURES", "Audit", "SteeringLike", "audit"]
 
 SteeringLike = Intervention | Tensor | Sequence[Intervention]
 

@@ -106,12 +106,13 @@ def path_length(
 ) -> float:
     """The Fisher length (:func:`steerlens.cost.fisher_length`) of the next-token distribution,
     after ``off_target``'s transform, along the path that brings the model from clean to
-    ``intervention``: an iterative method's recorded points (``info["path"]``, one residual
-    site at the last position; each segment sampled at ``sub`` evenly spaced points, through
-    the blocks after the site only: :class:`~steerlens.metric.local.LocalPath`), otherwise
-    the ray of its scale, s from 0 to ``intervention.scale`` at ``points`` evenly spaced
-    points. (length / FishBack's)² is ρ along the method's own path: the matched protocol's
-    ``rho_own``.
+    ``intervention``: an iterative method's recorded points (``info["path"]``, from 0 to the
+    vector it applies, at one residual site at the last position; each segment sampled at
+    ``sub`` evenly spaced points, through the blocks after the site only:
+    :class:`~steerlens.metric.local.LocalPath`), otherwise the ray of its scale, s from 0 to
+    ``intervention.scale`` at ``points`` evenly spaced points. Either starts at the unsteered
+    model (for a clamp, scale 0 is not the clean model). (length / FishBack's)² is ρ along the
+    method's own path: the matched protocol's ``rho_own``.
 
     >>> from steerlens.tiny import tiny_model
     >>> model = tiny_model()
@@ -126,27 +127,49 @@ def path_length(
     if points < 1 or sub < 1:
         raise InputError(f"points and sub must be >= 1, got points={points}, sub={sub}")
     recorded = intervention.info.get("path")
-    if recorded is None:
-        steps = [intervention.scaled(intervention.scale * k / points) for k in range(points + 1)]
-    else:
-        if len(intervention.vectors) != 1 or not recorded:
-            raise InputError(
-                f"{intervention.method}: a recorded path needs one vector site and at least one "
-                f"point, got {len(intervention.vectors)} sites and {len(recorded)} points"
-            )
-        site, vector = next(iter(intervention.vectors.items()))
-        path = vector.new_tensor(recorded) * intervention.scale
-        ends = zip(path[:-1], path[1:], strict=True)
-        samples = [path[0]] + [a + (b - a) * (k / sub) for a, b in ends for k in range(1, sub + 1)]
-        # only the blocks after the site, at the last position: a fraction of a forward pass
-        with LocalPath(model, tokens, site) as local, torch.no_grad():
-            x0 = local.x0
-            return fisher_length(
-                outcome_distribution(local.logits(x0 + v.to(x0)), off_target) for v in samples
-            )
-    return fisher_length(
-        outcome_distribution(next_logprobs(model, tokens, iv), off_target) for iv in steps
-    )
+    if recorded is None:  # from the unsteered model: a clamp at scale 0 is not clean
+        scales = [intervention.scale * k / points for k in range(points + 1)]
+        logps = [next_logprobs(model, tokens)]
+        logps += [next_logprobs(model, tokens, intervention.scaled(s)) for s in scales]
+        return fisher_length(outcome_distribution(lp, off_target) for lp in logps)
+    site, vector = _recorded_site(intervention, recorded)
+    path = vector.new_tensor(recorded)
+    ends = zip(path[:-1], path[1:], strict=True)
+    samples = [path[0]] + [a + (b - a) * (k / sub) for a, b in ends for k in range(1, sub + 1)]
+    # only the blocks after the site, at the last position: a fraction of a forward pass; the
+    # path starts at δ = 0, the clean model
+    with LocalPath(model, tokens, site) as local, torch.no_grad():
+        x0 = local.x0
+        return fisher_length(
+            outcome_distribution(local.logits(x0 + v.to(x0)), off_target) for v in samples
+        )
+
+
+def _recorded_site(intervention: Intervention, recorded: Any) -> tuple[str, Tensor]:
+    """The one site and vector of an intervention whose ``info["path"]`` is walked, after
+    checking that the path starts clean and ends at the vector the intervention applies."""
+    name = intervention.method
+    if len(intervention.vectors) != 1 or intervention.multipliers or intervention.clamps:
+        raise InputError(
+            f"{name}: a recorded path walks one vector site; this intervention has "
+            f"{len(intervention.vectors)} vectors, {len(intervention.multipliers)} multipliers "
+            f"and {len(intervention.clamps)} clamps"
+        )
+    site, vector = next(iter(intervention.vectors.items()))
+    if len(recorded) < 1:
+        raise InputError(f"{name}: the recorded path has no points")
+    start = vector.new_tensor(recorded[0])
+    end = vector.new_tensor(recorded[-1])
+    applied = intervention.scale * vector
+    tol = 1e-6 * max(float(applied.norm()), 1.0)
+    if float(start.norm()) > tol or float((end - applied).norm()) > tol:
+        raise InputError(
+            f"{name}: the recorded path (info['path']) must start at 0 and end at the vector the "
+            f"intervention applies (scale × vector); it ends {float((end - applied).norm()):.3g} "
+            "away. A rescaled or edited intervention keeps its old path: drop info['path'] to "
+            "measure the ray of its scale instead"
+        )
+    return site, vector
 
 
 def _kl(logp: Tensor, logq: Tensor) -> float:
@@ -268,7 +291,8 @@ def with_kl_ratio(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataF
     the same (concept, layer, context, target); NaN where either did not reach the target. With
     a ``kl_quadratic`` column, also ``kl_quadratic_ratio`` (the finite-change predictor of
     ``kl_ratio``); with ``path_length``, ``rho_own`` = (path_length / baseline's)², ρ along
-    the method's own path."""
+    the method's own path (NaN where the baseline's path has length 0: it started at the
+    target)."""
     keys = ["concept", "layer", "context", "target_probability"]
     frame: Any = records  # pandas' inline types defeat the checker here
     is_base = (frame["method"] == baseline) & frame["reached"]
@@ -286,7 +310,7 @@ def with_kl_ratio(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataF
         out["kl_quadratic_ratio"] = quad.where(out["reached"])
     if "path_length" in frame:
         own = (out["path_length"] / out["_baseline_length"]) ** 2
-        out["rho_own"] = own.where(out["reached"])
+        out["rho_own"] = own.where(out["reached"] & out["_baseline_length"].gt(0))
     return out.drop(columns=list(cols.values()))
 
 

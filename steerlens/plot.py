@@ -213,7 +213,10 @@ def predicted_vs_measured(records: pd.DataFrame, *, baseline: str = "fishback") 
     fig, axes = _figure(3.4 * len(names), 3.0, ncols=len(names))
     shown = {}
     for name in names:
-        keep = (frame["method"] != baseline) & frame["kl_ratio"].gt(0) & frame[name].gt(0)
+        finite = np.isfinite(frame[name].astype(float)) & np.isfinite(
+            frame["kl_ratio"].astype(float)
+        )
+        keep = (frame["method"] != baseline) & frame["kl_ratio"].gt(0) & frame[name].gt(0) & finite
         shown[name] = frame[keep][["method", name, "kl_ratio"]]
     values = [v for n, df in shown.items() for v in (*df[n], *df["kl_ratio"])]
     lo, hi = (min(values + [1.0]) / 1.5, max(values) * 1.5) if values else (0.5, 2.0)

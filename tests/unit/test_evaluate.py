@@ -108,42 +108,28 @@ def test_match_strength_and_errors():
 def test_bootstrap_and_summary():
     m, lo, hi = bootstrap_ci([1.0, 2.0, 3.0, float("nan")])
     assert m == 2.0 and lo <= 2.0 <= hi
+    base = dict(concept="past", layer=3, target_probability=0.5, rho=1.0)
     rows = []
-    for method, kl in (("fishback", 0.1), ("euclidean", 0.3)):
-        for ctx in ("a", "b"):
-            rows.append(
-                dict(
-                    concept="past",
-                    layer=3,
-                    context=ctx,
-                    target_probability=0.5,
-                    method=method,
-                    reached=True,
-                    off_target_kl=kl,
-                    rho=1.0,
-                    path_length=0.5 if method == "fishback" else 1.5,
-                )
-            )
-    rows.append(
-        dict(
-            concept="past",
-            layer=3,
-            context="c",
-            target_probability=0.5,
-            method="euclidean",
-            reached=False,
-            off_target_kl=float("nan"),
-            rho=2.0,
-        )
-    )
+    # contexts a, b: both reached; c: Euclidean did not reach the target (its KL and path
+    # length are still recorded); d: FishBack started at the target (a path of length 0)
+    for ctx, fishback_length, reached in (("a", 0.5, True), ("b", 0.5, True), ("c", 0.5, False),
+                                          ("d", 0.0, True)):  # fmt: skip
+        rows.append(
+            dict(base, context=ctx, method="fishback", reached=True, off_target_kl=0.1,
+                 path_length=fishback_length)
+        )  # fmt: skip
+        rows.append(
+            dict(base, context=ctx, method="euclidean", reached=reached, off_target_kl=0.3,
+                 path_length=1.5)
+        )  # fmt: skip
     records = pd.DataFrame(rows)
-    ratio = with_kl_ratio(records)
-    assert ratio[ratio.method == "euclidean"].kl_ratio.dropna().tolist() == pytest.approx([3, 3])
-    own = ratio[ratio.method == "euclidean"].rho_own
-    assert own.dropna().tolist() == pytest.approx([9, 9]) and own.isna().sum() == 1  # unreached
+    ratio = with_kl_ratio(records).set_index(["method", "context"]).loc["euclidean"]
+    assert ratio.kl_ratio.tolist() == pytest.approx([3, 3, math.nan, 3], nan_ok=True)
+    assert ratio.rho_own.tolist() == pytest.approx([9, 9, math.nan, math.nan], nan_ok=True)
     summary = summarize(records).set_index("method")
     assert summary.loc["euclidean", "kl_ratio_to_fishback"] == pytest.approx(3.0)
-    assert summary.loc["euclidean", "reached"] == 2 and summary.loc["euclidean", "contexts"] == 3
+    assert summary.loc["euclidean", "rho_own"] == pytest.approx(9.0)
+    assert summary.loc["euclidean", "reached"] == 3 and summary.loc["euclidean", "contexts"] == 4
     with pytest.raises(errors.InputError):
         summarize(records.iloc[:0])
 
@@ -230,7 +216,7 @@ def test_fisher_rao_is_twice_the_angle_between_root_distributions(seed):
     p, q = (torch.softmax(3 * torch.randn(9, generator=gen, dtype=torch.float64), 0) for _ in "pq")
     want = 2 * math.acos(float((p * q).sqrt().sum()))
     assert fisher_rao(p, q) == pytest.approx(want, rel=1e-9, abs=1e-12)
-    # locally KL ≈ ½d²: a tiny step of q's logits
+    # locally KL ≈ ½d²: a tiny step of p's logits
     r = torch.softmax(p.log() + 1e-4 * torch.randn(9, generator=gen, dtype=torch.float64), 0)
     kl_pr = float((p * (p / r).log()).sum())
     assert kl_pr == pytest.approx(0.5 * fisher_rao(p, r) ** 2, rel=1e-3)
@@ -268,8 +254,11 @@ def test_path_length_is_the_fisher_length_by_jacrev(gpt2_model, tokens):
 
 def test_iterative_path_is_recorded_and_walked(gpt2_model, tokens):
     model, off = gpt2_model, OffTarget.complement([7])
+    concept = TokenSet.from_ids([7], d_vocab=model.cfg.d_vocab)
     cfg = EuclideanConfig("resid_post.0", 0.99, step=0.4, max_steps=4)
-    iv = steer_iteratively(model, cfg, TokenSet.from_ids([7], d_vocab=model.cfg.d_vocab), tokens)
+    with LocalPath(model, tokens, "resid_post.0") as path:
+        mark = float(concept.value(path.x0, path.logits(path.x0).detach())) + 0.6
+    iv = steer_iteratively(model, cfg, concept, tokens, checkpoints=[mark])
     points = torch.tensor(iv.info["path"], dtype=torch.float64)
     assert points.shape[0] == iv.info["steps"] + 1 == 5
     assert points[0].abs().max() == 0 and torch.allclose(points[-1], iv.vector(), atol=1e-12)
@@ -279,6 +268,17 @@ def test_iterative_path_is_recorded_and_walked(gpt2_model, tokens):
             xs += [path.x0 + a + (b - a) * k / 3 for k in (1, 2, 3)]
         want = fisher_length(outcome_distribution(path.logits(x).detach(), off) for x in xs)
         end = path.logits(xs[-1]).detach()
+        # the path to the checkpoint: the points below it, then the checkpoint's own δ, which
+        # lies on the segment from the last of them to the next point
+        marked = iv.info["checkpoints"][repr(mark)]
+        prefix = _path_to(iv.info["path"], iv.info["trajectory"], mark, marked)
+        prefix = torch.tensor(prefix, dtype=torch.float64)
+        below = [float(concept.value(x, path.logits(x).detach())) for x in path.x0 + prefix[:-1]]
+    assert 1 < len(prefix) < len(points) and max(below) < mark
+    assert torch.equal(prefix[-1], torch.tensor(marked, dtype=prefix.dtype))
+    a, b = prefix[-2], points[len(prefix) - 1]
+    t = float((prefix[-1] - a) @ (b - a) / (b - a).norm() ** 2)
+    assert 0 < t <= 1 and torch.allclose(a + t * (b - a), prefix[-1], atol=1e-9)
     assert path_length(model, tokens, iv, off, sub=3) == pytest.approx(want, rel=1e-9)
     # the walked path ends where the intervention's full forward pass lands
     full = next_logprobs(model, tokens, iv)
@@ -286,6 +286,14 @@ def test_iterative_path_is_recorded_and_walked(gpt2_model, tokens):
     two = Intervention("two", {"resid_post.0": iv.vector(), "resid_post.1": iv.vector()})
     with pytest.raises(errors.InputError, match="one vector site"):
         path_length(model, tokens, replace(two, info=iv.info), off)
+    with pytest.raises(errors.InputError, match="must start at 0 and end at the vector"):
+        path_length(model, tokens, iv.scaled(2.0), off)  # the path recorded is for scale 1
+
+
+def test_outcome_distribution_merges_and_drops():
+    logits = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64))
+    merged = outcome_distribution(logits, OffTarget(exclude=(3,), merge=((0, 2),)))
+    assert merged.tolist() == pytest.approx([0.0, 2 / 6, 4 / 6, 0.0])
 
 
 def test_path_to_a_checkpoint_stops_at_its_mark():

@@ -59,8 +59,16 @@ def spectral_cost_ratio(
         raise InputError("the direction is orthogonal to the concept gradient: ρ is infinite")
     cost = float(metric.quad(v64).double()) + lam * float(v64 @ v64)
     if best is None:
-        best = float((g64 * metric.solve(g64, damping).double()).sum())
+        best = optimal_quad(metric, g64, damping)
     return cost * best / gv**2
+
+
+def optimal_quad(metric: Metric, g: Float[Tensor, " d"], damping: float = 1e-2) -> float:
+    """gᵀG_λ⁻¹g in float64 (g and the solve promoted; :meth:`Metric.pinv_quad` works in the
+    metric's dtype): the concept change per unit of off-target cost of the best direction, the
+    ``best`` of :func:`spectral_cost_ratio`."""
+    g64 = g.double()
+    return float((g64 * metric.solve(g64, damping).double()).sum())
 
 
 def kantorovich_bound(

@@ -378,10 +378,9 @@ def summarize(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataFrame
                 "off_target_kl_ci": (kl_lo, kl_hi),
                 f"kl_ratio_to_{baseline}": r_mean,
                 "kl_ratio_ci": (r_lo, r_hi),
-                "rho": float(ok["rho"].mean()) if "rho" in ok else math.nan,
                 **{
                     name: float(ok[name].mean()) if name in ok else math.nan
-                    for name in ("rho_path", "rho_own")
+                    for name in ("rho", "rho_path", "rho_own")
                 },
             }
         )

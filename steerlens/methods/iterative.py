@@ -35,7 +35,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steerlens.concepts.base import Concept
-from steerlens.cost import PathRho, spectral_cost_ratio
+from steerlens.cost import PathRho, optimal_quad, spectral_cost_ratio
 from steerlens.errors import InputError, MethodError, NonFiniteError
 from steerlens.methods.intervention import Intervention
 from steerlens.metric.core import Metric
@@ -384,8 +384,7 @@ class _Along:
         self._now = {}
         if not self.rho or metric is None or self.damping is None:
             return
-        g64 = g.double()
-        self._best = float((g64 * metric.solve(g64, self.damping).double()).sum())
+        self._best = optimal_quad(metric, g, self.damping)
         for name, fn in self.compare.items():
             v = fn(path, x, g).to(g)
             ok = bool(torch.isfinite(v).all()) and float(v @ g) > 0

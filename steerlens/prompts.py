@@ -18,7 +18,7 @@ from torch import Tensor
 from steerlens.errors import InputError
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 PromptsLike = str | Sequence[str] | Tensor | Sequence[Tensor]
 

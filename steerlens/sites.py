@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 from steerlens.errors import SiteError
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 Position = int | Literal["last", "all"]
 

@@ -1,4 +1,4 @@
-"""Tiny random HookedTransformers for tests and examples, built in milliseconds.
+"""Tiny random HookedTransformers for tests and examples.
 
 Two flavours cover the architectures steerlens must handle:
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from steerlens._tl import HookedTransformer, HookedTransformerConfig
 from steerlens.errors import InputError
 
 Flavour = Literal["gpt2", "llama"]

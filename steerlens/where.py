@@ -35,7 +35,7 @@ from steerlens.metric.pullback import pullback_sweep
 from steerlens.sites import Site, all_sites, as_site
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 #: site kinds ranked by default: the residual stream and the block outputs
 WHERE_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")

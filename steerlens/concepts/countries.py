@@ -19,7 +19,7 @@ from steerlens.concepts.tokens import encode_word, tokenizer_of
 from steerlens.errors import ConceptError
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 #: (city, country): capitals and a few other well-known cities
 CITIES: tuple[tuple[str, str], ...] = (

@@ -32,7 +32,7 @@ from steerlens.prompts import PromptsLike, as_prompts
 from steerlens.sites import Site, as_site
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 
 @dataclass(frozen=True)

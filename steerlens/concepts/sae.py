@@ -34,7 +34,7 @@ with warnings.catch_warnings():
     import sae_lens  # noqa: F401
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 
 @dataclass(frozen=True)

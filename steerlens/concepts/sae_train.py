@@ -54,7 +54,7 @@ with warnings.catch_warnings():
     from sae_lens.training.sae_trainer import SAETrainer
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 #: the file beside sae-lens's own files that records how an SAE was made and how good it is
 REPORT_FILE = "steerlens_sae.json"

@@ -41,7 +41,7 @@ from steerlens.methods.intervention import Intervention
 from steerlens.sites import Site
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 
 @dataclass(frozen=True)

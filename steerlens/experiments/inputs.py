@@ -24,7 +24,7 @@ from steerlens.evaluate import next_logprobs
 from steerlens.experiments.matched import context_tokens
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 
 def load_pair_file(model: HookedTransformer, spec: str | Path) -> PairMapping:

@@ -61,7 +61,7 @@ from steerlens.metric.pullback import MetricOptions
 from steerlens.sites import Site
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 ITERATIVE = ("fishback", "euclidean", "depth0")
 FIXED = ("caa", "actadd", "probe", "sae")

@@ -40,7 +40,7 @@ from steerlens.hooks import edit_at
 from steerlens.sites import Site, as_site
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 
 @dataclass(frozen=True)

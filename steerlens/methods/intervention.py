@@ -42,7 +42,7 @@ from steerlens.methods.clamp import SaeClamp, clamp_feature, load_clamps, save_c
 from steerlens.sites import Site, as_site
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 ARTIFACT_KIND = "intervention"
 

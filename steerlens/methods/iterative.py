@@ -45,7 +45,7 @@ from steerlens.metric.pullback import MetricOptions
 from steerlens.prompts import PromptsLike, as_prompts
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 
 @dataclass(frozen=True)

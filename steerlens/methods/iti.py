@@ -27,7 +27,7 @@ from steerlens.methods.vector import _pair_tokens
 from steerlens.sites import Site, as_site
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 
 def iti_intervention(

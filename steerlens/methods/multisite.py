@@ -37,7 +37,7 @@ from steerlens.prompts import PromptsLike, as_prompts
 from steerlens.sites import Site
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 
 def layer_deltas(

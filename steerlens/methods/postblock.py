@@ -50,7 +50,7 @@ from steerlens.prompts import PromptsLike, as_prompts
 from steerlens.sites import Site, as_site
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 #: sites whose additive vector is a bias edit of the block output
 BIAS_KINDS = ("resid_post", "mlp_out")

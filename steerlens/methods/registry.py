@@ -39,7 +39,7 @@ from steerlens.methods.vector import (
 from steerlens.prompts import PromptsLike
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 
 @dataclass(frozen=True)

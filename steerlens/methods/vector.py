@@ -24,7 +24,7 @@ from steerlens.prompts import as_prompts
 from steerlens.sites import Site, as_site
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 
 def _unit(v: Tensor, what: str) -> Tensor:

@@ -21,51 +21,26 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from transformer_lens.components.mlps.gated_mlp import GatedMLP
-from transformer_lens.components.mlps.mlp import MLP
 
+from steerlens import _tl
 from steerlens.hooks import hooked
 from steerlens.metric.state import PromptState
 from steerlens.sites import HOOKS
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 BlockFn = Callable[..., tuple[Tensor, ...]]
 
 
 def fast_supported(model: HookedTransformer, layer: int, n_pos: int) -> bool:
-    """Whether :class:`FastBlock` computes block ``layer`` exactly."""
-    cfg = model.cfg
-    block = model.blocks[layer]
-    flags_off = (
-        "attn_only",
-        "parallel_attn_mlp",
-        "use_attn_in",
-        "use_split_qkv_input",
-        "use_normalization_before_and_after",
-        "use_qk_norm",
-        "use_logn_attn",
-        "use_attention_sinks",
-        "load_in_4bit",
-        "use_hook_mlp_in",
-    )
-    if any(getattr(cfg, flag, False) for flag in flags_off):
-        return False
-    if (getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) > 0 or cfg.clip_qkv is not None:
-        return False
-    if cfg.positional_embedding_type not in ("standard", "rotary"):
-        return False
-    if type(block.mlp) not in (MLP, GatedMLP) or cfg.is_layer_norm_activation():
-        return False
-    window = getattr(block.attn, "attn_type", "global")
-    if window != "global" and (cfg.window_size is None or n_pos > cfg.window_size):
-        return False
-    return "Olmo" not in str(cfg.original_architecture)
+    """Whether :class:`FastBlock` computes block ``layer`` exactly: the block is the plain pre-norm
+    decoder block it writes out (:func:`steerlens._tl.is_plain_prenorm_block`)."""
+    return _tl.is_plain_prenorm_block(model, layer, n_pos)
 
 
 class FastBlock:
@@ -75,52 +50,49 @@ class FastBlock:
         self, model: HookedTransformer, layer: int, state: PromptState, dtype: torch.dtype
     ):
         cfg = model.cfg
-        block = model.blocks[layer]
-        attn = block.attn
-        self.block, self.cfg = block, cfg
+        self.model, self.layer = model, layer
+        self.rotary = _tl.positional_embedding(model) == "rotary"
+        self.ln1, self.ln2 = _tl.block_norms(model, layer)
         self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
         self.n_kv = cfg.n_key_value_heads or cfg.n_heads
         self.pos = state.n_pos - 1
-        k_w = getattr(attn, "_W_K", attn.W_K)
-        v_w = getattr(attn, "_W_V", attn.W_V)
-        k_b = getattr(attn, "_b_K", attn.b_K)
-        v_b = getattr(attn, "_b_V", attn.b_V)
+        attn = _tl.attention_weights(model, layer)
         d = cfg.d_model
-        self.w_q = attn.W_Q.detach().permute(1, 0, 2).reshape(d, -1).to(dtype)
-        self.b_q = attn.b_Q.detach().reshape(-1).to(dtype)
-        self.w_k = k_w.detach().permute(1, 0, 2).reshape(d, -1).to(dtype)
-        self.b_k = k_b.detach().reshape(-1).to(dtype)
-        self.w_v = v_w.detach().permute(1, 0, 2).reshape(d, -1).to(dtype)
-        self.b_v = v_b.detach().reshape(-1).to(dtype)
-        self.w_o = attn.W_O.detach().to(dtype)  # [head, d_head, d_model]
+        self.w_q = attn.w_q.detach().permute(1, 0, 2).reshape(d, -1).to(dtype)
+        self.b_q = attn.b_q.detach().reshape(-1).to(dtype)
+        self.w_k = attn.w_k.detach().permute(1, 0, 2).reshape(d, -1).to(dtype)
+        self.b_k = attn.b_k.detach().reshape(-1).to(dtype)
+        self.w_v = attn.w_v.detach().permute(1, 0, 2).reshape(d, -1).to(dtype)
+        self.b_v = attn.b_v.detach().reshape(-1).to(dtype)
+        self.w_o = attn.w_o.detach().to(dtype)  # [head, d_head, d_model]
         self.w_o_flat = self.w_o.reshape(-1, d)
-        self.b_o = attn.b_O.detach().to(dtype)
-        self.scale = float(attn.attn_scale)
-        entry = state.cache[layer]
-        keys = entry.past_keys.detach()
-        if cfg.positional_embedding_type == "rotary" and keys.shape[1] > 0:
-            keys = attn.apply_rotary(keys, 0, None)
+        self.b_o = attn.b_o.detach().to(dtype)
+        self.scale = attn.scale
+        past_keys, past_values = _tl.cached_keys_values(state.cache, layer)
+        keys = past_keys.detach()
+        if self.rotary and keys.shape[1] > 0:
+            keys = _tl.rotate(model, layer, keys, 0)
         self.k_past = keys[0].permute(1, 0, 2).to(dtype).contiguous()  # [kv, pos, d_head]
-        self.v_past = entry.past_values.detach()[0].permute(1, 0, 2).to(dtype).contiguous()
-        mlp: Any = block.mlp
-        self.gated = isinstance(mlp, GatedMLP)
-        self.w_in = mlp.W_in.detach().to(dtype)
+        self.v_past = past_values.detach()[0].permute(1, 0, 2).to(dtype).contiguous()
+        mlp = _tl.mlp_weights(model, layer)
+        self.gated = mlp.gated
+        self.w_in = mlp.w_in.detach().to(dtype)
         self.b_in = mlp.b_in.detach().to(dtype)
-        self.w_gate = mlp.W_gate.detach().to(dtype) if self.gated else None
-        self.w_out = mlp.W_out.detach().to(dtype)
+        self.w_gate = mlp.w_gate.detach().to(dtype) if mlp.w_gate is not None else None
+        self.w_out = mlp.w_out.detach().to(dtype)
         self.b_out = mlp.b_out.detach().to(dtype)
-        self.act: Callable[[Tensor], Tensor] = mlp.act_fn  # type: ignore[assignment]
+        self.act = mlp.act
 
     def _rotate(self, x: Tensor, n: int) -> Tensor:
-        if self.cfg.positional_embedding_type != "rotary":
+        if not self.rotary:
             return x.view(n, self.d_head)
-        rotated = self.block.attn.apply_rotary(x.view(1, 1, n, self.d_head), self.pos, None)
+        rotated = _tl.rotate(self.model, self.layer, x.view(1, 1, n, self.d_head), self.pos)
         return rotated.view(n, self.d_head)
 
     def __call__(
         self, x: Tensor, deltas: dict[str, Tensor], capture: Sequence[str]
     ) -> tuple[Tensor, ...]:
-        h = self.block.ln1(x.view(1, 1, -1)).view(-1)
+        h = self.ln1(x.view(1, 1, -1)).view(-1)
         q = self._rotate(h @ self.w_q + self.b_q, self.n_heads)
         k = self._rotate(h @ self.w_k + self.b_k, self.n_kv)
         v = (h @ self.w_v + self.b_v).view(self.n_kv, self.d_head)
@@ -149,7 +121,7 @@ class FastBlock:
         mid = x + attn_out
         if "resid_mid" in deltas:
             mid = mid + deltas["resid_mid"]
-        h2 = self.block.ln2(mid.view(1, 1, -1)).view(-1)
+        h2 = self.ln2(mid.view(1, 1, -1)).view(-1)
         if self.gated:
             assert self.w_gate is not None
             pre = h2 @ self.w_gate
@@ -201,8 +173,6 @@ def _hooked_block(
     delta_kinds: Sequence[str],
     capture: Sequence[str],
 ) -> Iterator[BlockFn]:
-    block = model.blocks[layer]
-    entry = state.cache[layer]
     holder: dict[str, Tensor] = {}
     captured: dict[str, Tensor] = {}
 
@@ -223,7 +193,7 @@ def _hooked_block(
 
     def fn(x: Tensor, *deltas: Tensor) -> tuple[Tensor, ...]:
         holder.update(zip(delta_kinds, deltas, strict=True))
-        out = block(x.view(1, 1, -1), past_kv_cache_entry=entry).view(-1)
+        out = _tl.block_forward_cached(model, layer, x.view(1, 1, -1), state.cache).view(-1)
         return (out, *[captured[k] for k in capture])
 
     need_result = "result" in delta_kinds or "result" in capture

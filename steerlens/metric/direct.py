@@ -21,7 +21,7 @@ from steerlens.metric.autodiff import pullback_rows
 from steerlens.sites import Site
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 
 @torch.no_grad()  # no graph w.r.t. the weights; torch.func still differentiates

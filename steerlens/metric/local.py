@@ -37,7 +37,7 @@ from steerlens.prompts import as_prompts
 from steerlens.sites import Site, as_site
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 #: residual sites an iterative method can steer through the fast path
 LOCAL_KINDS: tuple[str, ...] = ("resid_pre", "resid_post")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 HALF = (torch.float16, torch.bfloat16)
 _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -36,7 +36,7 @@ from steerlens.prompts import PromptsLike, as_prompts
 from steerlens.sites import KINDS, Site, all_sites, as_site
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 #: kinds in a default sweep: every kind but ``result``, whose per-head rows equal those of
 #: ``attn_out`` in pre-norm blocks and would cost n_heads × d_model columns per layer

@@ -28,7 +28,7 @@ from steerlens.metric.blockmap import block_map
 from steerlens.metric.state import PromptState
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 #: kinds whose rows come from a zero perturbation at their hook (resid_pre is the block input)
 _DELTA_KINDS = ("resid_mid", "attn_out", "mlp_out", "z", "result", "mlp_pre", "mlp_post")

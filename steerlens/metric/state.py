@@ -2,8 +2,8 @@
 
 The metric at the last position T only needs, per block, the residual entering the block at T and
 the keys and values of positions < T (held fixed: under causal attention a perturbation at T
-changes nothing before T). We get both from one forward pass that fills TransformerLens's own
-key-value cache, which is then cut to the positions before T and frozen.
+changes nothing before T). Both come from one forward pass that fills TransformerLens's own
+key-value cache, which is then cut to the positions before T and frozen (:mod:`steerlens._tl`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
+from steerlens import _tl
+from steerlens._tl import KeyValueCache
 from steerlens.errors import InputError, NonFiniteError
 from steerlens.hooks import hooked
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from steerlens._tl import HookedTransformer
 
 
 @dataclass
@@ -34,7 +35,7 @@ class PromptState:
     tokens: Int[Tensor, " pos"]
     resid: list[Float[Tensor, " d_model"]]
     logits: Float[Tensor, " d_vocab"]
-    cache: TransformerLensKeyValueCache
+    cache: KeyValueCache
 
     @property
     def n_pos(self) -> int:
@@ -44,12 +45,13 @@ class PromptState:
 def check_supported(model: HookedTransformer) -> None:
     """Raise for architectures whose blocks need inputs the single-position path cannot give."""
     cfg = model.cfg
-    if cfg.positional_embedding_type in ("shortformer", "alibi", "relative_positional_bias"):
+    positions = _tl.positional_embedding(model)
+    if positions in ("shortformer", "alibi", "relative_positional_bias"):
         raise InputError(
-            f"positional embedding {cfg.positional_embedding_type!r} is not supported by the "
+            f"positional embedding {positions!r} is not supported by the "
             "metric engine (supported: standard, rotary)"
         )
-    if cfg.attention_dir != "causal":
+    if not _tl.is_causal(model):
         raise InputError("the pullback metric needs a causal (decoder-only) model")
     if cfg.dtype in (torch.float16, torch.bfloat16):
         raise InputError(
@@ -64,7 +66,7 @@ def prompt_state(model: HookedTransformer, tokens: Int[Tensor, " pos"]) -> Promp
     """Run ``tokens`` once and keep what the recursion needs at the last position."""
     check_supported(model)
     n_layers = model.cfg.n_layers
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=1)
+    cache = _tl.new_kv_cache(model)
     resid: list[Tensor | None] = [None] * (n_layers + 1)
 
     def grab(layer: int):
@@ -75,17 +77,9 @@ def prompt_state(model: HookedTransformer, tokens: Int[Tensor, " pos"]) -> Promp
 
     hooks = [(f"blocks.{layer}.hook_resid_pre", grab(layer)) for layer in range(n_layers)]
     hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", grab(n_layers)))
-    batch = tokens[None]
-    # One forward fills the cache with every position; an explicit all-ones mask, because without
-    # one TransformerLens masks every token equal to the tokenizer's pad token, which may be a
-    # real token of the prompt.
     with hooked(model, hooks):  # type: ignore[arg-type]
-        logits = model(batch, past_kv_cache=cache, attention_mask=torch.ones_like(batch))[0, -1]
-    for entry in cache.entries:  # keep positions < T: the prediction position is the variable
-        entry.past_keys = entry.past_keys[:, :-1]
-        entry.past_values = entry.past_values[:, :-1]
-    cache.previous_attention_mask = cache.previous_attention_mask[:, :-1]
-    cache.freeze()
+        logits = _tl.forward_filling_cache(model, tokens[None], cache)[0, -1]
+    _tl.freeze_before_last(cache)  # keep positions < T: the prediction position is the variable
     if not torch.isfinite(logits).all():
         raise NonFiniteError("the model's logits at the prediction position are not finite")
     for layer, r in enumerate(resid):

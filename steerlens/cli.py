@@ -32,6 +32,13 @@ EXAMPLES = {
         "  steerlens reproduce --quick    # 1 concept x 2 layers (~2 min)\n"
         "  steerlens reproduce --layers 6 18 --concepts past --contexts 2 --json"
     ),
+    "study": (
+        "examples:\n"
+        "  steerlens study --out results/study            # the full study (many hours, 2 cores)\n"
+        "  steerlens study --out /tmp/pilot --contexts 2 --layers 12 --concepts past\n"
+        "  torchrun --nproc-per-node 2 -m steerlens.cli study --out results/study  # 2 ranks\n"
+        "  steerlens study --out results/study --report   # rebuild study.md (partial runs too)"
+    ),
     "report": (
         "examples:\n"
         "  steerlens report                # rebuild results/reproduction.md and its figures\n"
@@ -82,6 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--targets", nargs="+", type=float, help="target probabilities")
     rep.add_argument("--results", type=Path, default=Path("results"), help="tables go here")
     rep.add_argument("--figures", type=Path, default=Path("figures"), help="PNG figures go here")
+
+    study = add_command(
+        sub,
+        "study",
+        "the study: many contexts, every measure, fair baselines; resumable and sharded",
+        EXAMPLES["study"],
+    )
+    study.add_argument("--out", type=Path, default=Path("results/study"), help="the run folder")
+    study.add_argument("--concepts", nargs="+", choices=["past", "third", "ing"])
+    study.add_argument("--layers", nargs="+", type=int)
+    study.add_argument("--contexts", type=int, help="test contexts per concept (default 30)")
+    study.add_argument("--targets", nargs="+", type=float, help="target probabilities")
+    study.add_argument("--generation-tokens", type=int, help="tokens per continuation (0: none)")
+    study.add_argument("--samples", type=int, help="sampled continuations per record")
+    study.add_argument(
+        "--report", action="store_true", help="only rebuild study.md from the folder's records"
+    )
 
     report = add_command(
         sub,
@@ -226,6 +250,41 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_study(args: argparse.Namespace) -> None:
+    import os
+    from dataclasses import replace
+
+    from steerlens.experiments.study import StudyConfig, run_study
+    from steerlens.experiments.study_report import write_study_report
+
+    if args.report:
+        paths = write_study_report(args.out)
+        print_result({"written": [str(p) for p in paths]}, {}, args.json)
+        return
+    overrides = {
+        "concepts": tuple(args.concepts) if args.concepts else None,
+        "layers": tuple(args.layers) if args.layers else None,
+        "contexts": args.contexts,
+        "targets": tuple(args.targets) if args.targets else None,
+        "generation_tokens": args.generation_tokens,
+        "samples": args.samples,
+    }
+    cfg = replace(StudyConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    import torch.distributed as dist
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("gloo")  # torchrun: one rank per process
+    from steerlens.models import load_model
+
+    model = load_model(args.model)
+    records = run_study(model, cfg, args.out, progress=not args.json)
+    if records is None:  # not rank 0: rank 0 merges and reports
+        return
+    paths = write_study_report(args.out)
+    summary = {"model": model.cfg.model_name, "records": len(records)}
+    print_result(summary | {"written": [str(p) for p in paths]}, {}, args.json)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from steerlens.experiments.reproduce import rebuild_report
 
@@ -259,6 +318,7 @@ COMMANDS = {
     "metric": cmd_metric,
     "reproduce": cmd_reproduce,
     "report": cmd_report,
+    "study": cmd_study,
     "train-sae": cmd_train_sae,
     **CONCEPT_COMMANDS,
 }

@@ -235,7 +235,9 @@ def cmd_steer(args: argparse.Namespace) -> None:
             raise InputError(f"{args.method} learns from contrast pairs: give --train-contexts")
         train_ctxs = user_contexts(model, mapping, train)
         pairs = verb_contrast_pairs(train_ctxs, name=mapping.name)
-        iv = fit_fixed(model, settings, pairs, args.layer, train_ctxs)[args.method]
+        iv = fit_fixed(model, settings.methods, pairs, args.layer, train_ctxs, seed=settings.seed)[
+            args.method
+        ]
         scale, reached = match_strength(share_at(model, tokens, ctx, iv), args.target)
         iv = iv.scaled(scale)
     else:

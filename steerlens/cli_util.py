@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from steerlens.atomic import atomic_path
 
 
 def add_command(sub: Any, name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
@@ -56,10 +57,5 @@ def print_result(obj: dict[str, Any], tables: dict[str, pd.DataFrame], as_json: 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
     """Through a temporary file renamed into place: no half-written CSV is left behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

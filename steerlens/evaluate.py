@@ -10,6 +10,8 @@ Measures, for a context whose next token should move from a base form b to a tar
   (Park et al.'s dual-steering definition), over the whole pair mapping;
 - ``perplexity`` (fluency, optional): the unsteered model's perplexity of a greedy continuation
   generated under the intervention (:func:`continuation_perplexity`);
+- ``kl_full``: KL(p ‖ q) of the whole next-token distributions (nothing removed or merged);
+- ``p_target``, ``p_base``, ``pair_mass``: q(t), q(b) and q(t) + q(b) (with a base);
 - ``rr_diff``: the mean |1/rank_p(y) − 1/rank_q(y)| over the tokens y ≠ t in p's top-p 0.999 set
   (ranks among the tokens ≠ t): how much the order of the rest moved.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -93,6 +96,69 @@ def continuation_perplexity(
     logp = torch.log_softmax(model(seq[None])[0, start - 1 : -1].double(), -1)
     nll = -logp.gather(1, seq[start:, None]).mean()
     return float(nll.exp())
+
+
+@torch.no_grad()
+def _continue(
+    model: HookedTransformer,
+    seq: Tensor,
+    n_tokens: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """``seq`` [batch, pos] extended by ``n_tokens``: argmax without a generator, else sampled
+    from the softmax with it."""
+    for _ in range(n_tokens):
+        logits = model(seq)[:, -1].double()
+        if generator is None:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+        seq = torch.cat([seq, nxt.to(seq.dtype)], 1)
+    return seq
+
+
+@torch.no_grad()
+def generation_measures(
+    model: HookedTransformer,
+    tokens: Tensor,
+    intervention: Intervention | None,
+    target: int,
+    *,
+    n_tokens: int = 20,
+    samples: int = 4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """What the edit does to generated text: a greedy continuation and ``samples`` sampled ones
+    (temperature 1, seeded), ``n_tokens`` each, generated with ``intervention`` applied to every
+    pass (an ``@last`` edit so steers each generated token). ``target_first_greedy``: 1.0 if the
+    greedy continuation's next word is the target token; ``target_first_sampled``: the fraction
+    of sampled continuations whose next word is; ``perplexity_greedy`` /
+    ``perplexity_sampled`` (mean over samples): the unsteered model's perplexity of the
+    continuations (exp of the mean negative log-likelihood per generated token)."""
+    if n_tokens < 1 or samples < 1:
+        raise InputError(f"n_tokens and samples must be >= 1, got {n_tokens}, {samples}")
+    seq = tokens.view(1, -1)
+    start = seq.shape[1]
+    if start + n_tokens > model.cfg.n_ctx:
+        raise InputError(
+            f"{start} prompt tokens + {n_tokens} generated exceed the model's context of "
+            f"{model.cfg.n_ctx}"
+        )
+    generator = torch.Generator(device=seq.device).manual_seed(seed)
+    with intervention.apply(model) if intervention is not None else nullcontext():
+        greedy = _continue(model, seq, n_tokens, None)
+        sampled = _continue(model, seq.expand(samples, -1), n_tokens, generator)
+
+    def perplexity(out: Tensor) -> Tensor:
+        logp = torch.log_softmax(model(out)[:, start - 1 : -1].double(), -1)
+        return (-logp.gather(2, out[:, start:, None]).mean((1, 2))).exp()
+
+    return {
+        "target_first_greedy": float(greedy[0, start] == target),
+        "target_first_sampled": float((sampled[:, start] == target).double().mean()),
+        "perplexity_greedy": float(perplexity(greedy)[0]),
+        "perplexity_sampled": float(perplexity(sampled).mean()),
+    }
 
 
 def path_length(
@@ -221,11 +287,124 @@ def outcome_measures(
         "probability": float(prob),
         "off_target_kl": _kl(p, q),
         "off_target_kl_merged": math.nan,
+        "kl_full": _kl(clean, steered),
+        "p_target": float(steered[target].exp()),
+        "p_base": math.nan if base is None else float(steered[base].exp()),
+        "pair_mass": math.nan,
         "rr_diff": rr,
     }
+    if base is not None:
+        out["pair_mass"] = out["p_target"] + out["p_base"]
     if merge:
         out["off_target_kl_merged"] = _kl(_merge(clean, merge), _merge(steered, merge))
     return out
+
+
+@dataclass(frozen=True)
+class StrengthMatch:
+    """Where a fixed direction's scale first reaches a target share, or why it does not.
+
+    ``reason``: ``"crossed on the grid"`` (a grid point reached it; the first such crossing was
+    bisected), ``"crossed between grid points"`` (no grid point did, but refining the grid's
+    peak did), or ``"never reached"`` (no grid point nor the refined peak reached it; ``scale``
+    is then the peak's scale, where the share is highest: a window narrower than the grid's
+    spacing and away from its peak cannot be told from none). ``peak_share`` / ``peak_scale``:
+    the highest share seen and where; ``evaluations``: how many scales were tried (for every
+    target together)."""
+
+    target: float
+    scale: float
+    reached: bool
+    reason: str
+    peak_share: float
+    peak_scale: float
+    evaluations: int
+
+
+def strength_grid(max_scale: float = 256.0, min_scale: float = 1 / 16, per_octave: int = 4):
+    """0, then ``per_octave`` geometric steps per doubling from ``min_scale`` to ``max_scale``."""
+    if not 0 < min_scale < max_scale:
+        raise InputError(f"need 0 < min_scale < max_scale, got {min_scale}, {max_scale}")
+    if per_octave < 1:
+        raise InputError(f"per_octave must be >= 1, got {per_octave}")
+    n = math.ceil(per_octave * math.log2(max_scale / min_scale))
+    return [0.0] + [min_scale * (max_scale / min_scale) ** (i / n) for i in range(n + 1)]
+
+
+def strength_search(
+    probability: Callable[[float], float],
+    targets: Sequence[float],
+    *,
+    max_scale: float = 256.0,
+    min_scale: float = 1 / 16,
+    per_octave: int = 4,
+    tol: float = 1e-4,
+    iters: int = 30,
+) -> dict[float, StrengthMatch]:
+    """For each target, the smallest scale on a fine grid (:func:`strength_grid`) whose
+    ``probability`` reaches it, bisected against the grid point before it until the upper end is
+    within ``tol`` above the target (or ``iters`` halvings). A share need not rise monotonically
+    with the scale (CAA's does not), so the grid is walked in full instead of doubling until a
+    first success; where no grid point reaches a target, the interval around the grid's peak is
+    refined (golden section) in case a narrow window lies between grid points. Every scale is
+    evaluated at most once for all targets together.
+
+    >>> out = strength_search(lambda s: s / 10, [0.5])
+    >>> m = out[0.5]
+    >>> m.reached and 5.0 <= m.scale < 5.001, m.reason
+    (True, 'crossed on the grid')
+    >>> window = strength_search(lambda s: 0.9 * math.exp(-((s - 3.1) ** 2) / 0.002), [0.5])
+    >>> window[0.5].reached, window[0.5].reason
+    (True, 'crossed between grid points')
+    """
+    if not targets or any(not 0 < t < 1 for t in targets):
+        raise InputError(f"target probabilities must be in (0, 1), got {list(targets)}")
+    grid = strength_grid(max_scale, min_scale, per_octave)
+    seen: dict[float, float] = {}
+
+    def at(scale: float) -> float:
+        if scale not in seen:
+            seen[scale] = float(probability(scale))
+        return seen[scale]
+
+    shares = [at(s) for s in grid]
+    peak = int(np.argmax(shares))
+    lo_i, hi_i = max(peak - 1, 0), min(peak + 1, len(grid) - 1)
+    a, b = grid[lo_i], grid[hi_i]
+    golden = (math.sqrt(5) - 1) / 2
+    for _ in range(24 if max(targets) > shares[peak] else 0):
+        c, d = b - golden * (b - a), a + golden * (b - a)
+        if at(c) >= at(d):
+            b = d
+        else:
+            a = c
+    best_scale = max(seen, key=lambda s: seen[s])
+    out = {}
+    for target in targets:
+        first = next((i for i, p in enumerate(shares) if p >= target), None)
+        if first is not None:
+            lo, hi, reason = grid[max(first - 1, 0)], grid[first], "crossed on the grid"
+        elif seen[best_scale] >= target:
+            lo, hi, reason = grid[lo_i], best_scale, "crossed between grid points"
+        else:
+            out[target] = StrengthMatch(
+                target, best_scale, False, "never reached", seen[best_scale], best_scale, 0
+            )
+            continue
+        if hi == 0.0:
+            out[target] = StrengthMatch(target, 0.0, True, reason, seen[best_scale], best_scale, 0)
+            continue
+        p_hi = at(hi)
+        for _ in range(iters):
+            if p_hi - target <= tol:
+                break
+            mid = (lo + hi) / 2
+            if at(mid) >= target:
+                hi, p_hi = mid, seen[mid]
+            else:
+                lo = mid
+        out[target] = StrengthMatch(target, hi, True, reason, seen[best_scale], best_scale, 0)
+    return {t: replace(m, evaluations=len(seen)) for t, m in out.items()}
 
 
 def match_strength(
@@ -236,10 +415,9 @@ def match_strength(
     iters: int = 30,
     tol: float = 1e-4,
 ) -> tuple[float, bool]:
-    """The scale s at which ``probability(s)`` first reaches ``target``, by doubling from 1 and
-    then bisection until the probability at the upper end is within ``tol`` above the target
-    (or ``iters`` halvings); (the largest scale tried, False) if it never does by
-    ``max_scale``.
+    """(scale, reached) of :func:`strength_search` for one target: the first scale on its grid
+    up to ``max_scale`` where ``probability`` reaches ``target``, bisected to ``tol``; where it
+    never does, (the scale of the highest probability seen, False).
 
     >>> scale, ok = match_strength(lambda s: s / 10, 0.5)
     >>> ok and 5.0 <= scale < 5.001
@@ -247,25 +425,8 @@ def match_strength(
     """
     if not 0 < target < 1:
         raise InputError(f"target probability must be in (0, 1), got {target}")
-    if probability(0.0) >= target:
-        return 0.0, True
-    lo, hi = 0.0, 1.0
-    p_hi = probability(hi)
-    while p_hi < target:
-        lo, hi = hi, hi * 2
-        if hi > max_scale:
-            return lo, False
-        p_hi = probability(hi)
-    for _ in range(iters):
-        if p_hi - target <= tol:
-            break
-        mid = (lo + hi) / 2
-        p_mid = probability(mid)
-        if p_mid >= target:
-            hi, p_hi = mid, p_mid
-        else:
-            lo = mid
-    return hi, True
+    found = strength_search(probability, [target], max_scale=max_scale, iters=iters, tol=tol)
+    return found[target].scale, found[target].reached
 
 
 def bootstrap_ci(
@@ -354,12 +515,13 @@ def _agreement(ok: Any, name: str) -> dict[str, Any]:
     }
 
 
-#: the off-target divergences every ratio table reports side by side: the complement of the
-#: pair (the distribution whose Fisher metric FishBack descends by default) and the pair merge
-#: (Park et al.'s definition, which FishBack does not descend)
+#: the divergences every ratio table reports side by side: the complement of the pair (the
+#: distribution whose Fisher metric FishBack descends by default), the pair merge (Park et al.'s
+#: definition, which FishBack does not descend) and the whole distribution
 KL_MEASURES: dict[str, str] = {
     "off_target_kl": "complement KL (base and target removed, the rest renormalized)",
     "off_target_kl_merged": "pair-merge KL (each base token's mass merged into its target)",
+    "kl_full": "KL of the whole next-token distribution",
 }
 
 
@@ -367,14 +529,15 @@ def paired_ratios(
     records: pd.DataFrame,
     baseline: str = "fishback",
     *,
-    measures: Sequence[str] = tuple(KL_MEASURES),
+    measures: Sequence[str] | None = None,
     by: Sequence[str] = ("method", "layer"),
     n_boot: int = 2000,
     level: float = 0.95,
     seed: int = 0,
 ) -> pd.DataFrame:
     """Each method's cost over ``baseline``'s on the same runs, one row per group of ``by`` and
-    measure: the geometric mean of the per-run ratios (a run: the same concept, layer, context
+    measure (by default every one of :data:`KL_MEASURES` the records have): the geometric mean
+    of the per-run ratios (a run: the same concept, layer, context
     and target, both reached, both measures > 0), its paired bootstrap interval over
     independent contexts (contexts resampled with all their runs; NaN with fewer than 2
     distinct contexts, where no interval over contexts exists), the median ratio, and the
@@ -390,6 +553,8 @@ def paired_ratios(
     [{'method': 'euclidean', 'runs': 2, 'contexts': 2, 'ratio': 2.0, 'baseline_ahead': 0.5}]
     """
     frame: Any = records
+    if measures is None:
+        measures = [m for m in KL_MEASURES if m in frame]
     missing = [c for c in [*measures, *by] if c not in frame]
     if missing:
         raise InputError(f"records have no column(s) {missing}; they have {list(frame.columns)}")
@@ -431,7 +596,11 @@ def paired_ratios(
 
 
 #: short names of the measures in tables and figures
-MEASURE_LABELS = {"off_target_kl": "complement KL", "off_target_kl_merged": "pair-merge KL"}
+MEASURE_LABELS = {
+    "off_target_kl": "complement KL",
+    "off_target_kl_merged": "pair-merge KL",
+    "kl_full": "whole-distribution KL",
+}
 
 
 def ratio_table(

@@ -194,6 +194,7 @@ def _legend_entries(axes: Any) -> tuple[list[Any], list[str]]:
 KL_LABELS = {
     "off_target_kl": "complement KL (FishBack descends it)",
     "off_target_kl_merged": "pair-merge KL (Park et al.)",
+    "kl_full": "whole-distribution KL",
 }
 
 #: predictors of the measured KL ratio, with their axis labels

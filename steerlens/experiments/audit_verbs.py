@@ -114,7 +114,14 @@ def verb_audit(
     fixed: dict[str, Intervention] = {}
     if any(m not in ITERATIVE for m in methods):
         train = list(split.train[:train_pairs])
-        fixed = fit_fixed(model, settings, verb_contrast_pairs(train, name=kind), layer, train)
+        fixed = fit_fixed(
+            model,
+            settings.methods,
+            verb_contrast_pairs(train, name=kind),
+            layer,
+            train,
+            seed=settings.seed,
+        )
     runs: dict[str, list[Intervention]] = {m: [] for m in methods}
     tables = []
     for ctx in tqdm(test, disable=not progress, desc=f"match {kind} at layer {layer}"):

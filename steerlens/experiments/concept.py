@@ -53,7 +53,7 @@ class _Inputs:
     ) -> dict[str, Intervention]:
         if self.pairs is None:
             return {}
-        return fit_fixed(model, settings, self.pairs, layer, self.train)
+        return fit_fixed(model, settings.methods, self.pairs, layer, self.train, seed=settings.seed)
 
 
 def _inputs(

@@ -28,19 +28,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from steerlens.concepts import PairConcept, VerbContext
-from steerlens.concepts.pairs import ContrastPairs
-from steerlens.concepts.probes import train_probe
-from steerlens.concepts.sae import SaeFeature
+from steerlens.concepts import VerbContext
 from steerlens.cost import spectral_cost_ratio
 from steerlens.errors import InputError
 from steerlens.evaluate import (
     continuation_perplexity,
-    match_strength,
+    generation_measures,
     next_logprobs,
     outcome_measures,
     path_length,
+    strength_search,
 )
+from steerlens.experiments.baselines import FIXED, fit_fixed, has_shipped_sae, matching_sae_feature
+from steerlens.experiments.verb_context import context_tokens, pair_concept, pair_share
 from steerlens.methods.intervention import Intervention
 from steerlens.methods.iterative import (
     Compared,
@@ -48,12 +48,6 @@ from steerlens.methods.iterative import (
     FishBackConfig,
     TruncatedFisherConfig,
     steer_iteratively,
-)
-from steerlens.methods.vector import (
-    actadd_intervention,
-    caa_intervention,
-    probe_intervention,
-    sae_intervention,
 )
 from steerlens.metric.core import Metric
 from steerlens.metric.local import LocalPath
@@ -63,8 +57,27 @@ from steerlens.sites import Site
 if TYPE_CHECKING:
     from steerlens._tl import HookedTransformer
 
+__all__ = [
+    "DEFAULT_METHODS",
+    "FIXED",
+    "ITERATIVE",
+    "METHOD_NAMES",
+    "CleanPoint",
+    "MatchedSettings",
+    "clean_point",
+    "context_records",
+    "context_tokens",
+    "fit_fixed",
+    "has_shipped_sae",
+    "iterative_runs",
+    "matching_sae_feature",
+    "pair_concept",
+    "pair_share",
+    "pick_test",
+    "share_at",
+]
+
 ITERATIVE = ("fishback", "euclidean", "depth0")
-FIXED = ("caa", "actadd", "probe", "sae")
 METHOD_NAMES = ITERATIVE + FIXED
 #: what runs unless methods are chosen: "sae" needs a shipped SAE at the layer
 DEFAULT_METHODS = ITERATIVE + ("caa", "actadd", "probe")
@@ -75,6 +88,7 @@ IMPLICIT_METRIC = {
     "euclidean": "I",
     "depth0": "depth-0 Fisher (softmax at the site)",
     "caa": "within-class covariance (tied over positions)",
+    "caa_last": "within-class covariance (at the prediction position)",
     "actadd": "Euclidean on one pair (first positions)",
     "probe": "I on the probe",
     "sae": "the SAE's dictionary (one decoder row)",
@@ -85,7 +99,8 @@ IMPLICIT_METRIC = {
 class MatchedSettings:
     """``step``: the concept rise per iterative step (nats); ``damping``: FishBack's and ρ's
     relative ridge; ``fluency_tokens``: tokens generated per record for the perplexity measure
-    (0: skip it)."""
+    (0: skip it); ``generation_tokens`` / ``samples``: the greedy and sampled continuations of
+    :func:`~steerlens.evaluate.generation_measures` per record (0 tokens: skip them)."""
 
     targets: tuple[float, ...] = (0.5, 0.9)
     methods: tuple[str, ...] = DEFAULT_METHODS
@@ -93,6 +108,8 @@ class MatchedSettings:
     damping: float = 1e-2
     fluency_tokens: int = 0
     seed: int = 0
+    generation_tokens: int = 0
+    samples: int = 4
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(METHOD_NAMES)
@@ -104,24 +121,11 @@ class MatchedSettings:
             raise InputError(f"targets must be probabilities in (0, 1), got {self.targets}")
         if self.fluency_tokens < 0:
             raise InputError(f"fluency_tokens must be >= 0, got {self.fluency_tokens}")
-
-
-def context_tokens(model: HookedTransformer, ctx: VerbContext) -> Tensor:
-    """The context's ids with the model's BOS prepended if it uses one."""
-    ids = list(ctx.token_ids)
-    tok: Any = model.tokenizer
-    if model.cfg.default_prepend_bos and tok is not None and tok.bos_token_id is not None:
-        ids = [int(tok.bos_token_id)] + ids
-    return torch.tensor(ids, dtype=torch.long, device=model.cfg.device)
-
-
-def pair_share(logp: Tensor, ctx: VerbContext) -> Tensor:
-    """The target's share of the pair, p_t / (p_t + p_b)."""
-    return (logp[ctx.target_id] - torch.logaddexp(logp[ctx.target_id], logp[ctx.base_id])).exp()
-
-
-def pair_concept(ctx: VerbContext) -> PairConcept:
-    return PairConcept(ctx.base_id, ctx.target_id, f"{ctx.target_word} over {ctx.verb}")
+        if self.generation_tokens < 0 or self.samples < 1:
+            raise InputError(
+                f"need generation_tokens >= 0 and samples >= 1, got {self.generation_tokens}, "
+                f"{self.samples}"
+            )
 
 
 @dataclass(frozen=True)
@@ -165,77 +169,6 @@ def clean_point(
     return CleanPoint(g, off, depth0)
 
 
-def fit_fixed(
-    model: HookedTransformer,
-    settings: MatchedSettings,
-    pairs: ContrastPairs,
-    layer: int,
-    train: Sequence[VerbContext] = (),
-) -> dict[str, Intervention]:
-    """The fixed-direction methods of ``settings`` fitted on contrast ``pairs`` at ``layer``:
-    CAA (every pair), ActAdd (the first pair), a logistic probe at ``resid_post.layer``, and the
-    shipped SAE's best-matching feature there (:func:`matching_sae_feature` over the ``train``
-    contexts; :class:`ConceptError` if none ships for the layer: :func:`has_shipped_sae`)."""
-    out: dict[str, Intervention] = {}
-    if "sae" in settings.methods:
-        from steerlens.concepts.sae import pretrained_sae
-
-        sae = pretrained_sae(model, f"resid_post.{layer}", dtype=str(model.cfg.dtype)[6:])
-        if not train:
-            raise InputError("the SAE feature is chosen on training contexts: none given")
-        feature = matching_sae_feature(model, sae, Site("resid_post", layer), train)
-        out["sae"] = sae_intervention(model, feature)
-    if "caa" in settings.methods:
-        out["caa"] = caa_intervention(model, pairs, layer)
-    if "actadd" in settings.methods:
-        if pairs.token_pairs is None:
-            raise InputError("ActAdd here needs contrast pairs with token ids")
-        plus, minus = pairs.token_pairs[0]
-        out["actadd"] = actadd_intervention(
-            model, torch.tensor(plus), torch.tensor(minus), layer, pad_token=0
-        )
-    if "probe" in settings.methods:
-        if pairs.token_pairs is None:
-            raise InputError("the probe here needs contrast pairs with token ids")
-        probe = train_probe(
-            model,
-            Site("resid_post", layer),
-            [torch.tensor(p) for p, _ in pairs.token_pairs],
-            [torch.tensor(m) for _, m in pairs.token_pairs],
-            seed=settings.seed,
-        )
-        out["probe"] = probe_intervention(model, probe, Site("resid_post", layer))
-    return out
-
-
-def has_shipped_sae(model: HookedTransformer, layer: int) -> bool:
-    """Whether steerlens ships an SAE for ``resid_post.layer`` of this model."""
-    from steerlens.concepts.sae import shipped_saes
-
-    return f"resid_post.{layer}" in shipped_saes().get(str(model.cfg.model_name), [])
-
-
-def matching_sae_feature(
-    model: HookedTransformer, sae: Any, site: Site, contexts: Sequence[VerbContext]
-) -> SaeFeature:
-    """The feature whose decoder row raises the concept most per unit norm, on average over
-    ``contexts`` at their clean points: argmax_f mean gᵀW_dec[f]/‖W_dec[f]‖ — the SAE's best
-    single-feature match for moving this concept at this site."""
-    if not contexts:
-        raise InputError("no contexts to match an SAE feature on")
-    w_dec = sae.W_dec.detach().to(torch.float64)
-    units = w_dec / w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    score = torch.zeros(units.shape[0], dtype=torch.float64, device=units.device)
-    for ctx in contexts:
-        with LocalPath(model, context_tokens(model, ctx), site) as path, torch.enable_grad():
-            x = path.x0.clone().requires_grad_(True)
-            value = pair_concept(ctx).value(x, path.logits(x))
-            (g,) = torch.autograd.grad(value, x)
-        score += units @ g.detach().double() / g.norm().double().clamp_min(1e-30)
-    best = int(score.argmax())
-    return SaeFeature(sae, best, site.name, f"sae feature {best} at {site.name}")
-
-
 def context_records(
     model: HookedTransformer,
     ctx: VerbContext,
@@ -264,6 +197,7 @@ def context_records(
         "euclidean": point.g,
         "depth0": point.depth0.solve(point.g, settings.damping),
         "caa": fixed["caa"].vector() if "caa" in fixed else None,
+        "caa_last": fixed["caa_last"].vector() if "caa_last" in fixed else None,
         "actadd": None,  # added at the prompt's first positions, not at the site
         "probe": fixed["probe"].vector() if "probe" in fixed else None,
         "sae": fixed["sae"].vector() if "sae" in fixed else None,
@@ -285,6 +219,16 @@ def context_records(
         }
         if settings.fluency_tokens:
             out["perplexity"] = continuation_perplexity(model, tokens, iv, settings.fluency_tokens)
+        if settings.generation_tokens:
+            out |= generation_measures(
+                model,
+                tokens,
+                iv,
+                ctx.target_id,
+                n_tokens=settings.generation_tokens,
+                samples=settings.samples,
+                seed=settings.seed,
+            )
         return out
 
     off = pair_concept(ctx).off_target()
@@ -295,10 +239,17 @@ def context_records(
     for name, target, iv, extra in runs:
         records.append(record(name, target, iv, extra))
     for name, iv in fixed.items():
+        found = strength_search(share_at(model, tokens, ctx, iv), settings.targets)
         for target in settings.targets:
-            scale, reached = match_strength(share_at(model, tokens, ctx, iv), target)
-            extra = {"reached": reached, "strength": scale, "steps": math.nan}
-            records.append(record(name, target, iv.scaled(scale), extra))
+            m = found[target]
+            extra = {
+                "reached": m.reached,
+                "strength": m.scale,
+                "steps": math.nan,
+                "reason": m.reason,
+                "peak_share": m.peak_share,
+            }
+            records.append(record(name, target, iv.scaled(m.scale), extra))
     return records
 
 
@@ -329,7 +280,7 @@ def along_directions(
         out["euclidean"] = lambda path, x, g: g
     if "depth0" in settings.methods:
         out["depth0"] = depth0
-    for name in ("probe", "sae"):
+    for name in ("probe", "sae", "caa_last"):
         if name in fixed:
             vector = fixed[name].vector()
             out[name] = lambda path, x, g, v=vector: v
@@ -375,7 +326,13 @@ def iterative_runs(
                 vec = iv.vector().new_tensor(mark) if reached else iv.vector()
                 path_rho = iv.info.get("checkpoint_path_rho", {}).get(repr(math.log(target)), {})
                 path = _path_to(points, iv.info["trajectory"], math.log(target), mark)
-            extra = {"reached": reached, "strength": float(vec.norm()), "steps": iv.info["steps"]}
+            extra = {
+                "reached": reached,
+                "strength": float(vec.norm()),
+                "steps": iv.info["steps"],
+                "reason": "reached" if reached else "steps ran out",
+                "peak_share": math.nan,
+            }
             if along:
                 extra["path_rho"] = path_rho
             made = Intervention(name, {site.name: vec}, info={"path": path})

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from html import escape
@@ -25,6 +24,7 @@ import pandas as pd
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from steerlens.atomic import atomic_path
 from steerlens.concepts import (
     load_corpus,
     train_test_contexts,
@@ -35,6 +35,7 @@ from steerlens.concepts import (
 from steerlens.diagnostics import diagnostics_table
 from steerlens.errors import InputError
 from steerlens.evaluate import MEASURE_LABELS, paired_ratios, ratio_table, summarize
+from steerlens.experiments.baselines import ACTADD_PROMPTS, target_followed
 from steerlens.experiments.matched import (
     DEFAULT_METHODS,
     MatchedSettings,
@@ -149,14 +150,25 @@ def run_reproduction(
             test = pick_test(model, split.test, cfg.contexts, lo_target)
             if not test:
                 raise InputError(f"no usable test contexts for {kind!r}")
-            split_cache[kind] = (mapping, split, test)
+            followed = target_followed(model, mapping, split, sentences, cfg.train_pairs)
+            split_cache[kind] = (mapping, split, test, followed)
             geometry_prompts += [context_tokens(model, c) for c in test[:1]]
-        mapping, split, test = split_cache[kind]
-        pairs = verb_contrast_pairs(split.train[: cfg.train_pairs], name=kind)
+        mapping, split, test, followed = split_cache[kind]
+        train = split.train[: cfg.train_pairs]
+        pairs = verb_contrast_pairs(train, name=kind)
         here = settings
         if "sae" in settings.methods and not has_shipped_sae(model, layer):
             here = replace(settings, methods=tuple(m for m in settings.methods if m != "sae"))
-        fixed = fit_fixed(model, here, pairs, layer, split.train[: cfg.train_pairs])
+        fixed = fit_fixed(
+            model,
+            here.methods,
+            pairs,
+            layer,
+            train,
+            seed=cfg.seed,
+            actadd_prompts=ACTADD_PROMPTS.get(kind, ()),
+            target_contexts=followed,
+        )
         for ctx in test:
             merge = mapping.as_dict()
             records += context_records(model, ctx, layer, here, fixed, merge, {"concept": kind})
@@ -166,7 +178,11 @@ def run_reproduction(
     geometry, shares, spectra = _geometry(model, geometry_prompts, cfg.layers)
     summary = summarize(frame)
     claims = _claims(geometry, frame)
-    info = {"config": asdict(cfg), "seconds": time.perf_counter() - started}
+    info = {
+        "config": asdict(cfg),
+        "seconds": time.perf_counter() - started,
+        "protocol": PROTOCOL,
+    }
     return ReproduceResult(frame, summary, geometry, shares, spectra, claims, info)
 
 
@@ -195,7 +211,8 @@ def _claims(geometry: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
         ("participation_fraction", "", spread(geometry.participation_fraction)),
     ]
     for method in ("euclidean", "caa"):
-        for measure, label in MEASURE_LABELS.items():
+        for measure in dict.fromkeys(ratios["measure"]):
+            label = MEASURE_LABELS.get(str(measure), str(measure))
             sel = ratios[(ratios["method"] == method) & (ratios["measure"] == measure)]
             rows.append((f"kl_ratio {method} / fishback", label, spread(sel["ratio"].tolist())))
     return pd.DataFrame(
@@ -206,27 +223,52 @@ def _claims(geometry: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-#: what the protocol of this reproduction cannot show, until the study replaces it
-PROTOCOL_LIMITS = (
+_HOME_MEASURE = (
     "**Scored on what FishBack descends.** FishBack descends the Fisher metric of the "
     "complement distribution (base and target removed); the complement KL is therefore its "
-    "home measure. The pair-merge KL (Park et al.'s definition) is the measure it does not "
-    "descend, and is reported beside it everywhere.",
-    "**ActAdd is mis-set here, not measured.** Its prompt pair is the context + target vs the "
-    "context + base: they differ only in the last token, so h⁺ − h⁻ is zero at every shared "
-    "position and the one non-zero row is added at that index of an unrelated prompt. Its "
-    "unreached rows are a set-up failure, not a result about ActAdd.",
-    '**The probe reads the wrong thing for this task**: it is trained to say "this token is '
-    'the target form", not "the next token will be"; its unreached rows say nothing about '
-    "probe steering.",
-    "**CAA's strength search can miss**: the scale is bracketed on 1, 2, 4, …, 256, and CAA's "
-    "share is not monotone in scale, so a window between two powers of two is lost; CAA is "
-    "only tried at every position (`@all`).",
-    "**Nothing beyond the prediction position**: no measure here looks at generated text.",
+    "home measure. The pair-merge KL (Park et al.'s definition) and, where recorded, the KL of "
+    "the whole distribution are the measures it does not descend, reported beside it."
 )
 
 
-def _read_first(records: pd.DataFrame) -> list[str]:
+def _rows(frame: Any) -> list[dict[str, Any]]:
+    return frame.to_dict("records")
+
+
+#: the protocol version a reproduction records in ``run.json`` (results without one are 1)
+PROTOCOL = 2
+
+#: what each protocol cannot show. 1: the first reproduction (ActAdd from the contrast pair,
+#: the token-form probe, a doubling strength search); 2: the baselines of
+#: :mod:`steerlens.experiments.baselines` and the grid strength search
+PROTOCOL_LIMITS: dict[int, tuple[str, ...]] = {
+    1: (
+        _HOME_MEASURE,
+        "**ActAdd is mis-set here, not measured.** Its prompt pair is the context + target vs "
+        "the context + base: they differ only in the last token, so h⁺ − h⁻ is zero at every "
+        "shared position and the one non-zero row is added at that index of an unrelated "
+        "prompt. Its unreached rows are a set-up failure, not a result about ActAdd.",
+        '**The probe reads the wrong thing for this task**: it is trained to say "this token '
+        'is the target form", not "the next token will be"; its unreached rows say nothing '
+        "about probe steering.",
+        "**CAA's strength search can miss**: the scale is bracketed on 1, 2, 4, …, 256, and "
+        "CAA's share is not monotone in scale, so a window between two powers of two is lost; "
+        "CAA is only tried at every position (`@all`).",
+        "**Nothing beyond the prediction position**: no measure here looks at generated text.",
+    ),
+    2: (
+        _HOME_MEASURE,
+        "**Few contexts, picked by a rule that favours one kind of sentence**: the test "
+        "contexts per concept are the ones whose base form is most probable; the study "
+        "(`steerlens study`) draws many by a rule fixed in advance.",
+        "**Generation is measured only where `generation_tokens` is set**; the reproduction "
+        "leaves it off to stay short, so no measure here looks at generated text unless its "
+        "records have `target_first_greedy` and `perplexity_greedy` columns.",
+    ),
+}
+
+
+def _read_first(records: pd.DataFrame, protocol: int) -> list[str]:
     """The opening section: how many independent contexts the tables rest on, what the two
     off-target measures say pooled over layers, where FishBack loses, and the protocol's
     limits."""
@@ -247,33 +289,31 @@ def _read_first(records: pd.DataFrame) -> list[str]:
     pooled = paired_ratios(records, by=("method",))
     for method, group in pooled.groupby("method", sort=True):
         parts = [
-            f"{MEASURE_LABELS[row.measure]} {row.ratio:.3g}× (FishBack lower in "
-            f"{round(row.baseline_ahead * row.runs)} of {row.runs} runs)"
-            for row in group.itertuples()
+            f"{MEASURE_LABELS[r['measure']]} {r['ratio']:.3g}× (FishBack lower in "
+            f"{round(r['baseline_ahead'] * r['runs'])} of {r['runs']} runs)"
+            for r in _rows(group)
         ]
         lines.append(f"- {method} / FishBack, pooled over layers: " + "; ".join(parts) + ".")
     by_layer = paired_ratios(records, by=("method", "layer"))
     lost = by_layer[by_layer["ratio"] < 1]
     if len(lost):
         where = ", ".join(
-            f"{r.method} at layer {r.layer} on the {MEASURE_LABELS[r.measure]} ({r.ratio:.2g}×)"
-            for r in lost.itertuples()
+            f"{r['method']} at layer {r['layer']} on the {MEASURE_LABELS[r['measure']]} "
+            f"({r['ratio']:.2g}×)"
+            for r in _rows(lost)
         )
         lines.append(f"- **Where FishBack pays more** (ratio < 1): {where}.")
     lines += ["", "Known limits of this protocol:", ""]
-    lines += [f"- {limit}" for limit in PROTOCOL_LIMITS]
+    if protocol not in PROTOCOL_LIMITS:
+        raise InputError(f"unknown protocol {protocol}; known: {sorted(PROTOCOL_LIMITS)}")
+    lines += [f"- {limit}" for limit in PROTOCOL_LIMITS[protocol]]
     return lines + [""]
 
 
 def _write(path: Path, write: Any) -> Path:
-    """Write through a temporary file renamed into place, so no half-written file remains."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    """Write through :func:`steerlens.atomic.atomic_path`, so no half-written file remains."""
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -347,7 +387,7 @@ def write_report(
             "",
             f"Config: `{json.dumps(info['config'])}`; {info['seconds']:.0f} s on this machine.",
             "",
-            *_read_first(records),
+            *_read_first(records, int(info.get("protocol", 1))),
             "## Off-target KL over FishBack's at matched share, on both measures",
             "",
             "Per (method, layer): the geometric mean over paired runs (same concept, context and "

@@ -1,0 +1,121 @@
+"""The study's report: ``study.md`` and its figure from the merged records of a run folder.
+
+The first table is each method's cost over FishBack's on every divergence recorded (complement,
+pair merge, whole distribution), by layer, with paired bootstrap intervals over contexts and in
+how many runs FishBack paid less; losses stand in it beside wins. Then the same pooled and by
+stratum of the clean target probability, the generation measures, and which runs reached the
+target (with the reason for every one that did not).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from steerlens.atomic import atomic_path, atomic_write
+from steerlens.errors import InputError
+from steerlens.evaluate import MEASURE_LABELS, paired_ratios, ratio_table
+from steerlens.experiments.runner import MANIFEST, MERGED
+from steerlens.experiments.study import generation_table, reached_table
+
+
+def _rows(frame: Any) -> list[dict[str, Any]]:
+    return frame.to_dict("records")
+
+
+def _losses(ratios: pd.DataFrame) -> list[str]:
+    lost = ratios[ratios["ratio"] < 1]
+    if lost.empty:
+        return ["- FishBack pays less than every method on every measure and layer here."]
+    return [
+        f"- **FishBack pays more**: {r['method']} at layer {r['layer']} on the "
+        f"{MEASURE_LABELS.get(r['measure'], r['measure'])} ({r['ratio']:.2g}×, FishBack lower "
+        f"in {round(r['baseline_ahead'] * r['runs'])} of {r['runs']} runs)"
+        for r in _rows(lost)
+    ]
+
+
+def study_report(records: pd.DataFrame, manifest: dict[str, Any], *, partial: bool) -> str:
+    """The markdown report of the module docstring."""
+    frame: Any = records
+    by_layer = paired_ratios(records, by=("method", "layer"))
+    pooled = paired_ratios(records, by=("method",))
+    strata = paired_ratios(records, by=("method", "stratum"))
+    contexts = frame.drop_duplicates(["concept", "context"])
+    title = "# The study" + (" (partial: not every unit has finished)" if partial else "")
+    lines = [
+        title,
+        "",
+        f"Model `{manifest.get('model')}`, steerlens {manifest.get('steerlens')}; config "
+        f"`{json.dumps(manifest.get('study'))}`.",
+        "",
+        f"{len(contexts)} test contexts ({contexts['context'].nunique()} distinct texts, "
+        f"{contexts['verb'].nunique()} verbs) under {frame['concept'].nunique()} concepts, "
+        f"{len(frame)} records.",
+        "",
+        "## Where FishBack wins and where it loses",
+        "",
+        *_losses(by_layer),
+        "",
+        "## Each method's KL over FishBack's, by layer (paired runs; 95% CI over contexts)",
+        "",
+        ratio_table(by_layer).to_markdown(index=False, floatfmt=".3g"),
+        "",
+        "## Pooled over layers",
+        "",
+        ratio_table(pooled, by=("method",)).to_markdown(index=False, floatfmt=".3g"),
+        "",
+        "## By the clean target probability",
+        "",
+        ratio_table(strata, by=("method", "stratum")).to_markdown(index=False, floatfmt=".3g"),
+        "",
+        "## Generation (reached runs)",
+        "",
+    ]
+    generation = generation_table(records)
+    lines += [
+        generation.to_markdown(index=False, floatfmt=".3g")
+        if len(generation)
+        else "No generation measures were recorded (`generation_tokens` was 0).",
+        "",
+        "## Reached, and why not",
+        "",
+        reached_table(records).to_markdown(index=False),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_study_report(folder: str | Path, figures: str | Path | None = None) -> list[Path]:
+    """``study.md`` (and ``kl_ratio_by_layer.png`` under ``figures``, default the folder)
+    from a run folder's merged ``records.csv``, or, while units are still running, from the
+    finished units of every rank file (the report then says it is partial)."""
+    from steerlens import plot
+    from steerlens.experiments.runner import read_done
+
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        raise InputError(f"{folder} is not a study folder: no {MANIFEST}")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    partial = not (folder / MERGED).is_file()
+    if partial:
+        rows = [
+            r
+            for f in sorted(folder.glob("records.rank*.jsonl"))
+            for v in read_done(f).values()
+            for r in v
+        ]
+        if not rows:
+            raise InputError(f"{folder} has no finished unit yet")
+        records = pd.DataFrame(rows)
+    else:
+        records = pd.read_csv(folder / MERGED)
+    out = [atomic_write(folder / "study.md", study_report(records, manifest, partial=partial))]
+    fig = plot.ratio_by_layer(paired_ratios(records, by=("method", "layer")))
+    target = Path(figures or folder) / "kl_ratio_by_layer.png"
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png")
+    return out + [target]

@@ -1,0 +1,237 @@
+"""The study's parts on tiny models: the context rule, the strength search, the generation
+measures, the baselines' set-up, and the runner's append / kill / resume / two-rank behaviour."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from steerlens import errors
+from steerlens.concepts import PairMapping, VerbContext
+from steerlens.evaluate import (
+    continuation_perplexity,
+    generation_measures,
+    next_logprobs,
+    strength_search,
+)
+from steerlens.experiments.baselines import actadd_candidates, fit_fixed, inverted
+from steerlens.experiments.runner import read_done, run_units
+from steerlens.experiments.study import (
+    CleanStats,
+    StudyConfig,
+    clean_stats,
+    rule_rejects,
+    select_contexts,
+    stratum,
+)
+from steerlens.experiments.study_report import study_report
+from steerlens.methods import Intervention
+
+WORKER = Path(__file__).with_name("study_worker.py")
+
+
+def _ctx(i: int, verb: str, model=None, text: str | None = None) -> VerbContext:
+    """A synthetic context; with ``model``, its base is the model's likeliest next token and its
+    target the runner-up (share below 0.5, a pair mass of the top two)."""
+    ids = tuple(5 + (i * 7 + k) % 40 for k in range(6))
+    base, target = 3, 4
+    if model is not None:
+        top = next_logprobs(model, torch.tensor(ids)).topk(2).indices.tolist()
+        base, target = top
+    return VerbContext(text or f"context {i}", ids, base, target, verb, verb + "ed", i)
+
+
+def test_rule_rejects_each_reason():
+    assert rule_rejects(CleanStats(0.1, 0.01), below=0.5) is None
+    assert rule_rejects(CleanStats(0.01, 0.1), below=0.5) == "already at the lowest target"
+    assert "pair mass" in str(rule_rejects(CleanStats(0.004, 0.0001), below=0.5))
+    assert "target probability" in str(rule_rejects(CleanStats(0.5, 1e-5), below=0.5))
+    assert stratum(5e-4) == "p_t < 1e-3" and stratum(0.5) == "p_t ≥ 1e-2"
+
+
+def test_select_contexts_applies_the_rule_in_order(model):
+    """Every candidate passes on its probabilities (base and target the model's top two), so the
+    per-verb cap and repeated texts do the rejecting."""
+    cands = [_ctx(i, f"v{i % 4}", model) for i in range(12)]
+    cands.append(_ctx(99, "v9", model, text="context 0"))
+    kept, rejected = select_contexts(model, cands, 8, below=0.99, max_per_verb=2, min_verbs=4)
+    assert [c.text for c, _ in kept] == [f"context {i}" for i in range(8)]
+    assert rejected == {}
+    stats = kept[0][1]
+    direct = clean_stats(model, cands[0])
+    assert stats == direct and 0 < stats.share < 1
+    kept, rejected = select_contexts(model, cands, 8, below=0.99, max_per_verb=2, min_verbs=1)
+    assert len(kept) == 8 and max(pd.Series([c.verb for c, _ in kept]).value_counts()) <= 2
+    with pytest.raises(errors.ConceptError, match="kept 8 of 13 candidates over 4 verbs"):
+        select_contexts(model, cands, 9, below=0.99, max_per_verb=2, min_verbs=4)
+    with pytest.raises(errors.ConceptError, match="already at the lowest target"):
+        select_contexts(model, cands, 2, below=1e-9)
+
+
+def test_strength_search_grid_and_reasons():
+    calls: list[float] = []
+
+    def bump(s: float) -> float:  # rises to 0.8 at scale 3, falls back: not monotone
+        calls.append(s)
+        return 0.8 * math.exp(-((math.log(s + 1e-9) - math.log(3)) ** 2))
+
+    found = strength_search(bump, [0.5, 0.9])
+    distinct = len(set(calls))
+    assert found[0.5].reached and found[0.5].reason == "crossed on the grid"
+    assert bump(found[0.5].scale) >= 0.5 and bump(found[0.5].scale) - 0.5 <= 1e-4
+    assert found[0.5].scale < 3  # the first crossing, on the rising side
+    assert not found[0.9].reached and found[0.9].reason == "never reached"
+    assert found[0.9].peak_share == pytest.approx(0.8, abs=1e-3)
+    assert found[0.9].scale == pytest.approx(3, rel=1e-2)
+    assert found[0.5].evaluations == found[0.9].evaluations == distinct
+    # a window between grid points 2.38 and 2.83 is found by refining the peak next to it
+    # (a doubling search from 1 sees only 1, 2 and 4, all below)
+    window = strength_search(lambda s: 0.7 * math.exp(-(((s - 2.6) / 0.15) ** 2)) + 0.1, [0.5])
+    assert window[0.5].reached and window[0.5].reason == "crossed between grid points"
+    assert 2.45 < window[0.5].scale < 2.52  # the first crossing, 2.488
+    # a window with flat sides gives no hint where it is: reported as never reached
+    flat = strength_search(lambda s: 0.7 if 2.45 < s < 2.55 else 0.001, [0.5])
+    assert not flat[0.5].reached and flat[0.5].peak_share == 0.001
+    with pytest.raises(errors.InputError, match="target probabilities"):
+        strength_search(lambda s: s, [1.2])
+
+
+def test_generation_measures_by_hand(model):
+    tokens = torch.tensor([3, 9, 14, 2])
+    target = 7
+    push = Intervention("push", {"blocks.1.hook_resid_post": 40 * model.W_U[:, target]})
+    out = generation_measures(model, tokens, push, target, n_tokens=6, samples=5, seed=1)
+    assert out["target_first_greedy"] == 1.0 and out["target_first_sampled"] == 1.0
+    assert out["perplexity_greedy"] == pytest.approx(
+        continuation_perplexity(model, tokens, push, 6)
+    )
+    plain = generation_measures(model, tokens, None, target, n_tokens=6, samples=5, seed=1)
+    assert plain["perplexity_greedy"] == pytest.approx(
+        continuation_perplexity(model, tokens, None, 6)
+    )
+    assert plain == generation_measures(model, tokens, None, target, n_tokens=6, samples=5, seed=1)
+    with pytest.raises(errors.InputError, match="samples"):
+        generation_measures(model, tokens, None, target, samples=0)
+
+
+def test_baseline_setups(model):
+    train = [_ctx(0, "▁walk"), _ctx(1, "▁walk"), _ctx(2, "▁go")]
+    assert actadd_candidates(train, [("Yesterday", "Tomorrow")]) == [
+        ("Yesterday", "Tomorrow"),
+        ("walked", "walk"),
+        ("goed", "go"),
+    ]
+    mapping = PairMapping("m", (1, 2, 3), (4, 5, 4), (("a", "x"), ("b", "y"), ("c", "x")))
+    back = inverted(mapping)
+    assert back.bases == (4, 5) and back.targets == (1, 2) and back.pairs_words[0] == ("x", "a")
+    from steerlens.concepts.pairs import ContrastPairs
+
+    pairs = ContrastPairs("p", (("a", "b"),), token_pairs=(((1, 2, 3), (1, 2, 4)),))
+    fixed = fit_fixed(model, ("caa", "caa_last"), pairs, 1)
+    assert set(fixed) == {"caa", "caa_last"}
+    assert fixed["caa"].sites == ("blocks.1.hook_resid_post@all",)
+    assert fixed["caa_last"].sites == ("blocks.1.hook_resid_post",)
+    assert torch.equal(fixed["caa"].vector(), fixed["caa_last"].vector())
+
+
+def test_study_config_refuses_bad_values():
+    with pytest.raises(errors.InputError, match="concepts"):
+        StudyConfig(concepts=("future",))
+    with pytest.raises(errors.InputError, match="fishback"):
+        StudyConfig(methods=("euclidean",))
+    with pytest.raises(errors.InputError, match="contexts"):
+        StudyConfig(contexts=0)
+
+
+def test_study_report_states_losses():
+    rows = []
+    for ctx, ratio in (("a", 0.5), ("b", 0.25)):
+        for method, kl in (("fishback", 1.0), ("euclidean", ratio)):
+            rows.append(dict(concept="past", layer=6, context=ctx, verb="v" + ctx,
+                             target_probability=0.5, method=method, reached=True,
+                             off_target_kl=kl, stratum="p_t < 1e-3", reason="reached"))  # fmt: skip
+    report = study_report(pd.DataFrame(rows), {"model": "tiny", "study": {}}, partial=True)
+    assert report.startswith("# The study (partial")
+    assert "**FishBack pays more**: euclidean at layer 6 on the complement KL (0.35×" in report
+    assert "No generation measures were recorded" in report
+
+
+def _run(folder: Path, pause: float, *prefix: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = (
+        [*prefix, str(WORKER), str(folder), str(pause)]
+        if prefix
+        else [sys.executable, str(WORKER), str(folder), str(pause)]
+    )
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out.decode()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> pd.DataFrame:
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    _finish(_run(folder, 0.0))
+    return pd.read_csv(folder / "records.csv")
+
+
+def test_killed_run_resumes_to_the_same_records(tmp_path, reference):
+    folder = tmp_path / "run"
+    proc = _run(folder, 0.4)
+    rank_file = folder / "records.rank0.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if rank_file.exists() and rank_file.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    done = read_done(rank_file)
+    assert 3 <= len(done) < 10 and not (folder / "records.csv").exists()
+    with rank_file.open("a") as f:  # a kill in the middle of an append
+        f.write('{"unit": "4/1", "records": [{"method": "fish')
+    _finish(_run(folder, 0.0))
+    lines = [json.loads(line)["unit"] for line in rank_file.read_text().splitlines()]
+    assert sorted(lines) == sorted(f"{i}/{layer}" for i in range(5) for layer in (0, 1))
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "records.csv"), reference)
+
+
+def test_two_ranks_give_the_records_of_one(tmp_path, reference):
+    folder = tmp_path / "ranks"
+    proc = _run(folder, 0.0, sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                "2", "--master-port", "29617")  # fmt: skip
+    _finish(proc)
+    assert (folder / "records.rank1.jsonl").exists()
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "records.csv"), reference)
+
+
+def test_runner_refuses_bad_folders_and_shards(tmp_path):
+    work = lambda key: [{"unit": key}]  # noqa: E731
+    run_units(tmp_path / "a", {"config": 1}, ["x", "y"], work)
+    with pytest.raises(errors.InputError, match="'config': 1 there, 2 here"):
+        run_units(tmp_path / "a", {"config": 2}, ["x", "y"], work)
+    with pytest.raises(errors.InputError, match="3 shards for 2 units"):
+        run_units(tmp_path / "b", {"config": 1}, ["x", "y"], work, rank=0, world=3)
+    with pytest.raises(errors.InputError, match="distinct"):
+        run_units(tmp_path / "c", {"config": 1}, ["x", "x"], work)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "records.rank0.jsonl").write_text("")
+    with pytest.raises(errors.InputError, match="no manifest.json"):
+        run_units(tmp_path / "d", {"config": 1}, ["x"], work)
+    bad = tmp_path / "a" / "records.rank0.jsonl"
+    bad.write_text('not json\n{"unit": "x", "records": []}\n')
+    with pytest.raises(errors.InputError, match="line 1 is not a finished unit"):
+        read_done(bad)

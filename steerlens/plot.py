@@ -402,6 +402,7 @@ def ratio_by_layer(ratios: pd.DataFrame, *, baseline: str = "fishback") -> Figur
         ax.set_title(KL_LABELS.get(str(measure), str(measure)))
         _style(ax)
     axes[0].set_ylabel(f"method / {baseline} (geometric mean)")
+    fig.suptitle(f"Off-target KL over {baseline}'s at matched share (> 1: {baseline} pays less)")
     lows = [ax.get_ylim()[0] for ax in axes]
     highs = [ax.get_ylim()[1] for ax in axes]
     for ax in axes:

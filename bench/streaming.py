@@ -28,6 +28,7 @@ from common import header, machine, save
 
 import steerlens as sl
 from steerlens.concepts import load_corpus
+from steerlens.testing import tiny_model
 
 PAGE_MB = resource.getpagesize() / 2**20
 
@@ -74,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model == "tiny":
-        model = sl.tiny_model(
+        model = tiny_model(
             "llama",
             n_layers=4,
             d_model=64,

@@ -14,17 +14,44 @@ from steerlens.auditing import Audit, audit
 from steerlens.concepts.probes import LinearProbe, fit_probe, train_probe
 from steerlens.concepts.sae import SaeFeature, pretrained_sae, sae_feature
 from steerlens.concepts.tokens import PairMapping, TokenSet
+from steerlens.cost import kantorovich_bound, spectral_cost_ratio
 from steerlens.diagnostics import MetricDiagnostics, diagnostics_table, metric_diagnostics
 from steerlens.hooks import add_vector, record
-from steerlens.methods import Intervention, fit, list_methods, load_intervention
-from steerlens.metric import Metric, OffTarget, Sweep, pullback_metric, pullback_sweep
+from steerlens.methods import Intervention, bias_edit, fit, list_methods, load_intervention
+from steerlens.metric import (
+    Metric,
+    MetricOptions,
+    OffTarget,
+    Sweep,
+    pullback_metric,
+    pullback_sweep,
+)
 from steerlens.metric.dataset import expected_metric
 from steerlens.models import DEFAULT_MODEL, load_model
 from steerlens.sites import Site, all_sites
-from steerlens.tiny import tiny_model
 from steerlens.where import site_costs
 
 __version__ = "0.1.0"
+
+#: names that left the top level, importable from here for one release with a warning
+_MOVED = {"tiny_model": ("steerlens.testing", "tiny_model")}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        module, attr = _MOVED[name]
+        warnings.warn(
+            f"steerlens.{name} moved to {module}.{attr} (test support, not the public API); "
+            "the old name goes in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'steerlens' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -58,5 +85,8 @@ __all__ = [
     "pullback_metric",
     "pullback_sweep",
     "record",
-    "tiny_model",
+    "MetricOptions",
+    "bias_edit",
+    "kantorovich_bound",
+    "spectral_cost_ratio",
 ]

@@ -132,3 +132,16 @@ def test_report_command(tmp_path, capsys):
     assert main(["report", "--results", str(results), "--figures", str(tmp_path / "f")]) == 2
     err = capsys.readouterr().err
     assert "missing" in err and "run.json" in err and "steerlens reproduce" in err
+
+
+def test_public_api_and_the_moved_tiny_model():
+    import steerlens as sl
+    from steerlens.testing import tiny_model
+
+    for name in ("spectral_cost_ratio", "kantorovich_bound", "bias_edit", "MetricOptions"):
+        assert name in sl.__all__ and getattr(sl, name) is not None
+    assert "tiny_model" not in sl.__all__
+    with pytest.warns(DeprecationWarning, match="steerlens.testing.tiny_model"):
+        assert sl.tiny_model is tiny_model
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        _ = sl.nonsense

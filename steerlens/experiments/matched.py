@@ -51,6 +51,7 @@ from steerlens.methods.iterative import (
 )
 from steerlens.metric.core import Metric
 from steerlens.metric.local import LocalPath
+from steerlens.metric.outcomes import OffTarget
 from steerlens.metric.pullback import MetricOptions
 from steerlens.sites import Site
 
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_METHODS",
+    "FISHBACK_VARIANTS",
     "FIXED",
     "ITERATIVE",
     "METHOD_NAMES",
@@ -78,13 +80,18 @@ __all__ = [
 ]
 
 ITERATIVE = ("fishback", "euclidean", "depth0")
-METHOD_NAMES = ITERATIVE + FIXED
+#: FishBack descending other geometries (the optimize × evaluate grid): the pair-merge
+#: distribution's metric, and the whole output's
+FISHBACK_VARIANTS = ("fishback_merge", "fishback_plain")
+METHOD_NAMES = ITERATIVE + FISHBACK_VARIANTS + FIXED
 #: what runs unless methods are chosen: "sae" needs a shipped SAE at the layer
 DEFAULT_METHODS = ITERATIVE + ("caa", "actadd", "probe")
 
 #: each method's implicit metric (DESIGN.md §4), named beside its ρ
 IMPLICIT_METRIC = {
     "fishback": "full pullback Fisher (off-target)",
+    "fishback_merge": "full pullback Fisher (pair merge)",
+    "fishback_plain": "full pullback Fisher (whole output)",
     "euclidean": "I",
     "depth0": "depth-0 Fisher (softmax at the site)",
     "caa": "within-class covariance (tied over positions)",
@@ -194,6 +201,8 @@ def context_records(
     }
     directions: dict[str, Tensor | None] = {
         "fishback": point.fishback(settings.damping),
+        "fishback_merge": None,  # ρ is priced in the complement metric: see the record's KLs
+        "fishback_plain": None,
         "euclidean": point.g,
         "depth0": point.depth0.solve(point.g, settings.damping),
         "caa": fixed["caa"].vector() if "caa" in fixed else None,
@@ -233,7 +242,7 @@ def context_records(
 
     off = pair_concept(ctx).off_target()
     compare = along_directions(settings, ctx, fixed)
-    runs = iterative_runs(model, settings, ctx, tokens, site, compare)
+    runs = iterative_runs(model, settings, ctx, tokens, site, compare, merge)
     path_rho = {t: extra.pop("path_rho", {}) for name, t, _, extra in runs if name == "fishback"}
     records = []
     for name, target, iv, extra in runs:
@@ -294,11 +303,13 @@ def iterative_runs(
     tokens: Tensor,
     site: Site,
     compare: dict[str, Compared] | None = None,
+    merge: dict[int, int] | None = None,
 ) -> list[tuple[str, float, Intervention, dict[str, Any]]]:
     """One run per iterative method to the highest target; lower targets from checkpoints.
     ``compare``: directions whose ρ is integrated along FishBack's path (its records' extra
-    ``path_rho``, per target). Each intervention's ``info["path"]`` is the run's path up to
-    that target."""
+    ``path_rho``, per target). ``merge``: the base → target pairs whose merged distribution
+    ``fishback_merge`` descends (default: this context's pair). Each intervention's
+    ``info["path"]`` is the run's path up to that target."""
     concept = pair_concept(ctx)
     top = max(settings.targets)
     step, damping = settings.step, settings.damping
@@ -306,6 +317,16 @@ def iterative_runs(
         "fishback": FishBackConfig(site.name, top, step=step, damping=damping),
         "euclidean": EuclideanConfig(site.name, top, step=step),
         "depth0": TruncatedFisherConfig(site.name, top, step=step, damping=damping),
+        "fishback_merge": FishBackConfig(
+            site.name,
+            top,
+            step=step,
+            damping=damping,
+            off_target=OffTarget.pair_merge(merge or {ctx.base_id: ctx.target_id}),
+        ),
+        "fishback_plain": FishBackConfig(
+            site.name, top, step=step, damping=damping, off_target=False
+        ),
     }
     out = []
     checkpoints = [math.log(t) for t in settings.targets if t < top]

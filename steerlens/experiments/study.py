@@ -50,7 +50,12 @@ from steerlens.experiments.baselines import (
     has_shipped_sae,
     target_followed,
 )
-from steerlens.experiments.matched import ITERATIVE, MatchedSettings, context_records
+from steerlens.experiments.matched import (
+    FISHBACK_VARIANTS,
+    ITERATIVE,
+    MatchedSettings,
+    context_records,
+)
 from steerlens.experiments.runner import run_units
 from steerlens.experiments.verb_context import context_tokens
 from steerlens.sites import Site
@@ -77,7 +82,9 @@ class StudyConfig:
     max_per_verb: int = 3
     min_verbs: int = 10
     targets: tuple[float, ...] = (0.5, 0.9)
-    methods: tuple[str, ...] = ITERATIVE + ("caa", "caa_last", "actadd", "probe", "sae")
+    methods: tuple[str, ...] = (
+        ITERATIVE + FISHBACK_VARIANTS + ("caa", "caa_last", "actadd", "probe", "sae")
+    )
     step: float = 1.0
     damping: float = 1e-2
     train_pairs: int = 48

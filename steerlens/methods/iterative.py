@@ -83,7 +83,9 @@ class EuclideanConfig(IterativeConfig):
 @dataclass(frozen=True)
 class FishBackConfig(IterativeConfig):
     """FishBack: u = (G + λI)⁻¹g with G the full pullback Fisher metric at the current x, of
-    the concept's off-target distribution (``off_target``, the default) or of the whole output.
+    the concept's off-target distribution (``off_target=True``, the default), of a given
+    :class:`~steerlens.metric.outcomes.OffTarget` (e.g. ``OffTarget.pair_merge(mapping)``), or of
+    the whole output (``off_target=False``).
     λ = ``damping``·tr(G)/d. The defaults (damping 1e-2, step 0.5) give the largest median
     off-target KL advantage over Euclidean ascent in the grid of ``bench/results/defaults.md``.
 
@@ -95,7 +97,7 @@ class FishBackConfig(IterativeConfig):
     exact natural gradient) and reuses it in between."""
 
     name: ClassVar[str] = "fishback"
-    off_target: bool = True
+    off_target: bool | OffTarget = True
     damping: float = 1e-2
     vocab: str = "auto"
     dropped_mass: float = DEFAULT_DROPPED_MASS
@@ -181,7 +183,11 @@ def conjugate_gradient(
     return x
 
 
-def _off_target(concept: Concept, stop: Concept, wanted: bool) -> OffTarget | None:
+def _off_target(concept: Concept, stop: Concept, wanted: bool | OffTarget) -> OffTarget | None:
+    """The off-target transform FishBack's metric uses: ``wanted`` itself if it is one, the
+    concept's own (or the stop concept's) if True, none (the whole output) if False."""
+    if isinstance(wanted, OffTarget):
+        return wanted
     if not wanted:
         return None
     for c in (concept, stop):

@@ -164,6 +164,18 @@ def test_study_report_states_losses():
     assert report.startswith("# The study (partial")
     assert "**FishBack pays more**: euclidean at layer 6 on the complement KL (0.35×" in report
     assert "No generation measures were recorded" in report
+    merged = pd.DataFrame(rows).assign(off_target_kl_merged=[0.1, 0.2, 0.1, 0.2])
+    merged = pd.concat(
+        [merged, merged[merged.method == "fishback"].assign(method="fishback_merge")]
+    )
+    from steerlens.experiments.study_report import optimize_evaluate
+
+    grid = optimize_evaluate(merged).set_index(["variant", "measure"])
+    assert grid.loc[("fishback_merge", "pair-merge KL"), "home"] == "yes"
+    assert grid.loc[("fishback", "complement KL"), "euclidean / variant"] == pytest.approx(
+        math.sqrt(0.5 * 0.25)
+    )
+    assert grid.loc[("fishback", "pair-merge KL"), "variant lower"] == "2 of 2"
 
 
 def _run(folder: Path, pause: float, *prefix: str) -> subprocess.Popen:
@@ -235,3 +247,47 @@ def test_runner_refuses_bad_folders_and_shards(tmp_path):
     bad.write_text('not json\n{"unit": "x", "records": []}\n')
     with pytest.raises(errors.InputError, match="line 1 is not a finished unit"):
         read_done(bad)
+
+
+def test_fishback_descends_a_given_off_target_geometry(model):
+    """FishBackConfig(off_target=OffTarget) steps along (G_T + λI)⁻¹g with G_T the metric of
+    that transform; the study's merge and plain variants run and reach the target."""
+    from steerlens.experiments.matched import MatchedSettings, context_records
+    from steerlens.methods import FishBackConfig, steer_iteratively
+    from steerlens.metric.local import LocalPath
+    from steerlens.metric.outcomes import OffTarget
+    from steerlens.metric.pullback import MetricOptions
+    from steerlens.sites import Site
+
+    ctx = _ctx(0, "v", model)
+    tokens = torch.tensor(ctx.token_ids)
+    merge = OffTarget.pair_merge({ctx.base_id: ctx.target_id, 11: 12})
+    site = Site("resid_post", 0)
+    cfg = FishBackConfig(site.name, 0.9, off_target=merge, vocab="full", max_steps=1)
+    iv = steer_iteratively(model, cfg, _concept(ctx), tokens)
+    with LocalPath(model, tokens, site) as path, torch.enable_grad():
+        x = path.x0.clone().requires_grad_(True)
+        g = torch.autograd.grad(_concept(ctx).value(x, path.logits(x)), x)[0]
+        options = MetricOptions(vocab="full", off_target=merge, precision="float32")
+        u = path.metric(path.x0, options).solve(g, cfg.damping)
+    got = iv.vector()
+    assert float(got @ u / (got.norm() * u.norm())) > 1 - 1e-9
+    plain = steer_iteratively(
+        model,
+        FishBackConfig(site.name, 0.9, vocab="full", max_steps=1, off_target=False),
+        _concept(ctx),
+        tokens,
+    )
+    assert float(plain.vector() @ got / (plain.vector().norm() * got.norm())) < 1 - 1e-6
+    settings = MatchedSettings(
+        targets=(0.6,), methods=("fishback", "fishback_merge", "fishback_plain"), step=0.5
+    )
+    records = context_records(model, ctx, 1, settings, {}, {ctx.base_id: ctx.target_id})
+    assert [r["method"] for r in records] == ["fishback", "fishback_merge", "fishback_plain"]
+    assert all(r["reached"] and abs(r["probability"] - 0.6) < 1e-3 for r in records)
+
+
+def _concept(ctx: VerbContext):
+    from steerlens.experiments.matched import pair_concept
+
+    return pair_concept(ctx)

@@ -20,6 +20,10 @@ How each is chosen is fixed here, before any steering result is seen:
   base form: it reads "the next token will be the target form". Without target-followed
   contexts it falls back to the token-form probe (the context followed by the target vs the base
   form, read on that token), which reads "this token is the target form".
+- **FishBack transfer**: one vector per concept and layer from training contexts, the natural
+  gradient of the mean concept under the expected off-target metric (:func:`fit_transfer`),
+  applied unchanged to held-out contexts and scaled like the other fixed directions — the fair
+  comparison with CAA, which is fitted on the same contexts.
 """
 
 from __future__ import annotations
@@ -45,13 +49,17 @@ from steerlens.methods.vector import (
     sae_intervention,
 )
 from steerlens.metric.local import LocalPath
+from steerlens.metric.pullback import MetricOptions
 from steerlens.sites import Site
 
 if TYPE_CHECKING:
     from steerlens._tl import HookedTransformer
 
 #: the fixed-direction methods this module fits
-FIXED = ("caa", "caa_last", "actadd", "probe", "sae")
+FIXED = ("caa", "caa_last", "actadd", "probe", "sae", "fishback_transfer")
+
+#: training contexts the transfer vector's expected metric and gradient are averaged over
+TRANSFER_CONTEXTS = 16
 
 #: ActAdd prompt pairs (plus, minus) per verb concept: short prompts whose content, not a shared
 #: context, differs — a past-tense cue against a base-form (future) cue, a singular subject
@@ -77,12 +85,14 @@ def fit_fixed(
     seed: int = 0,
     actadd_prompts: Sequence[tuple[str, str]] = (),
     target_contexts: Sequence[VerbContext] = (),
+    damping: float = 1e-2,
 ) -> dict[str, Intervention]:
     """The methods of ``methods`` that are in :data:`FIXED`, fitted at ``layer`` as the module
     docstring says: CAA on ``pairs``; ActAdd from ``actadd_prompts`` (and the word pairs of the
     ``train`` contexts' verbs), scored on ``train``; the probe on ``train`` (followed by the
     base form) against ``target_contexts`` (followed by the target form); the shipped SAE's
-    feature matched on ``train`` (:class:`ConceptError` if none ships: :func:`has_shipped_sae`)."""
+    feature matched on ``train`` (:class:`ConceptError` if none ships: :func:`has_shipped_sae`);
+    the FishBack transfer vector (:func:`fit_transfer`) on ``train`` with ``damping``."""
     out: dict[str, Intervention] = {}
     if "sae" in methods:
         from steerlens.concepts.sae import pretrained_sae
@@ -103,7 +113,46 @@ def fit_fixed(
         out["actadd"] = fit_actadd(model, layer, train, actadd_prompts)
     if "probe" in methods:
         out["probe"] = fit_probe_baseline(model, layer, pairs, train, target_contexts, seed)
+    if "fishback_transfer" in methods:
+        out["fishback_transfer"] = fit_transfer(model, layer, train, damping)
     return out
+
+
+def fit_transfer(
+    model: HookedTransformer,
+    layer: int,
+    train: Sequence[VerbContext],
+    damping: float = 1e-2,
+) -> Intervention:
+    """One FishBack vector for a concept at ``resid_post.layer``, fitted on training contexts
+    and applied unchanged elsewhere: the natural gradient of the mean concept under the expected
+    off-target metric, v = (E[G_off] + λI)⁻¹ E[g] (unit norm), with λ = ``damping``·tr E[G]/d,
+    over the first :data:`TRANSFER_CONTEXTS` of ``train`` at their clean points."""
+    used = list(train[:TRANSFER_CONTEXTS])
+    if not used:
+        raise InputError("the transfer vector is fitted on training contexts: none given")
+    site = Site("resid_post", layer)
+    mean_g: torch.Tensor | None = None
+    mean_G: torch.Tensor | None = None
+    for ctx in used:
+        concept = pair_concept(ctx)
+        with LocalPath(model, context_tokens(model, ctx), site) as path:
+            with torch.enable_grad():
+                x = path.x0.clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(concept.value(x, path.logits(x)), x)
+            options = MetricOptions(off_target=concept.off_target(), precision="float32")
+            big = path.metric(path.x0, options).matrix().double()
+        g = g.detach().double()
+        mean_g = g if mean_g is None else mean_g + g
+        mean_G = big if mean_G is None else mean_G + big
+    assert mean_g is not None and mean_G is not None
+    mean_g, mean_G = mean_g / len(used), mean_G / len(used)
+    lam = damping * float(torch.trace(mean_G)) / mean_G.shape[0]
+    eye = torch.eye(mean_G.shape[0], dtype=mean_G.dtype, device=mean_G.device)
+    v = torch.linalg.solve(mean_G + lam * eye, mean_g)
+    v = (v / v.norm()).to(model.cfg.dtype)
+    info = {"contexts": len(used), "damping": damping, "metric": "expected off-target Fisher"}
+    return Intervention("fishback_transfer", {site.name: v}, info=info)
 
 
 def actadd_candidates(

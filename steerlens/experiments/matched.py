@@ -96,6 +96,7 @@ IMPLICIT_METRIC = {
     "depth0": "depth-0 Fisher (softmax at the site)",
     "caa": "within-class covariance (tied over positions)",
     "caa_last": "within-class covariance (at the prediction position)",
+    "fishback_transfer": "expected pullback Fisher over training contexts (off-target)",
     "actadd": "Euclidean on one pair (first positions)",
     "probe": "I on the probe",
     "sae": "the SAE's dictionary (one decoder row)",
@@ -207,6 +208,9 @@ def context_records(
         "depth0": point.depth0.solve(point.g, settings.damping),
         "caa": fixed["caa"].vector() if "caa" in fixed else None,
         "caa_last": fixed["caa_last"].vector() if "caa_last" in fixed else None,
+        "fishback_transfer": (
+            fixed["fishback_transfer"].vector() if "fishback_transfer" in fixed else None
+        ),
         "actadd": None,  # added at the prompt's first positions, not at the site
         "probe": fixed["probe"].vector() if "probe" in fixed else None,
         "sae": fixed["sae"].vector() if "sae" in fixed else None,
@@ -289,7 +293,7 @@ def along_directions(
         out["euclidean"] = lambda path, x, g: g
     if "depth0" in settings.methods:
         out["depth0"] = depth0
-    for name in ("probe", "sae", "caa_last"):
+    for name in ("probe", "sae", "caa_last", "fishback_transfer"):
         if name in fixed:
             vector = fixed[name].vector()
             out[name] = lambda path, x, g, v=vector: v

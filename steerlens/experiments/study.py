@@ -46,6 +46,7 @@ from steerlens.errors import ConceptError, InputError
 from steerlens.evaluate import next_logprobs
 from steerlens.experiments.baselines import (
     ACTADD_PROMPTS,
+    FIXED,
     fit_fixed,
     has_shipped_sae,
     target_followed,
@@ -82,9 +83,7 @@ class StudyConfig:
     max_per_verb: int = 3
     min_verbs: int = 10
     targets: tuple[float, ...] = (0.5, 0.9)
-    methods: tuple[str, ...] = (
-        ITERATIVE + FISHBACK_VARIANTS + ("caa", "caa_last", "actadd", "probe", "sae")
-    )
+    methods: tuple[str, ...] = ITERATIVE + FISHBACK_VARIANTS + FIXED
     step: float = 1.0
     damping: float = 1e-2
     train_pairs: int = 48
@@ -270,6 +269,7 @@ class Study:
                 seed=self.cfg.seed,
                 actadd_prompts=ACTADD_PROMPTS[kind],
                 target_contexts=data.followed,
+                damping=self.cfg.damping,
             )
         return settings, self._fixed[(kind, layer)]
 

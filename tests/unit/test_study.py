@@ -291,3 +291,26 @@ def _concept(ctx: VerbContext):
     from steerlens.experiments.matched import pair_concept
 
     return pair_concept(ctx)
+
+
+def test_transfer_vector_is_the_expected_natural_gradient(model):
+    from steerlens.experiments.baselines import fit_transfer
+    from steerlens.experiments.matched import clean_point
+    from steerlens.experiments.verb_context import context_tokens
+    from steerlens.sites import Site
+
+    train = [_ctx(i, f"v{i}", model) for i in range(3)]
+    iv = fit_transfer(model, 1, train, damping=1e-2)
+    assert iv.sites == ("blocks.1.hook_resid_post",) and iv.info["contexts"] == 3
+    points = [clean_point(model, Site("resid_post", 1), context_tokens(model, c), c) for c in train]
+    mean_g = sum(p.g for p in points) / 3
+    mean_G = sum(p.off_target.matrix() for p in points) / 3
+    lam = 1e-2 * torch.trace(mean_G) / mean_G.shape[0]
+    u = torch.linalg.solve(mean_G + lam * torch.eye(mean_G.shape[0], dtype=mean_G.dtype), mean_g)
+    v = iv.vector()
+    assert float(v @ u / (v.norm() * u.norm())) > 1 - 1e-3  # float32 Gram against float64
+    assert float(v.norm()) == pytest.approx(1.0)
+    single = fit_transfer(model, 1, train[:1])
+    assert float(single.vector() @ v) < 1 - 1e-6  # the average, not one context's
+    with pytest.raises(errors.InputError, match="training contexts"):
+        fit_transfer(model, 1, [])

@@ -12,7 +12,7 @@ import steerlens as sl
 from steerlens.errors import InputError
 from steerlens.metric.precision import compute_model
 from steerlens.tiny import tiny_model
-from tests.conftest import assert_untouched, weights_snapshot
+from tests.conftest import assert_untouched, hook_count, weights_snapshot
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -44,10 +44,40 @@ def test_half_precision_metrics_match_float64(flavour, dtype, tokens):
     assert all(p.dtype == dtype for p in half.parameters())
 
 
-def test_the_float32_copy_is_reused_until_the_weights_change(tokens):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_full_precision_model_is_its_own_compute_model(dtype):
+    model = tiny_model("gpt2", dtype=dtype)
+    before = weights_snapshot(model)
+    got = compute_model(model)
+    assert got.cfg.dtype == dtype, "a float64 model must not be narrowed"
+    assert got is model, "a float32 or float64 model must be used as it is, not copied"
+    assert model.cfg.dtype == dtype
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_model_computes_on_a_float32_copy_of_its_weights(dtype, tokens):
+    half = tiny_model("llama", dtype=dtype)
+    before = weights_snapshot(half)
+    full = compute_model(half)
+    assert full is not half
+    assert full.cfg.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in full.parameters())
+    wide = dict(full.named_parameters())
+    for name, value in half.named_parameters():  # the same numbers, only wider
+        torch.testing.assert_close(wide[name], value.float(), rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        assert full(tokens[None]).dtype == torch.float32
+    assert half.cfg.dtype == dtype
+    assert all(p.dtype == dtype for p in half.parameters())
+    assert_untouched(half, before)
+
+
+def test_the_float32_copy_is_reused_until_the_weights_change():
     half = tiny_model("gpt2", dtype=torch.float16)
     first = compute_model(half)
     assert compute_model(half) is first and first is not half
+    assert compute_model(tiny_model("gpt2", dtype=torch.float16)) is not first  # per model
     with torch.no_grad():
         half.blocks[0].mlp.b_out.add_(1.0)
     second = compute_model(half)
@@ -55,7 +85,30 @@ def test_the_float32_copy_is_reused_until_the_weights_change(tokens):
     torch.testing.assert_close(
         second.blocks[0].mlp.b_out, half.blocks[0].mlp.b_out.float(), rtol=0, atol=0
     )
-    assert compute_model(tiny_model("gpt2")) is not None
+    assert compute_model(half) is second
+    half.blocks[0].mlp.b_out = torch.nn.Parameter(torch.zeros_like(half.blocks[0].mlp.b_out))
+    third = compute_model(half)  # a replaced parameter is a change too
+    assert third is not second
+    assert torch.equal(third.blocks[0].mlp.b_out, torch.zeros_like(third.blocks[0].mlp.b_out))
+
+
+def test_hooks_on_the_half_model_stay_there_and_not_on_the_copy(tokens):
+    half = tiny_model("gpt2", dtype=torch.float16)
+    calls: list[str] = []
+    point = half.hook_dict["blocks.0.hook_resid_post"]
+    point.add_hook(lambda act, hook: calls.append(hook.name))
+    try:
+        full = compute_model(half)
+        assert hook_count(full) == 0
+        with torch.no_grad():
+            full(tokens[None])
+        assert calls == []
+        with torch.no_grad():
+            half(tokens[None])
+        assert calls == ["blocks.0.hook_resid_post"]
+    finally:
+        point.remove_hooks("fwd")
+    assert hook_count(half) == 0
 
 
 def test_steering_a_half_model_says_what_to_do(tokens):

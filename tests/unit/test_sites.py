@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from steerlens.errors import InputError, NonFiniteError, SiteError
-from steerlens.hooks import add_vector, record
+from steerlens.errors import SiteError
 from steerlens.sites import KINDS, Site, all_sites, as_site
-from tests.conftest import assert_untouched, hook_count, weights_snapshot
 
 
 @pytest.mark.parametrize(
@@ -103,88 +100,3 @@ def test_dims_and_enumeration(model):
     assert len(all_sites(model, per_head=False)) == cfg.n_layers * len(KINDS)
     with pytest.raises(SiteError, match="unknown site kind"):
         all_sites(model, ["resid"])
-
-
-def test_record_every_kind(model, tokens):
-    snap = weights_snapshot(model)
-    sites = all_sites(model, per_head=False) + [Site("z", 1, 2)]
-    with record(model, sites) as acts:
-        model(tokens[None])
-    for site in sites:
-        act = acts[site.name]
-        assert act.shape[:2] == (1, tokens.shape[0])
-        assert act[0, -1].numel() == site.dim(model)
-    assert_untouched(model, snap)
-
-
-@pytest.mark.parametrize("position", ["last", "all", 2])
-def test_add_vector_matches_manual_edit(model, tokens, position):
-    site = Site("z", 0, 1, position)
-    vec = torch.linspace(-1, 1, site.dim(model), dtype=torch.float64)
-    with add_vector(model, site, vec, scale=0.5):
-        steered = model(tokens[None])
-
-    def manual(act, hook):
-        act = act.clone()
-        idx = slice(None) if position == "all" else (-1 if position == "last" else position)
-        act[0, idx, 1] += 0.5 * vec
-        return act
-
-    with model.hooks(fwd_hooks=[(site.hook_name, manual)]):
-        want = model(tokens[None])
-    assert torch.allclose(steered, want)
-    assert hook_count(model) == 0
-
-
-def test_add_vector_errors_leave_no_hooks(model, tokens):
-    snap = weights_snapshot(model)
-    with pytest.raises(InputError, match="shape"):
-        with add_vector(model, "resid_pre.0", torch.zeros(3, dtype=torch.float64)):
-            pass
-    with pytest.raises(NonFiniteError):
-        with add_vector(model, "resid_pre.0", torch.full((16,), float("nan"), dtype=torch.float64)):
-            pass
-    with pytest.raises(KeyboardInterrupt):
-        with add_vector(model, "result.0:1", torch.ones(16, dtype=torch.float64)):
-            raise KeyboardInterrupt
-    assert_untouched(model, snap)
-
-
-def test_hooked_nests_and_leaves_other_hooks(model, tokens):
-    """Each context removes only its own hooks: nested contexts unwind in order, an exception
-    inside removes them, and a hook the user added outside stays."""
-    from steerlens.hooks import hooked
-
-    name = "blocks.0.hook_resid_post"
-    calls: list[str] = []
-
-    def tag(label):
-        def hook(act, hook):
-            calls.append(label)
-
-        return hook
-
-    level = model.context_level
-    user = model.hook_dict[name]
-    user.add_hook(tag("user"))
-    try:
-        with hooked(model, [(name, tag("outer"))]):
-            with hooked(model, [(name, tag("inner")), ("blocks.1.hook_resid_pre", tag("pre"))]):
-                model(tokens[None])
-            assert sorted(calls) == ["inner", "outer", "pre", "user"]
-            calls.clear()
-            with pytest.raises(RuntimeError), hooked(model, [(name, tag("doomed"))]):
-                raise RuntimeError("inside")
-            model(tokens[None])
-            assert sorted(calls) == ["outer", "user"]
-        calls.clear()
-        model(tokens[None])
-        assert calls == ["user"]
-        with pytest.raises(KeyError), hooked(model, [(name, tag("a")), ("no.such.hook", tag("b"))]):
-            pass
-        calls.clear()
-        model(tokens[None])
-        assert calls == ["user"]
-    finally:
-        user.remove_hooks("fwd")
-    assert hook_count(model) == 0 and model.context_level == level

@@ -29,16 +29,14 @@ def test_half_precision_metrics_match_float64(flavour, dtype, tokens):
     sweep = sl.pullback_sweep(half, tokens, ["resid_pre.1", "mlp_out.0"], vocab="full")
     ref_sweep = sl.pullback_sweep(exact, tokens, ["resid_pre.1", "mlp_out.0"], vocab="full")
     for name in ref_sweep:
-        torch.testing.assert_close(
-            sweep[name].matrix().double(), ref_sweep[name].matrix(), rtol=1e-4, atol=1e-6
-        )
+        # float32 against float64: relative to the matrix (small entries carry the cancellation
+        # error of the large ones, so an entrywise rtol measures the size of the entry instead)
+        ref = ref_sweep[name].matrix()
+        err = (sweep[name].matrix().double() - ref).norm() / ref.norm()
+        assert float(err) < 1e-4, name
     expected = sl.expected_metric(half, [tokens], "resid_post.0", vocab="full", progress=False)
-    torch.testing.assert_close(
-        expected["blocks.0.hook_resid_post"].matrix().double(),
-        reference.matrix(),
-        rtol=1e-4,
-        atol=1e-6,
-    )
+    got = expected["blocks.0.hook_resid_post"].matrix().double()
+    assert float((got - reference.matrix()).norm() / reference.matrix().norm()) < 1e-4
     assert half.cfg.dtype == dtype
     assert_untouched(half, before)
     assert all(p.dtype == dtype for p in half.parameters())

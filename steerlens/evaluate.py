@@ -57,6 +57,47 @@ def next_logprobs(
         return torch.log_softmax(model(batch)[0, -1].double(), -1)
 
 
+def _prompt_with_room(model: HookedTransformer, tokens: Tensor, n_tokens: int) -> Tensor:
+    """``tokens`` as a [1, pos] batch, after checking that ``n_tokens`` more fit the context."""
+    if n_tokens < 1:
+        raise InputError(f"n_tokens must be >= 1, got {n_tokens}")
+    seq = tokens.view(1, -1)
+    if seq.shape[1] + n_tokens > model.cfg.n_ctx:
+        raise InputError(
+            f"{seq.shape[1]} prompt tokens + {n_tokens} generated exceed the model's context of "
+            f"{model.cfg.n_ctx}"
+        )
+    return seq
+
+
+@torch.no_grad()
+def _continue(
+    model: HookedTransformer,
+    seq: Tensor,
+    n_tokens: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """``seq`` [batch, pos] extended by ``n_tokens``: argmax without a generator, else sampled
+    from the softmax with it. Every forward pass sees the whole sequence, so an ``@last`` edit
+    applied around this steers each new prediction position and nothing else."""
+    for _ in range(n_tokens):
+        logits = model(seq)[:, -1]
+        if generator is None:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            nxt = torch.multinomial(torch.softmax(logits.double(), -1), 1, generator=generator)
+        seq = torch.cat([seq, nxt.to(seq.dtype)], 1)
+    return seq
+
+
+@torch.no_grad()
+def _perplexity(model: HookedTransformer, seqs: Tensor, start: int) -> Tensor:
+    """The unsteered model's perplexity of each row of ``seqs`` [batch, pos] from position
+    ``start`` on: exp of the mean negative log-likelihood per token, [batch]."""
+    logp = torch.log_softmax(model(seqs)[:, start - 1 : -1].double(), -1)
+    return (-logp.gather(2, seqs[:, start:, None]).mean((1, 2))).exp()
+
+
 @torch.no_grad()
 def greedy_continuation(
     model: HookedTransformer,
@@ -67,19 +108,9 @@ def greedy_continuation(
     """``tokens`` followed by ``n_tokens`` greedy tokens generated with ``intervention``
     applied (every forward pass sees the whole sequence, so an ``@last`` edit steers each new
     prediction position and nothing else)."""
-    if n_tokens < 1:
-        raise InputError(f"n_tokens must be >= 1, got {n_tokens}")
-    seq = tokens.view(1, -1)
-    if seq.shape[1] + n_tokens > model.cfg.n_ctx:
-        raise InputError(
-            f"{seq.shape[1]} prompt tokens + {n_tokens} generated exceed the model's context of "
-            f"{model.cfg.n_ctx}"
-        )
+    seq = _prompt_with_room(model, tokens, n_tokens)
     with intervention.apply(model) if intervention is not None else nullcontext():
-        for _ in range(n_tokens):
-            nxt = model(seq)[0, -1].argmax()
-            seq = torch.cat([seq, nxt.view(1, 1)], 1)
-    return seq[0]
+        return _continue(model, seq, n_tokens, None)[0]
 
 
 @torch.no_grad()
@@ -92,29 +123,7 @@ def continuation_perplexity(
     """Fluency: the unsteered model's perplexity (exp of the mean negative log-likelihood per
     token) of the :func:`greedy_continuation` generated under ``intervention``."""
     seq = greedy_continuation(model, tokens, intervention, n_tokens)
-    start = tokens.numel()
-    logp = torch.log_softmax(model(seq[None])[0, start - 1 : -1].double(), -1)
-    nll = -logp.gather(1, seq[start:, None]).mean()
-    return float(nll.exp())
-
-
-@torch.no_grad()
-def _continue(
-    model: HookedTransformer,
-    seq: Tensor,
-    n_tokens: int,
-    generator: torch.Generator | None,
-) -> Tensor:
-    """``seq`` [batch, pos] extended by ``n_tokens``: argmax without a generator, else sampled
-    from the softmax with it."""
-    for _ in range(n_tokens):
-        logits = model(seq)[:, -1].double()
-        if generator is None:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-        seq = torch.cat([seq, nxt.to(seq.dtype)], 1)
-    return seq
+    return float(_perplexity(model, seq[None], tokens.numel())[0])
 
 
 @torch.no_grad()
@@ -135,29 +144,19 @@ def generation_measures(
     of sampled continuations whose next word is; ``perplexity_greedy`` /
     ``perplexity_sampled`` (mean over samples): the unsteered model's perplexity of the
     continuations (exp of the mean negative log-likelihood per generated token)."""
-    if n_tokens < 1 or samples < 1:
-        raise InputError(f"n_tokens and samples must be >= 1, got {n_tokens}, {samples}")
-    seq = tokens.view(1, -1)
+    if samples < 1:
+        raise InputError(f"samples must be >= 1, got {samples}")
+    seq = _prompt_with_room(model, tokens, n_tokens)
     start = seq.shape[1]
-    if start + n_tokens > model.cfg.n_ctx:
-        raise InputError(
-            f"{start} prompt tokens + {n_tokens} generated exceed the model's context of "
-            f"{model.cfg.n_ctx}"
-        )
     generator = torch.Generator(device=seq.device).manual_seed(seed)
     with intervention.apply(model) if intervention is not None else nullcontext():
         greedy = _continue(model, seq, n_tokens, None)
         sampled = _continue(model, seq.expand(samples, -1), n_tokens, generator)
-
-    def perplexity(out: Tensor) -> Tensor:
-        logp = torch.log_softmax(model(out)[:, start - 1 : -1].double(), -1)
-        return (-logp.gather(2, out[:, start:, None]).mean((1, 2))).exp()
-
     return {
         "target_first_greedy": float(greedy[0, start] == target),
         "target_first_sampled": float((sampled[:, start] == target).double().mean()),
-        "perplexity_greedy": float(perplexity(greedy)[0]),
-        "perplexity_sampled": float(perplexity(sampled).mean()),
+        "perplexity_greedy": float(_perplexity(model, greedy, start)[0]),
+        "perplexity_sampled": float(_perplexity(model, sampled, start).mean()),
     }
 
 
@@ -515,13 +514,15 @@ def _agreement(ok: Any, name: str) -> dict[str, Any]:
     }
 
 
-#: the divergences every ratio table reports side by side: the complement of the pair (the
-#: distribution whose Fisher metric FishBack descends by default), the pair merge (Park et al.'s
-#: definition, which FishBack does not descend) and the whole distribution
+#: the divergences every ratio table reports side by side, with their short names: the
+#: complement of the pair (base and target removed, the rest renormalized: the distribution
+#: whose Fisher metric FishBack descends by default), the pair merge (each base token's mass
+#: merged into its target, Park et al.'s definition, which FishBack does not descend) and the
+#: whole next-token distribution
 KL_MEASURES: dict[str, str] = {
-    "off_target_kl": "complement KL (base and target removed, the rest renormalized)",
-    "off_target_kl_merged": "pair-merge KL (each base token's mass merged into its target)",
-    "kl_full": "KL of the whole next-token distribution",
+    "off_target_kl": "complement KL",
+    "off_target_kl_merged": "pair-merge KL",
+    "kl_full": "whole-distribution KL",
 }
 
 
@@ -595,14 +596,6 @@ def paired_ratios(
     return pd.DataFrame(rows)
 
 
-#: short names of the measures in tables and figures
-MEASURE_LABELS = {
-    "off_target_kl": "complement KL",
-    "off_target_kl_merged": "pair-merge KL",
-    "kl_full": "whole-distribution KL",
-}
-
-
 def ratio_table(
     ratios: pd.DataFrame, by: Sequence[str] = ("method", "layer"), baseline: str = "fishback"
 ) -> pd.DataFrame:
@@ -612,7 +605,7 @@ def ratio_table(
     frame: Any = ratios
     parts = []
     for measure, group in frame.groupby("measure", sort=False):
-        name = MEASURE_LABELS.get(str(measure), str(measure))
+        name = KL_MEASURES.get(str(measure), str(measure))
         ci = [
             "n/a (1 context)" if not math.isfinite(lo) else f"[{lo:.3g}, {hi:.3g}]"
             for lo, hi in zip(group["ratio_ci_low"], group["ratio_ci_high"], strict=True)

@@ -34,7 +34,7 @@ from steerlens.concepts import (
 )
 from steerlens.diagnostics import diagnostics_table
 from steerlens.errors import InputError
-from steerlens.evaluate import MEASURE_LABELS, paired_ratios, ratio_table, summarize
+from steerlens.evaluate import KL_MEASURES, paired_ratios, ratio_table, summarize
 from steerlens.experiments.baselines import ACTADD_PROMPTS, target_followed
 from steerlens.experiments.matched import (
     DEFAULT_METHODS,
@@ -177,7 +177,7 @@ def run_reproduction(
     frame = pd.DataFrame(records)
     geometry, shares, spectra = _geometry(model, geometry_prompts, cfg.layers)
     summary = summarize(frame)
-    claims = _claims(geometry, frame)
+    claims = _claims(geometry, paired_ratios(frame, by=("method", "layer")))
     info = {
         "config": asdict(cfg),
         "seconds": time.perf_counter() - started,
@@ -196,11 +196,10 @@ def _geometry(model: HookedTransformer, prompts: list[Tensor], layers: tuple[int
     return table, sweep.shares, spectra
 
 
-def _claims(geometry: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
+def _claims(geometry: pd.DataFrame, ratios: pd.DataFrame) -> pd.DataFrame:
     """The paper's claims beside ours: the geometry's range over layers, and each baseline's
-    off-target KL over FishBack's on both measures (the range of the per-layer geometric
-    means over paired runs)."""
-    ratios = paired_ratios(records, by=("method", "layer"))
+    off-target KL over FishBack's on every measure (the range of the per-layer geometric
+    means over paired runs, ``ratios`` from :func:`paired_ratios` by method and layer)."""
 
     def spread(values) -> str:
         values = [v for v in values if math.isfinite(v)]
@@ -212,7 +211,7 @@ def _claims(geometry: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
     ]
     for method in ("euclidean", "caa"):
         for measure in dict.fromkeys(ratios["measure"]):
-            label = MEASURE_LABELS.get(str(measure), str(measure))
+            label = KL_MEASURES.get(str(measure), str(measure))
             sel = ratios[(ratios["method"] == method) & (ratios["measure"] == measure)]
             rows.append((f"kl_ratio {method} / fishback", label, spread(sel["ratio"].tolist())))
     return pd.DataFrame(
@@ -268,9 +267,12 @@ PROTOCOL_LIMITS: dict[int, tuple[str, ...]] = {
 }
 
 
-def _read_first(records: pd.DataFrame, protocol: int) -> list[str]:
-    """The opening section: how many independent contexts the tables rest on, what the two
-    off-target measures say pooled over layers, where FishBack loses, and the protocol's
+def _read_first(
+    records: pd.DataFrame, by_layer: pd.DataFrame, pooled: pd.DataFrame, protocol: int
+) -> list[str]:
+    """The opening section: how many independent contexts the tables rest on, what the
+    off-target measures say pooled over layers, where FishBack loses (``by_layer`` and
+    ``pooled``: :func:`paired_ratios` by method and layer, and by method), and the protocol's
     limits."""
     frame: Any = records
     texts = list(dict.fromkeys(frame["context"]))
@@ -286,19 +288,17 @@ def _read_first(records: pd.DataFrame, protocol: int) -> list[str]:
     ]
     if len(texts) <= 3:
         lines += [f"  - “{t}”" for t in texts]
-    pooled = paired_ratios(records, by=("method",))
     for method, group in pooled.groupby("method", sort=True):
         parts = [
-            f"{MEASURE_LABELS[r['measure']]} {r['ratio']:.3g}× (FishBack lower in "
+            f"{KL_MEASURES[r['measure']]} {r['ratio']:.3g}× (FishBack lower in "
             f"{round(r['baseline_ahead'] * r['runs'])} of {r['runs']} runs)"
             for r in _rows(group)
         ]
         lines.append(f"- {method} / FishBack, pooled over layers: " + "; ".join(parts) + ".")
-    by_layer = paired_ratios(records, by=("method", "layer"))
     lost = by_layer[by_layer["ratio"] < 1]
     if len(lost):
         where = ", ".join(
-            f"{r['method']} at layer {r['layer']} on the {MEASURE_LABELS[r['measure']]} "
+            f"{r['method']} at layer {r['layer']} on the {KL_MEASURES[r['measure']]} "
             f"({r['ratio']:.2g}×)"
             for r in _rows(lost)
         )
@@ -387,7 +387,7 @@ def write_report(
             "",
             f"Config: `{json.dumps(info['config'])}`; {info['seconds']:.0f} s on this machine.",
             "",
-            *_read_first(records, int(info.get("protocol", 1))),
+            *_read_first(records, ratios, pooled, int(info.get("protocol", 1))),
             "## Off-target KL over FishBack's at matched share, on both measures",
             "",
             "Per (method, layer): the geometric mean over paired runs (same concept, context and "
@@ -405,7 +405,7 @@ def write_report(
             "",
             "## Paper claims (GPT-2 small) beside the default model",
             "",
-            _claims(geometry, records).to_markdown(index=False),
+            _claims(geometry, ratios).to_markdown(index=False),
             "",
             "## Off-target KL at matched concept probability (mean over reached contexts, "
             "bootstrap 95% CI; ratio to FishBack on the same contexts, complement KL)",

@@ -17,7 +17,7 @@ import pandas as pd
 
 from steerlens.atomic import atomic_path, atomic_write
 from steerlens.errors import InputError
-from steerlens.evaluate import MEASURE_LABELS, paired_ratios, ratio_table
+from steerlens.evaluate import KL_MEASURES, paired_ratios, ratio_table
 from steerlens.experiments.runner import MANIFEST, MERGED
 from steerlens.experiments.study import generation_table, reached_table
 
@@ -38,7 +38,7 @@ def _losses(ratios: pd.DataFrame) -> list[str]:
         return ["- FishBack pays less than every method on every measure and layer here."]
     return [
         f"- **FishBack pays more**: {r['method']} at layer {r['layer']} on the "
-        f"{MEASURE_LABELS.get(r['measure'], r['measure'])} ({r['ratio']:.2g}×, FishBack lower "
+        f"{KL_MEASURES.get(r['measure'], r['measure'])} ({r['ratio']:.2g}×, FishBack lower "
         f"in {round(r['baseline_ahead'] * r['runs'])} of {r['runs']} runs)"
         for r in _rows(lost)
     ]
@@ -67,7 +67,7 @@ def optimize_evaluate(records: pd.DataFrame, against: str = "euclidean") -> pd.D
             rows.append(
                 {
                     "variant": variant,
-                    "measure": MEASURE_LABELS.get(r["measure"], r["measure"]),
+                    "measure": KL_MEASURES.get(r["measure"], r["measure"]),
                     "home": "yes" if r["measure"] == home else "",
                     f"{against} / variant": r["ratio"],
                     "95% CI": (

@@ -1,9 +1,10 @@
 """Saved artifacts: a folder with ``tensors.safetensors`` and ``meta.json``, never a pickle.
 
 Every artifact steerlens writes (interventions, probes, metrics) is two files in one folder,
-written to a temporary folder beside it and renamed into place, so a reader never sees half of
-one. ``meta.json`` names the artifact's ``kind`` and ``format_version`` and records the SHA-256 of
-the tensor file; loading checks all three and refuses anything else with an
+written to a temporary folder beside it and renamed into place
+(:func:`~steerlens.atomic.atomic_dir`), so a reader never sees half of one. ``meta.json`` names
+the artifact's ``kind`` and ``format_version`` and records the SHA-256 of the tensor file;
+loading checks all three and refuses anything else with an
 :class:`~steerlens.errors.ArtifactError`. An artifact may carry extra files in sub-folders (an
 intervention that clamps an SAE feature keeps the SAE in sae-lens's own safetensors format); their
 SHA-256 are recorded and checked the same way.
@@ -21,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from steerlens.atomic import atomic_dir
 from steerlens.errors import ArtifactError
 
 FORMAT_VERSION = 1
@@ -71,9 +71,7 @@ def save_artifact(
         raise ArtifactError(
             f"{final} exists and is not a steerlens artifact; refusing to overwrite"
         )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_dir(final) as staged:
         plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         save_file(plain, str(staged / TENSORS))
         if extra is not None:
@@ -88,17 +86,6 @@ def save_artifact(
         if files:
             record["files_sha256"] = files
         (staged / META).write_text(json.dumps(record, indent=2, sort_keys=True))
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            staged.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staged.rename(final)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     return final
 
 

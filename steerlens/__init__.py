@@ -11,9 +11,9 @@ The public API, re-exported explicitly::
 
 from steerlens import errors
 from steerlens.auditing import Audit, audit
+from steerlens.concepts import PairMapping, TokenSet
 from steerlens.concepts.probes import LinearProbe, fit_probe, train_probe
 from steerlens.concepts.sae import SaeFeature, pretrained_sae, sae_feature
-from steerlens.concepts.tokens import PairMapping, TokenSet
 from steerlens.cost import kantorovich_bound, spectral_cost_ratio
 from steerlens.diagnostics import MetricDiagnostics, diagnostics_table, metric_diagnostics
 from steerlens.hooks import add_vector, record

@@ -9,7 +9,7 @@ test named after the function, so a port (to TransformerLens 4's ``TransformerBr
 changes this module and that test file only. The type names (``HookedTransformer`` ...) are
 exported here too; the rest of steerlens imports them from this module.
 
->>> from steerlens.tiny import tiny_model
+>>> from steerlens.testing import tiny_model
 >>> model = tiny_model("llama")
 >>> attention_weights(model, 0).w_k.shape   # grouped-query keys unexpanded: [kv, d_model, d_head]
 torch.Size([1, 16, 4])

@@ -26,7 +26,7 @@ With SAEs given (site → sae-lens SAE), the features whose activation the edit 
 those sites. Several methods side by side: pass a mapping name → intervention.
 
 >>> import torch
->>> from steerlens.tiny import tiny_model
+>>> from steerlens.testing import tiny_model
 >>> model = tiny_model()
 >>> vector = torch.linspace(-1, 1, 16, dtype=torch.float64)
 >>> result = audit(model, vector, torch.tensor([1, 2, 3]), site="resid_post.0", scale=1e-3)

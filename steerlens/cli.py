@@ -293,8 +293,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_train_sae(args: argparse.Namespace) -> None:
-    from steerlens.concepts.sae_train import SaeTrainingConfig, save_sae, train_sae
     from steerlens.models import load_model
+    from steerlens.sae_training import SaeTrainingConfig, save_sae, train_sae
 
     cfg = SaeTrainingConfig(
         site=args.site,

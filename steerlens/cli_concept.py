@@ -209,7 +209,7 @@ def cmd_where(args: argparse.Namespace) -> None:
 
 
 def cmd_steer(args: argparse.Namespace) -> None:
-    from steerlens.concepts import verb_contrast_pairs
+    from steerlens.datasets import verb_contrast_pairs
     from steerlens.evaluate import greedy_continuation, match_strength, next_logprobs
     from steerlens.experiments.inputs import user_contexts
     from steerlens.experiments.matched import (

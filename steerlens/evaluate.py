@@ -179,7 +179,7 @@ def path_length(
     model (for a clamp, scale 0 is not the clean model). (length / FishBack's)² is ρ along the
     method's own path: the matched protocol's ``rho_own``.
 
-    >>> from steerlens.tiny import tiny_model
+    >>> from steerlens.testing import tiny_model
     >>> model = tiny_model()
     >>> v = torch.ones(model.cfg.d_model, dtype=torch.float64)
     >>> iv = Intervention("v", {"blocks.1.hook_resid_pre": v})

@@ -4,7 +4,7 @@ Every hook steerlens adds lives in a ``with`` block that removes it in ``finally
 is left exactly as found even when the code inside raises (KeyboardInterrupt included).
 
 >>> import torch
->>> from steerlens.tiny import tiny_model
+>>> from steerlens.testing import tiny_model
 >>> model = tiny_model()
 >>> tokens = torch.tensor([[1, 2, 3]])
 >>> with record(model, ["resid_post.0"]) as acts:

@@ -1,6 +1,6 @@
 """Prompts: strings or token tensors in, a validated list of 1-D token tensors out.
 
->>> from steerlens.tiny import tiny_model
+>>> from steerlens.testing import tiny_model
 >>> import torch
 >>> [t.tolist() for t in as_prompts(tiny_model(), torch.tensor([[1, 2], [3, 4]]))]
 [[1, 2], [3, 4]]

@@ -232,7 +232,7 @@ def all_sites(
 
     Per-head kinds give one site per head when ``per_head`` (else one all-heads site).
 
-    >>> from steerlens.tiny import tiny_model
+    >>> from steerlens.testing import tiny_model
     >>> [s.name for s in all_sites(tiny_model(), ["resid_pre", "resid_post"])]
     ['blocks.0.hook_resid_pre', 'blocks.0.hook_resid_post', 'blocks.1.hook_resid_pre', \
 'blocks.1.hook_resid_post']

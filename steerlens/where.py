@@ -10,7 +10,7 @@ is the least a method can pay there; λ = ``damping``·tr(G)/d as everywhere in 
 are ranked by this cost averaged over contexts (each context with its own pair concept and its
 off-target metric, from one recursive sweep per context and one backward for g at every site).
 
->>> from steerlens.tiny import tiny_model
+>>> from steerlens.testing import tiny_model
 >>> from steerlens.concepts import PairConcept
 >>> model = tiny_model("llama")
 >>> table = site_costs(model, [(torch.tensor([3, 1, 4, 1, 5]), PairConcept(7, 9))])
@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from steerlens.concepts.tokens import PairConcept
+from steerlens.concepts import PairConcept
 from steerlens.errors import InputError, NonFiniteError
 from steerlens.hooks import record
 from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS

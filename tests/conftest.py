@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from steerlens.tiny import tiny_model
+from steerlens.testing import tiny_model
 
 FLAVOURS = ["gpt2", "llama"]
 DEVICE = os.environ.get("STEERLENS_TEST_DEVICE", "cpu")

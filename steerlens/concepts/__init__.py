@@ -1,68 +1,27 @@
-"""Concepts: token sets and pair mappings, verb morphology data, local text, natural contexts and
-contrast pairs.
+"""Concepts: the scalars a user wants to move, as types the steering methods take.
 
-A concept is a scalar the user wants to move. Here it is a token set S (c = log Σ_{y∈S} p_y,
-:func:`log_prob_of_set`), a base → target :class:`PairMapping` (the verb-morphology concepts of
-Park et al.), or a :class:`ContrastPairs` dataset for the contrastive methods.
+A concept is a token set S (c = log Σ_{y∈S} p_y, :func:`log_prob_of_set`), a base → target
+:class:`PairMapping` (the verb-morphology concepts of Park et al.), one base/target
+:class:`PairConcept`, a :class:`ContrastPairs` set for the contrastive methods, a linear probe
+(:mod:`.probes`) or an SAE feature (:mod:`.sae`). The data they are made from lives in
+:mod:`steerlens.datasets`.
 """
 
-from steerlens.concepts.contexts import (
-    ContextSplit,
-    VerbContext,
-    contexts_frame,
-    train_test_contexts,
-    verb_contexts,
-)
-from steerlens.concepts.pairs import ContrastPairs, verb_contrast_pairs
-from steerlens.concepts.text import (
-    TextSource,
-    clean_text,
-    iter_sentences,
-    load_corpus,
-    local_text_sources,
-    split_sentences,
-)
-from steerlens.concepts.tokens import (
-    PairConcept,
-    PairMapping,
-    TokenSet,
-    encode_word,
-    log_prob_of_set,
-    tokenizer_of,
-    word_text,
-)
-from steerlens.concepts.verbs import (
-    VERB_KINDS,
-    load_verb_pairs,
-    split_by_verb,
-    verb_concept,
-    verb_key,
-)
+from steerlens.concepts.base import Concept
+from steerlens.concepts.pair_concept import PairConcept
+from steerlens.concepts.pair_mapping import PairMapping
+from steerlens.concepts.pairs import ContrastPairs
+from steerlens.concepts.token_set import TokenSet, log_prob_of_set
+from steerlens.concepts.tokenization import encode_word, tokenizer_of, word_text
 
 __all__ = [
-    "VERB_KINDS",
-    "ContextSplit",
+    "Concept",
     "ContrastPairs",
     "PairConcept",
     "PairMapping",
-    "TextSource",
     "TokenSet",
-    "VerbContext",
-    "clean_text",
-    "contexts_frame",
     "encode_word",
-    "iter_sentences",
-    "load_corpus",
-    "load_verb_pairs",
-    "local_text_sources",
     "log_prob_of_set",
-    "split_by_verb",
-    "split_sentences",
     "tokenizer_of",
-    "train_test_contexts",
-    "verb_concept",
-    "verb_contexts",
-    "verb_contrast_pairs",
-    "verb_key",
     "word_text",
 ]

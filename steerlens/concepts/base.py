@@ -7,10 +7,13 @@ activation ``act``) or at the output (a token set: a function of the ``logits``)
 
 from __future__ import annotations
 
+import math
 from typing import Protocol, runtime_checkable
 
 from jaxtyping import Float
 from torch import Tensor
+
+from steerlens.errors import InputError
 
 
 @runtime_checkable
@@ -29,3 +32,10 @@ class Concept(Protocol):
     def target_value(self, probability: float) -> float:
         """The value that means the concept holds with ``probability``."""
         ...
+
+
+def log_target(probability: float) -> float:
+    """log p of a target probability p in (0, 1), the value of a log-probability concept."""
+    if not 0 < probability < 1:
+        raise InputError(f"target probability must be in (0, 1), got {probability}")
+    return math.log(probability)

@@ -1,7 +1,8 @@
-"""Contrast-pair datasets: (prompt⁺, prompt⁻) strings for CAA, ActAdd, RepE and ITI.
+"""Contrast pairs: (prompt⁺, prompt⁻) strings for CAA, ActAdd, RepE and ITI.
 
-This module owns the contrast-pair container and the builders that make pairs from concept data;
-the steering methods take a :class:`ContrastPairs` and read activations of its two sides.
+This module owns the contrast-pair container; the steering methods take a :class:`ContrastPairs`
+and read activations of its two sides. Builders that make pairs from data sets live with the data
+(:func:`steerlens.datasets.verb_contrast_pairs`).
 
 >>> cp = ContrastPairs.from_pairs([("I walked", "I walk")], name="past")
 >>> cp.plus, cp.minus
@@ -13,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from steerlens.concepts.contexts import VerbContext
-from steerlens.concepts.tokens import word_text
 from steerlens.errors import ConceptError
 
 
@@ -71,23 +70,3 @@ class ContrastPairs:
                 raise ConceptError(f"contrast pair {i} of {name!r} is not a (plus, minus) pair")
             items.append((pair[0], pair[1]))
         return cls(name=name, pairs=tuple(items))
-
-
-def verb_contrast_pairs(
-    contexts: Sequence[VerbContext], *, name: str = "verb pairs"
-) -> ContrastPairs:
-    """One pair per context: the context followed by the target form (⁺) vs by the base form
-    (⁻), e.g. ``"... they walked"`` vs ``"... they walk"``. Token ids are kept exactly
-    (context ids + target id, context ids + base id); duplicate pairs are kept once.
-
-    >>> ctx = VerbContext("Then they", (5, 6), 7, 8, "▁walk", "▁walked", 0)
-    >>> verb_contrast_pairs([ctx]).pairs
-    (('Then they walked', 'Then they walk'),)
-    """
-    if not contexts:
-        raise ConceptError(f"contrast pairs {name!r}: no contexts given")
-    pairs: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    for c in contexts:
-        key = (c.text + word_text(c.target_word), c.text + word_text(c.verb))
-        pairs.setdefault(key, (c.token_ids + (c.target_id,), c.token_ids + (c.base_id,)))
-    return ContrastPairs(name=name, pairs=tuple(pairs), token_pairs=tuple(pairs.values()))

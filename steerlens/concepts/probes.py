@@ -25,8 +25,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from steerlens.activations import harvest
 from steerlens.artifacts import check_dtype, load_artifact, save_artifact
-from steerlens.concepts.activations import harvest
 from steerlens.errors import ArtifactError, ConceptError, InputError, NonFiniteError
 from steerlens.prompts import PromptsLike, as_prompts
 from steerlens.sites import Site, as_site

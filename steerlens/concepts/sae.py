@@ -138,7 +138,7 @@ def shipped_saes() -> dict[str, list[str]]:
 def sae_report(path: str | Path) -> dict[str, Any]:
     """The training report saved beside an SAE trained by steerlens (how it was made, held-out
     FVU and L0)."""
-    from steerlens.concepts.sae_train import REPORT_FILE
+    from steerlens.sae_training import REPORT_FILE
 
     file = Path(path) / REPORT_FILE
     if not file.is_file():

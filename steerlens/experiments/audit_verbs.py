@@ -17,7 +17,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from steerlens.auditing import Audit, audit
-from steerlens.concepts import (
+from steerlens.datasets import (
     VerbContext,
     load_corpus,
     train_test_contexts,

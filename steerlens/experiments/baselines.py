@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from steerlens.concepts import PairMapping, VerbContext, verb_contexts
-from steerlens.concepts.contexts import ContextSplit
+from steerlens.concepts import PairMapping
 from steerlens.concepts.pairs import ContrastPairs
 from steerlens.concepts.probes import train_probe
 from steerlens.concepts.sae import SaeFeature
+from steerlens.datasets import VerbContext, verb_contexts
+from steerlens.datasets.contexts import ContextSplit
 from steerlens.errors import InputError
 from steerlens.evaluate import next_logprobs
 from steerlens.experiments.verb_context import context_tokens, pair_concept, pair_share

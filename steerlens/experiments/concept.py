@@ -18,8 +18,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from steerlens.concepts import ContrastPairs, PairMapping, VerbContext, verb_contrast_pairs
+from steerlens.concepts import ContrastPairs, PairMapping
 from steerlens.cost import kantorovich_bound
+from steerlens.datasets import VerbContext, verb_contrast_pairs
 from steerlens.errors import InputError
 from steerlens.experiments.inputs import user_contexts
 from steerlens.experiments.matched import (

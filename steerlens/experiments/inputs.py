@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from steerlens.concepts import PairMapping, VerbContext
-from steerlens.concepts.verbs import VERB_KINDS, verb_concept
+from steerlens.concepts import PairMapping
+from steerlens.datasets import VerbContext
+from steerlens.datasets.verbs import VERB_KINDS, verb_concept
 from steerlens.errors import InputError
 from steerlens.evaluate import next_logprobs
 from steerlens.experiments.matched import context_tokens

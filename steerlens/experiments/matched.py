@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from steerlens.concepts import VerbContext
 from steerlens.cost import spectral_cost_ratio
+from steerlens.datasets import VerbContext
 from steerlens.errors import InputError
 from steerlens.evaluate import (
     continuation_perplexity,

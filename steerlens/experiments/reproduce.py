@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from steerlens.atomic import atomic_path
-from steerlens.concepts import (
+from steerlens.datasets import (
     load_corpus,
     train_test_contexts,
     verb_concept,

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 import steerlens
-from steerlens.concepts import (
+from steerlens.datasets import (
     VerbContext,
     load_corpus,
     train_test_contexts,

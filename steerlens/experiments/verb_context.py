@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from steerlens.concepts import PairConcept, VerbContext
+from steerlens.concepts import PairConcept
+from steerlens.datasets import VerbContext
 
 if TYPE_CHECKING:
     from steerlens._tl import HookedTransformer

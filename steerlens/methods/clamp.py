@@ -13,7 +13,7 @@ edit depends on the activation: a feature already at c is left alone. In an
 >>> import torch
 >>> from sae_lens import StandardSAE, StandardSAEConfig
 >>> from steerlens.concepts.sae import sae_feature
->>> from steerlens.tiny import tiny_model
+>>> from steerlens.testing import tiny_model
 >>> model = tiny_model()
 >>> sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=8, dtype="float64"))
 >>> clamp = SaeClamp(sae_feature(sae, 3, "resid_post.0"))

@@ -9,7 +9,7 @@ scale·value, :mod:`steerlens.methods.clamp`). It saves to safetensors + JSON (a
 sae-lens's own safetensors format beside them) and loads without unpickling anything.
 
 >>> import torch
->>> from steerlens.tiny import tiny_model
+>>> from steerlens.testing import tiny_model
 >>> model = tiny_model()
 >>> iv = Intervention("example", {"resid_post.0": torch.ones(16, dtype=torch.float64)})
 >>> tokens = torch.tensor([[1, 2, 3]])

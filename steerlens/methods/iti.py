@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from steerlens.concepts.activations import harvest
+from steerlens.activations import harvest
 from steerlens.concepts.pairs import ContrastPairs
 from steerlens.concepts.probes import fit_probe
 from steerlens.errors import InputError

@@ -18,7 +18,7 @@ never changed. The copy is checked against the steered model on a probe input, a
 (:class:`MethodError`) where the architecture breaks the equivalence (e.g. a norm after the MLP).
 
 >>> import torch
->>> from steerlens.tiny import tiny_model
+>>> from steerlens.testing import tiny_model
 >>> from steerlens.methods import Intervention
 >>> model = tiny_model("llama")
 >>> iv = Intervention("v", {"resid_post.0@all": torch.ones(16, dtype=torch.float64)})

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from steerlens.concepts.activations import harvest
+from steerlens.activations import harvest
 from steerlens.concepts.pairs import ContrastPairs
 from steerlens.concepts.probes import LinearProbe
 from steerlens.concepts.sae import SaeFeature

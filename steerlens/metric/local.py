@@ -8,7 +8,7 @@ frozen: :class:`LocalPath` runs those single-position block maps (the same ones 
 sweep uses) and pulls factor rows back through them, never the whole graph.
 
 >>> import torch
->>> from steerlens.tiny import tiny_model
+>>> from steerlens.testing import tiny_model
 >>> model = tiny_model("llama")
 >>> tokens = torch.tensor([3, 1, 4, 1, 5])
 >>> with LocalPath(model, tokens, "resid_post.0") as path:

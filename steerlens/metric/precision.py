@@ -8,7 +8,7 @@ change) — and return float32 metrics (float64 where the engine accumulates Gra
 user's model is never changed. Iterative steering needs a float32 or float64 model.
 
 >>> import torch
->>> from steerlens.tiny import tiny_model
+>>> from steerlens.testing import tiny_model
 >>> half = tiny_model(dtype=torch.float16)
 >>> compute_model(half).cfg.dtype, half.cfg.dtype
 (torch.float32, torch.float16)

@@ -1,7 +1,7 @@
 """Public entry points: the pullback Fisher metric at one site, and at every site in one sweep.
 
 >>> import torch
->>> from steerlens.tiny import tiny_model
+>>> from steerlens.testing import tiny_model
 >>> model = tiny_model("llama")
 >>> tokens = torch.tensor([3, 1, 4, 1, 5])
 >>> metric = pullback_metric(model, tokens, "resid_post.0")

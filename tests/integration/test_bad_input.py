@@ -21,10 +21,10 @@ from sae_lens import StandardSAE, StandardSAEConfig
 import steerlens as sl
 from steerlens import errors
 from steerlens.cli import main
-from steerlens.concepts import verb_concept
+from steerlens.concepts import PairConcept
 from steerlens.concepts.pairs import ContrastPairs
-from steerlens.concepts.tokens import PairConcept
 from steerlens.cost import spectral_cost_ratio
+from steerlens.datasets import verb_concept
 from steerlens.methods.vector import probe_intervention, sae_intervention
 from steerlens.metric.outcomes import OffTarget
 from tests.conftest import assert_untouched, weights_snapshot

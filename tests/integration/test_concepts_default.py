@@ -9,11 +9,10 @@ import time
 import pytest
 import torch
 
-from steerlens.concepts import (
-    TokenSet,
+from steerlens.concepts import TokenSet, log_prob_of_set
+from steerlens.datasets import (
     load_corpus,
     local_text_sources,
-    log_prob_of_set,
     train_test_contexts,
     verb_concept,
     verb_contexts,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import steerlens as sl
-from steerlens.concepts import (
-    TokenSet,
+from steerlens.concepts import TokenSet
+from steerlens.datasets import (
     load_corpus,
     train_test_contexts,
     verb_concept,
@@ -152,7 +152,7 @@ def test_repe_and_iti_move_the_concept(model, split):
 def test_activation_scaling_flips_country_facts(model):
     """Stoehr et al.'s task: "Rome is a city in the country of" → the model's answer loses to
     its runner-up after scaling a sparse set of heads and MLPs."""
-    from steerlens.concepts.countries import CITIES, capital_facts
+    from steerlens.datasets.countries import CITIES, capital_facts
 
     facts = capital_facts(model, cities=CITIES[:12])
     assert len(facts) >= 6 and facts[0].city == "Rome" and facts[0].country == "Italy"

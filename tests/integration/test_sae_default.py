@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 
 from steerlens import errors
-from steerlens.concepts import verb_concept
 from steerlens.concepts.sae import SHIPPED_DIR, pretrained_sae, sae_report, shipped_saes
-from steerlens.concepts.sae_train import harvest_tokens, sae_quality, token_windows
-from steerlens.concepts.text import iter_sentences
+from steerlens.datasets import verb_concept
+from steerlens.datasets.text import iter_sentences
 from steerlens.evaluate import next_logprobs
 from steerlens.experiments.inputs import user_contexts
 from steerlens.experiments.matched import context_tokens, matching_sae_feature, pair_share
 from steerlens.methods import sae_intervention
+from steerlens.sae_training import harvest_tokens, sae_quality, token_windows
 from steerlens.sites import Site
 from tests.conftest import assert_untouched, weights_snapshot
 

@@ -10,10 +10,10 @@ import time
 
 import torch
 
-from steerlens.concepts import VerbContext
+from steerlens.datasets import VerbContext
 from steerlens.experiments.matched import MatchedSettings, context_records
 from steerlens.experiments.runner import run_units
-from steerlens.tiny import tiny_model
+from steerlens.testing import tiny_model
 
 UNITS = [f"{i}/{layer}" for i in range(5) for layer in (0, 1)]
 SETTINGS = MatchedSettings(targets=(0.5,), methods=("fishback", "euclidean"), step=0.5)

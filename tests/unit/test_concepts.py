@@ -1,6 +1,6 @@
-"""Unit tests of :mod:`steerlens.concepts`: token sets and pair mappings through a stand-in
-tokenizer, the concept value against brute force, the packaged verb data, the split by verb, text
-cleaning, contexts and contrast pairs. No real model."""
+"""Unit tests of :mod:`steerlens.concepts` and :mod:`steerlens.datasets`: token sets and pair
+mappings through a stand-in tokenizer, the concept value against brute force, the packaged verb
+data, the split by verb, text cleaning, contexts and contrast pairs. No real model."""
 
 from __future__ import annotations
 
@@ -12,17 +12,14 @@ import zlib
 import pytest
 import torch
 
-from steerlens.concepts import (
+from steerlens.concepts import ContrastPairs, PairMapping, TokenSet, log_prob_of_set
+from steerlens.datasets import (
     VERB_KINDS,
-    ContrastPairs,
-    PairMapping,
-    TokenSet,
     VerbContext,
     clean_text,
     contexts_frame,
     load_verb_pairs,
     local_text_sources,
-    log_prob_of_set,
     split_by_verb,
     split_sentences,
     train_test_contexts,
@@ -31,10 +28,10 @@ from steerlens.concepts import (
     verb_contrast_pairs,
     verb_key,
 )
-from steerlens.concepts.text import read_r_character_vectors
-from steerlens.concepts.tokens import _WhitespaceTokenizer
+from steerlens.datasets.rdata import read_r_character_vectors
 from steerlens.errors import ConceptError, InputError
 from steerlens.metric.outcomes import OffTarget
+from steerlens.testing import WhitespaceTokenizer
 
 VOCAB = [
     "<bos>",  # 0
@@ -61,16 +58,25 @@ VOCAB = [
 
 
 @pytest.fixture
-def tok() -> _WhitespaceTokenizer:
-    return _WhitespaceTokenizer(VOCAB, bos_token_id=0)
+def tok() -> WhitespaceTokenizer:
+    return WhitespaceTokenizer(VOCAB, bos_token_id=0)
 
 
-MODULES = ["tokens", "verbs", "text", "contexts", "pairs"]
+MODULES = [
+    "steerlens.concepts.tokenization",
+    "steerlens.concepts.token_set",
+    "steerlens.concepts.pair_mapping",
+    "steerlens.concepts.pair_concept",
+    "steerlens.concepts.pairs",
+    "steerlens.datasets.verbs",
+    "steerlens.datasets.text",
+    "steerlens.datasets.contexts",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name: str) -> None:
-    module = importlib.import_module(f"steerlens.concepts.{name}")
+    module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
 
@@ -87,7 +93,7 @@ def test_token_set_from_words_space_mark_and_literal(tok) -> None:
 
 
 def test_token_set_strips_bos_even_if_tokenizer_adds_it() -> None:
-    class AlwaysBos(_WhitespaceTokenizer):
+    class AlwaysBos(WhitespaceTokenizer):
         def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
             return super().encode(text, add_special_tokens=True)
 
@@ -351,7 +357,7 @@ def test_local_text_sources_have_licences() -> None:
 
 
 def test_unknown_text_source_raises() -> None:
-    from steerlens.concepts import load_corpus
+    from steerlens.datasets import load_corpus
 
     with pytest.raises(InputError, match="unknown text source"):
         load_corpus("nope")

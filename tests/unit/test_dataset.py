@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from steerlens import errors
 from steerlens.metric import pullback_metric
 from steerlens.metric.dataset import expected_metric
-from steerlens.tiny import tiny_model
+from steerlens.testing import tiny_model
 
 PROMPTS = [
     torch.tensor(p) for p in ([3, 1, 4, 1], [5, 9, 2], [6, 5, 3, 5, 8], [9, 7], [9, 3, 2, 3])

@@ -10,6 +10,7 @@ from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 
 import steerlens as sl
 from steerlens import errors
+from steerlens.activations import harvest
 from steerlens.concepts import ContrastPairs, TokenSet
 from steerlens.concepts.sae import SaeFeature
 from steerlens.methods import (
@@ -272,7 +273,7 @@ def test_probe_fits_and_steers(model):
     probe = sl.train_probe(model, "resid_post.0", pos, neg, test_fraction=0.25)
     assert probe.test_accuracy == 1.0 and probe.n_test == 10
     iv = probe_intervention(model, probe)
-    h = sl.concepts.activations.harvest(model, neg[:1], "resid_post.0")
+    h = harvest(model, neg[:1], "resid_post.0")
     before = float(probe.value(h[0]))
     assert float(probe.value(h[0] + 2.0 * iv.vector())) == pytest.approx(
         before + 2.0 * float(probe.weight.norm())

@@ -11,7 +11,7 @@ import torch
 import steerlens as sl
 from steerlens.errors import InputError
 from steerlens.metric.precision import compute_model
-from steerlens.tiny import tiny_model
+from steerlens.testing import tiny_model
 from tests.conftest import assert_untouched, hook_count, weights_snapshot
 
 

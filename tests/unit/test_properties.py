@@ -20,7 +20,7 @@ from steerlens.metric.direct import direct_rows
 from steerlens.metric.pullback import MetricOptions, lens_rows
 from steerlens.metric.state import prompt_state
 from steerlens.sites import Site
-from steerlens.tiny import tiny_model
+from steerlens.testing import tiny_model
 from steerlens.where import concept_gradients
 from tests.conftest import DEVICE
 

@@ -12,7 +12,7 @@ from sae_lens import SAE
 
 from steerlens import errors
 from steerlens.concepts.sae import SaeFeature, sae_report
-from steerlens.concepts.sae_train import (
+from steerlens.sae_training import (
     REPORT_FILE,
     SaeTrainingConfig,
     harvest_tokens,

@@ -136,7 +136,7 @@ def test_bad_inputs(gpt2_model):
 
 
 def test_capital_facts_need_single_token_countries(gpt2_model):
-    from steerlens.concepts.countries import capital_facts
+    from steerlens.datasets.countries import capital_facts
     from steerlens.errors import ConceptError
 
     with pytest.raises(ConceptError, match="no tokenizer"):

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from steerlens import errors
-from steerlens.concepts import PairMapping, VerbContext
+from steerlens.concepts import PairMapping
+from steerlens.datasets import VerbContext
 from steerlens.evaluate import (
     continuation_perplexity,
     generation_measures,

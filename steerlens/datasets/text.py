@@ -8,8 +8,8 @@ into cleaned sentences or paragraphs. Sources:
   Read as files inside the package, without importing it.
 - ``"austen"``: Jane Austen's six novels (~0.72 M words; public domain texts, package MIT), from
   the R data package ``janeaustenr`` (Debian ``r-cran-janeaustenr``). R is not needed: its
-  lazy-load database ``data/Rdata.rdb`` is a run of zlib blocks, each an XDR-serialized character
-  vector (one line of the book per element), which :func:`read_r_character_vectors` decodes.
+  lazy-load database ``data/Rdata.rdb`` holds one character vector per book (one line of the book
+  per element), which :func:`steerlens.datasets.rdata.read_r_character_vectors` decodes.
 
 >>> clean_text("We cut taxes. [Applause]  We  did.")
 'We cut taxes. We did.'
@@ -20,12 +20,11 @@ from __future__ import annotations
 import importlib.util
 import random
 import re
-import struct
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from steerlens.datasets.rdata import read_r_character_vectors
 from steerlens.errors import InputError
 
 UNITS = ("sentence", "paragraph")
@@ -74,57 +73,6 @@ _AUSTEN_DIRS = (
     Path("/usr/local/lib/R/site-library/janeaustenr"),
     Path("/usr/lib/R/library/janeaustenr"),
 )
-_STRSXP, _CHARSXP, _UTF8_FLAG = 16, 9, 1 << 15
-
-
-def read_r_character_vectors(rdb: bytes) -> list[list[str]]:
-    """The character vectors of an R lazy-load database (``.rdb``), in file order.
-
-    Each block is a 4-byte big-endian length, then zlib data holding one object in R's XDR
-    serialization (format 2 or 3); only character vectors are decoded (NA elements become
-    ``""``), and any other object raises :class:`InputError`.
-    """
-    out: list[list[str]] = []
-    pos = 0
-    while pos < len(rdb):
-        inflater = zlib.decompressobj()
-        try:
-            blob = inflater.decompress(rdb[pos + 4 :])
-        except zlib.error as err:
-            raise InputError(f"not an R lazy-load database: bad zlib block at byte {pos}") from err
-        pos = len(rdb) - len(inflater.unused_data)
-        out.append(_unserialize_strings(blob))
-    return out
-
-
-def _unserialize_strings(blob: bytes) -> list[str]:
-    def ints(at: int, n: int) -> tuple[int, ...]:
-        return struct.unpack_from(f">{n}i", blob, at)
-
-    if blob[:2] != b"X\n":
-        raise InputError("only R's XDR serialization is supported")
-    (version,) = ints(2, 1)
-    at = 14
-    if version == 3:
-        (n_encoding,) = ints(at, 1)
-        at += 4 + n_encoding
-    flags, length = ints(at, 2)
-    if flags & 0xFF != _STRSXP:
-        raise InputError(f"R object of type {flags & 0xFF} is not a character vector")
-    at += 8
-    strings = []
-    for _ in range(length):
-        flags, n = ints(at, 2)
-        at += 8
-        if flags & 0xFF != _CHARSXP:
-            raise InputError("malformed R character vector")
-        if n < 0:
-            strings.append("")
-            continue
-        encoding = "utf-8" if flags & _UTF8_FLAG else "latin-1"
-        strings.append(blob[at : at + n].decode(encoding, errors="replace"))
-        at += n
-    return strings
 
 
 def _austen_files() -> list[Path]:

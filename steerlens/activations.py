@@ -1,7 +1,7 @@
 """Activations at one site for many prompts, batched by length, read inside a hook context.
 
 >>> import torch
->>> from steerlens.tiny import tiny_model
+>>> from steerlens.testing import tiny_model
 >>> model = tiny_model()
 >>> acts = harvest(model, [torch.tensor([1, 2, 3]), torch.tensor([4, 5])], "resid_post.0")
 >>> acts.shape

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from steerlens.concepts.tokens import encode_word, tokenizer_of
+from steerlens.concepts.tokenization import encode_word, tokenizer_of
 from steerlens.errors import ConceptError
 
 if TYPE_CHECKING:

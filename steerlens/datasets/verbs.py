@@ -1,4 +1,4 @@
-"""Verb-morphology concepts: the Park et al. verb pairs, made into token pairs and split by verb.
+"""Verb-morphology data: the Park et al. verb pairs, made into token pairs and split by verb.
 
 This module owns the packaged verb data (``steerlens/data/verb_morphology``: base form → past
 tense, third person singular, present participle, or French infinitive; MIT, from Park, Nief,
@@ -17,7 +17,8 @@ import json
 from importlib import resources
 from typing import Any
 
-from steerlens.concepts.tokens import SPACE_MARK, PairMapping
+from steerlens.concepts.pair_mapping import PairMapping
+from steerlens.concepts.tokenization import SPACE_MARK
 from steerlens.errors import ConceptError, InputError
 
 VERB_KINDS: tuple[str, ...] = ("past", "third", "ing", "en_fr")

@@ -13,7 +13,7 @@ so the saved SAE reads raw activations. Quality is measured on held-out windows:
 variance unexplained (FVU) and the mean number of active features (L0).
 
 >>> import torch
->>> from steerlens.tiny import tiny_model
+>>> from steerlens.testing import tiny_model
 >>> model = tiny_model()
 >>> cfg = SaeTrainingConfig(site="resid_post.0", d_sae=32, k=4, tokens=512, window=16,
 ...                         batch_size=64, held_out_tokens=128)
@@ -29,7 +29,6 @@ import copy
 import json
 import math
 import random
-import shutil
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -42,6 +41,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from steerlens.atomic import atomic_dir
 from steerlens.errors import InputError
 from steerlens.hooks import record
 from steerlens.sites import Site, as_site
@@ -279,7 +279,7 @@ def _text_windows(
     """The training then held-out windows of ``texts`` (default: ``cfg.source``'s paragraphs in
     corpus order)."""
     if texts is None:
-        from steerlens.concepts.text import iter_sentences
+        from steerlens.datasets.text import iter_sentences
 
         texts = list(iter_sentences(cfg.source, unit="paragraph", min_words=1))
     n_train, n_held = _window_counts(cfg)
@@ -303,15 +303,11 @@ def _to_inference(sae: Any) -> Any:
 
 def save_sae(sae: Any, path: str | Path, report: dict[str, Any], *, half: bool = True) -> Path:
     """Save with sae-lens's ``save_model`` (safetensors + cfg.json), in float16 by default (the
-    shipped form), beside a JSON report. Written to a temporary folder, then renamed."""
+    shipped form), beside a JSON report, atomically (:func:`~steerlens.atomic.atomic_dir`)."""
     path = Path(path)
-    staged = path.with_name(path.name + ".partial")
-    shutil.rmtree(staged, ignore_errors=True)
     if half:
         sae = copy.deepcopy(sae).to(torch.float16)
-    sae.save_model(staged)
-    (staged / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    if path.exists():
-        shutil.rmtree(path)
-    staged.rename(path)
+    with atomic_dir(path) as staged:
+        sae.save_model(staged)
+        (staged / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return path

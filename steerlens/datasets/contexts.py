@@ -1,17 +1,19 @@
 """Natural contexts for a pair concept: text whose next token is a base form of the mapping.
 
 This module owns finding, in a list of sentences, each position where the token is one of a
-:class:`~steerlens.concepts.tokens.PairMapping`'s base ids, and keeping the text before it as a
+:class:`~steerlens.concepts.PairMapping`'s base ids, and keeping the text before it as a
 prompt (``"... we must"`` before ``" act"``): the model would have written the base form there,
 and steering should move it to the target form (``" acted"``). Contexts are token ids *without* a
-beginning-of-sequence token; prepend the model's BOS (if it uses one) before running them.
+beginning-of-sequence token; prepend the model's BOS (if it uses one) before running them. It
+also splits contexts by verb, and makes contrast pairs of them for the contrastive methods
+(:func:`verb_contrast_pairs`).
 
 The base form is matched as a token, not parsed as a verb: ``" walk"`` in ``"a long walk"``
 counts too. Tokens of the default model are word-initial, so the match is always a whole word
 start.
 
->>> from steerlens.concepts.tokens import _WhitespaceTokenizer
->>> tok = _WhitespaceTokenizer(["a", " b", " c", " walk", " walked", " .", "ed"])
+>>> from steerlens.testing import WhitespaceTokenizer
+>>> tok = WhitespaceTokenizer(["a", " b", " c", " walk", " walked", " .", "ed"])
 >>> m = PairMapping.from_words(tok, {"▁walk": "▁walked"})
 >>> [c.text for c in verb_contexts(tok, m, ["a b c walk ."], min_tokens=2)]
 ['a b c']
@@ -25,8 +27,10 @@ from typing import Any
 
 import pandas as pd
 
-from steerlens.concepts.tokens import PairMapping, TokenizerLike, tokenizer_of
-from steerlens.concepts.verbs import split_by_verb
+from steerlens.concepts.pair_mapping import PairMapping
+from steerlens.concepts.pairs import ContrastPairs
+from steerlens.concepts.tokenization import TokenizerLike, tokenizer_of, word_text
+from steerlens.datasets.verbs import split_by_verb
 from steerlens.errors import ConceptError, InputError
 
 _BATCH = 512
@@ -161,7 +165,7 @@ def train_test_contexts(
     test_fraction: float = 0.3,
     seed: int = 0,
 ) -> ContextSplit:
-    """Split contexts by their verb with :func:`~steerlens.concepts.verbs.split_by_verb` on
+    """Split contexts by their verb with :func:`~steerlens.datasets.verbs.split_by_verb` on
     ``mapping`` (so a context lands where its verb does). Raises :class:`ConceptError` if there
     are no contexts or one side ends up with none.
     """
@@ -180,3 +184,23 @@ def train_test_contexts(
             "contexts (or verbs) before splitting"
         )
     return ContextSplit(train, test, train_map, test_map)
+
+
+def verb_contrast_pairs(
+    contexts: Sequence[VerbContext], *, name: str = "verb pairs"
+) -> ContrastPairs:
+    """One pair per context: the context followed by the target form (⁺) vs by the base form
+    (⁻), e.g. ``"... they walked"`` vs ``"... they walk"``. Token ids are kept exactly
+    (context ids + target id, context ids + base id); duplicate pairs are kept once.
+
+    >>> ctx = VerbContext("Then they", (5, 6), 7, 8, "▁walk", "▁walked", 0)
+    >>> verb_contrast_pairs([ctx]).pairs
+    (('Then they walked', 'Then they walk'),)
+    """
+    if not contexts:
+        raise ConceptError(f"contrast pairs {name!r}: no contexts given")
+    pairs: dict[tuple[str, str], tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for c in contexts:
+        key = (c.text + word_text(c.target_word), c.text + word_text(c.verb))
+        pairs.setdefault(key, (c.token_ids + (c.target_id,), c.token_ids + (c.base_id,)))
+    return ContrastPairs(name=name, pairs=tuple(pairs), token_pairs=tuple(pairs.values()))

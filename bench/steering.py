@@ -27,7 +27,7 @@ from common import header, machine, save, sync
 import steerlens as sl
 from steerlens.concepts import PairConcept
 from steerlens.datasets import load_corpus, train_test_contexts, verb_concept, verb_contexts
-from steerlens.evaluate import next_logprobs, outcome_measures
+from steerlens.evaluation import next_logprobs, outcome_measures
 from steerlens.methods import EuclideanConfig, FishBackConfig, steer_iteratively
 
 

@@ -4,7 +4,7 @@
     .venv/bin/python bench/where.py          # writes bench/results/where.{md,csv}
 
 On the default model, past-tense contexts from the State of the Union corpus (held-out verbs):
-``steerlens.where.site_costs`` at every resid_post layer, then FishBack to pair share 0.5 at a
+``steerlens.site_costs`` at every resid_post layer, then FishBack to pair share 0.5 at a
 few layers on the same contexts. The second-order prediction of the KL at matched probability is
 kl_per_unit·Δc², Δc the concept change; reported beside the measured KL with the Spearman rank
 correlation across layers.
@@ -21,10 +21,10 @@ from common import header, machine, save
 
 import steerlens as sl
 from steerlens.datasets import load_corpus, train_test_contexts, verb_concept, verb_contexts
-from steerlens.evaluate import next_logprobs, outcome_measures
+from steerlens.diagnostics import site_costs
+from steerlens.evaluation import next_logprobs, outcome_measures
 from steerlens.experiments.matched import context_tokens, pair_concept, pair_share
 from steerlens.methods import FishBackConfig, steer_iteratively
-from steerlens.where import site_costs
 
 
 def main() -> None:

@@ -14,8 +14,14 @@ from steerlens.auditing import Audit, audit
 from steerlens.concepts import PairMapping, TokenSet
 from steerlens.concepts.probes import LinearProbe, fit_probe, train_probe
 from steerlens.concepts.sae import SaeFeature, pretrained_sae, sae_feature
-from steerlens.cost import kantorovich_bound, spectral_cost_ratio
-from steerlens.diagnostics import MetricDiagnostics, diagnostics_table, metric_diagnostics
+from steerlens.diagnostics import (
+    MetricDiagnostics,
+    diagnostics_table,
+    kantorovich_bound,
+    metric_diagnostics,
+    site_costs,
+    spectral_cost_ratio,
+)
 from steerlens.hooks import add_vector, record
 from steerlens.methods import Intervention, bias_edit, fit, list_methods, load_intervention
 from steerlens.metric import (
@@ -29,7 +35,6 @@ from steerlens.metric import (
 from steerlens.metric.dataset import expected_metric
 from steerlens.models import DEFAULT_MODEL, load_model
 from steerlens.sites import Site, all_sites
-from steerlens.where import site_costs
 
 __version__ = "0.1.0"
 

@@ -71,8 +71,8 @@ def _add_layers_and_methods(p: argparse.ArgumentParser) -> None:
 
 
 def add_concept_commands(sub: Any) -> None:
+    from steerlens.diagnostics import WHERE_KINDS
     from steerlens.experiments.matched import METHOD_NAMES
-    from steerlens.where import WHERE_KINDS
 
     ev = add_command(
         sub,
@@ -144,7 +144,7 @@ def _concept_inputs(args: argparse.Namespace) -> tuple[Any, Any, list[str], list
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from steerlens.evaluate import summarize
+    from steerlens.evaluation import summarize
     from steerlens.experiments.concept import evaluate_concept
 
     settings = _settings(args, step=args.step, fluency_tokens=args.fluency_tokens)
@@ -187,10 +187,10 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
 
 
 def cmd_where(args: argparse.Namespace) -> None:
+    from steerlens.diagnostics import site_costs
     from steerlens.experiments.inputs import user_contexts
     from steerlens.experiments.matched import context_tokens, pair_concept
     from steerlens.sites import all_sites
-    from steerlens.where import site_costs
 
     if args.top < 1:
         raise InputError(f"--top must be >= 1, got {args.top}")
@@ -210,7 +210,7 @@ def cmd_where(args: argparse.Namespace) -> None:
 
 def cmd_steer(args: argparse.Namespace) -> None:
     from steerlens.datasets import verb_contrast_pairs
-    from steerlens.evaluate import greedy_continuation, match_strength, next_logprobs
+    from steerlens.evaluation import greedy_continuation, match_strength, next_logprobs
     from steerlens.experiments.inputs import user_contexts
     from steerlens.experiments.matched import (
         FIXED,

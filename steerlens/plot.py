@@ -214,7 +214,7 @@ def predicted_vs_measured(records: pd.DataFrame, *, baseline: str = "fishback") 
     ``records`` (ρ at the clean point; ρ integrated along FishBack's path, ``rho_path``; ρ
     along the method's own path, ``rho_own``; the finite-change ratio ``kl_quadratic_ratio``)."""
     if "kl_ratio" not in records:
-        raise ValueError("records need a kl_ratio column (steerlens.evaluate.with_kl_ratio)")
+        raise ValueError("records need a kl_ratio column (steerlens.diagnostics.with_kl_ratio)")
     frame: Any = records
     names = [p for p in PREDICTORS if p in frame]
     fig, axes = _figure(3.4 * len(names), 3.0, ncols=len(names))
@@ -373,7 +373,7 @@ def rho_by_layer(table: pd.DataFrame) -> Figure:
 @_styled
 def ratio_by_layer(ratios: pd.DataFrame, *, baseline: str = "fishback") -> Figure:
     """Each method's cost over ``baseline``'s against layer, one panel per off-target measure
-    (from :func:`steerlens.evaluate.paired_ratios` by method and layer): the geometric mean
+    (from :func:`steerlens.evaluation.paired_ratios` by method and layer): the geometric mean
     ratio with its bootstrap interval over contexts where there is one, on one log scale; above
     the dashed line at 1 the baseline paid less."""
     frame: Any = ratios

@@ -26,7 +26,7 @@ from steerlens.datasets import (
     verb_contrast_pairs,
 )
 from steerlens.errors import InputError, MethodError
-from steerlens.evaluate import match_strength
+from steerlens.evaluation import match_strength
 from steerlens.experiments.matched import (
     ITERATIVE,
     MatchedSettings,

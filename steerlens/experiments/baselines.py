@@ -40,7 +40,7 @@ from steerlens.concepts.sae import SaeFeature
 from steerlens.datasets import VerbContext, verb_contexts
 from steerlens.datasets.contexts import ContextSplit
 from steerlens.errors import InputError
-from steerlens.evaluate import next_logprobs
+from steerlens.evaluation import next_logprobs
 from steerlens.experiments.verb_context import context_tokens, pair_concept, pair_share
 from steerlens.methods.intervention import Intervention
 from steerlens.methods.vector import (

@@ -19,8 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from steerlens.concepts import ContrastPairs, PairMapping
-from steerlens.cost import kantorovich_bound
 from steerlens.datasets import VerbContext, verb_contrast_pairs
+from steerlens.diagnostics import kantorovich_bound
 from steerlens.errors import InputError
 from steerlens.experiments.inputs import user_contexts
 from steerlens.experiments.matched import (
@@ -88,7 +88,7 @@ def evaluate_concept(
     progress: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """One record per (context, method, layer, target probability) — reached or not — with the
-    measures of :mod:`steerlens.evaluate`, ρ and the implicit metric; and an info dict (the
+    measures of :mod:`steerlens.evaluation`, ρ and the implicit metric; and an info dict (the
     settings, whether the contrastive methods were fitted in-sample)."""
     settings = settings or MatchedSettings()
     inputs = _inputs(model, mapping, contexts, layers, settings, train_contexts)

@@ -21,7 +21,7 @@ from steerlens.concepts import PairMapping
 from steerlens.datasets import VerbContext
 from steerlens.datasets.verbs import VERB_KINDS, verb_concept
 from steerlens.errors import InputError
-from steerlens.evaluate import next_logprobs
+from steerlens.evaluation import next_logprobs
 from steerlens.experiments.matched import context_tokens
 
 if TYPE_CHECKING:

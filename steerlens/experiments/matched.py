@@ -28,15 +28,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from steerlens.cost import spectral_cost_ratio
 from steerlens.datasets import VerbContext
+from steerlens.diagnostics import path_length, spectral_cost_ratio
 from steerlens.errors import InputError
-from steerlens.evaluate import (
+from steerlens.evaluation import (
     continuation_perplexity,
     generation_measures,
     next_logprobs,
     outcome_measures,
-    path_length,
     strength_search,
 )
 from steerlens.experiments.baselines import FIXED, fit_fixed, has_shipped_sae, matching_sae_feature

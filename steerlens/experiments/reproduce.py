@@ -6,8 +6,8 @@ State of the Union corpus whose next token is a base form are split the same way
 methods (CAA, ActAdd) and the probe learn from training contexts; every method is evaluated on test
 contexts, which the model continues with the base form (the contexts where its base probability
 is highest). Per (concept, layer, context, method, target) one record: whether the target was
-reached, the strength, the measures of :mod:`steerlens.evaluate`, and ρ of the method's direction
-at the clean point (:mod:`steerlens.cost`), beside the measured KL ratio to FishBack.
+reached, the strength, the measures of :mod:`steerlens.evaluation`, and ρ of the method's direction
+at the clean point (:mod:`steerlens.diagnostics.cost`), beside the measured KL ratio to FishBack.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from steerlens.datasets import (
     verb_contexts,
     verb_contrast_pairs,
 )
-from steerlens.diagnostics import diagnostics_table
+from steerlens.diagnostics import diagnostics_table, predictor_agreement, with_kl_ratio
 from steerlens.errors import InputError
-from steerlens.evaluate import KL_MEASURES, paired_ratios, ratio_table, summarize
+from steerlens.evaluation import KL_MEASURES, paired_ratios, ratio_table, summarize
 from steerlens.experiments.baselines import ACTADD_PROMPTS, target_followed
 from steerlens.experiments.matched import (
     DEFAULT_METHODS,
@@ -321,7 +321,6 @@ def save_reproduction(result: ReproduceResult, results_dir: Path, figures_dir: P
     """The tables (CSV and markdown) and the run's config and time (``run.json``) under
     ``results_dir``, the figures (PNG) under ``figures_dir``; returns the paths written."""
     from steerlens import plot
-    from steerlens.evaluate import with_kl_ratio
 
     records = with_kl_ratio(result.records)
     info = json.dumps(result.info, indent=2, default=str)
@@ -372,7 +371,6 @@ def write_report(
     ``records`` under
     ``figures_dir``; returns the paths written."""
     from steerlens import plot
-    from steerlens.evaluate import predictor_agreement, with_kl_ratio
 
     records = with_kl_ratio(records)
     summary = summarize(records)

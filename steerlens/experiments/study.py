@@ -43,7 +43,7 @@ from steerlens.datasets import (
     verb_contrast_pairs,
 )
 from steerlens.errors import ConceptError, InputError
-from steerlens.evaluate import next_logprobs
+from steerlens.evaluation import next_logprobs
 from steerlens.experiments.baselines import (
     ACTADD_PROMPTS,
     FIXED,
@@ -75,7 +75,7 @@ STRATA = ((0.0, 1e-3, "p_t < 1e-3"), (1e-3, 1e-2, "1e-3 ≤ p_t < 1e-2"), (1e-2,
 @dataclass(frozen=True)
 class StudyConfig:
     """What the study runs; see the module docstring. ``generation_tokens`` / ``samples``: the
-    continuations of :func:`~steerlens.evaluate.generation_measures` per record (0: none)."""
+    continuations of :func:`~steerlens.evaluation.generation_measures` per record (0: none)."""
 
     concepts: tuple[str, ...] = ("past", "third", "ing")
     layers: tuple[int, ...] = (6, 12, 18, 24)

@@ -17,7 +17,7 @@ import pandas as pd
 
 from steerlens.atomic import atomic_path, atomic_write
 from steerlens.errors import InputError
-from steerlens.evaluate import KL_MEASURES, paired_ratios, ratio_table
+from steerlens.evaluation import KL_MEASURES, paired_ratios, ratio_table
 from steerlens.experiments.runner import MANIFEST, MERGED
 from steerlens.experiments.study import generation_table, reached_table
 

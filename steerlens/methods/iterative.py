@@ -35,7 +35,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steerlens.concepts.base import Concept
-from steerlens.cost import PathRho, optimal_quad, spectral_cost_ratio
+from steerlens.diagnostics import PathRho, optimal_quad, spectral_cost_ratio
 from steerlens.errors import InputError, MethodError, NonFiniteError
 from steerlens.methods.intervention import Intervention
 from steerlens.metric.core import Metric

@@ -16,6 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steerlens.errors import InputError, MetricError, NonFiniteError
+from steerlens.metric.spectrum import spectral_summary
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,7 @@ class Metric:
         return f"Metric({self.site!r}, d={self.dim}, {rows}{', ' + extra if extra else ''})"
 
     def _repr_html_(self) -> str:
-        from steerlens.diagnostics import metric_diagnostics
-
-        diag = metric_diagnostics(self).as_dict()
+        diag = {"site": self.site, **spectral_summary(self.spectrum().double())}
         info = {k: v for k, v in self.info.items() if isinstance(v, str | int | float)}
         values = {
             k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in {**diag, **info}.items()

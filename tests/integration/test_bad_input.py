@@ -23,8 +23,8 @@ from steerlens import errors
 from steerlens.cli import main
 from steerlens.concepts import PairConcept
 from steerlens.concepts.pairs import ContrastPairs
-from steerlens.cost import spectral_cost_ratio
 from steerlens.datasets import verb_concept
+from steerlens.diagnostics import spectral_cost_ratio
 from steerlens.methods.vector import probe_intervention, sae_intervention
 from steerlens.metric.outcomes import OffTarget
 from tests.conftest import assert_untouched, weights_snapshot

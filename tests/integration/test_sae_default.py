@@ -9,7 +9,7 @@ from steerlens import errors
 from steerlens.concepts.sae import SHIPPED_DIR, pretrained_sae, sae_report, shipped_saes
 from steerlens.datasets import verb_concept
 from steerlens.datasets.text import iter_sentences
-from steerlens.evaluate import next_logprobs
+from steerlens.evaluation import next_logprobs
 from steerlens.experiments.inputs import user_contexts
 from steerlens.experiments.matched import context_tokens, matching_sae_feature, pair_share
 from steerlens.methods import sae_intervention

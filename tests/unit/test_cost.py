@@ -1,5 +1,5 @@
 """The spectral cost ratio, its Kantorovich bound, ρ along a path and Fisher lengths
-(``steerlens.cost``), against dense linear algebra and closed forms."""
+(``steerlens.diagnostics.cost`` and ``.path``), against dense linear algebra and closed forms."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from steerlens.concepts import PairConcept
-from steerlens.cost import (
+from steerlens.diagnostics import (
     PathRho,
     fisher_length,
     fisher_rao,

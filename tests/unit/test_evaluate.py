@@ -12,18 +12,21 @@ import torch
 
 from steerlens import errors, plot
 from steerlens.concepts import TokenSet
-from steerlens.cost import fisher_length, fisher_rao
-from steerlens.evaluate import (
+from steerlens.diagnostics import (
+    fisher_length,
+    fisher_rao,
+    path_length,
+    predictor_agreement,
+    with_kl_ratio,
+)
+from steerlens.evaluation import (
     bootstrap_ci,
     continuation_perplexity,
     greedy_continuation,
     match_strength,
     next_logprobs,
     outcome_measures,
-    path_length,
-    predictor_agreement,
     summarize,
-    with_kl_ratio,
 )
 from steerlens.experiments.matched import _path_to
 from steerlens.methods import EuclideanConfig, Intervention, steer_iteratively

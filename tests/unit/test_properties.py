@@ -14,14 +14,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from steerlens.concepts import PairConcept
-from steerlens.cost import spectral_cost_ratio
+from steerlens.diagnostics import concept_gradients, spectral_cost_ratio
 from steerlens.metric import pullback_metric, pullback_sweep
 from steerlens.metric.direct import direct_rows
 from steerlens.metric.pullback import MetricOptions, lens_rows
 from steerlens.metric.state import prompt_state
 from steerlens.sites import Site
 from steerlens.testing import tiny_model
-from steerlens.where import concept_gradients
 from tests.conftest import DEVICE
 
 MODELS = {f: tiny_model(f, device=DEVICE) for f in ("gpt2", "llama")}

@@ -12,7 +12,7 @@ import pytest
 
 from steerlens import errors, plot
 from steerlens.cli import main
-from steerlens.evaluate import paired_ratios, ratio_table
+from steerlens.evaluation import paired_ratios, ratio_table
 from steerlens.experiments.reproduce import rebuild_report
 
 

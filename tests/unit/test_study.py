@@ -19,7 +19,7 @@ import torch
 from steerlens import errors
 from steerlens.concepts import PairMapping
 from steerlens.datasets import VerbContext
-from steerlens.evaluate import (
+from steerlens.evaluation import (
     continuation_perplexity,
     generation_measures,
     next_logprobs,

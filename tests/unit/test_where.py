@@ -9,8 +9,8 @@ import torch
 
 from steerlens import errors
 from steerlens.concepts import PairConcept
+from steerlens.diagnostics import concept_gradients, site_costs
 from steerlens.sites import Site
-from steerlens.where import concept_gradients, site_costs
 from tests.conftest import assert_untouched, hook_count, weights_snapshot
 from tests.oracle import kl, oracle_metric
 

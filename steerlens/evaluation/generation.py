@@ -1,0 +1,120 @@
+"""What an edit does to generated text: greedy and sampled continuations generated under an
+intervention, and the unsteered model's perplexity of them (fluency).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from steerlens.errors import InputError
+
+if TYPE_CHECKING:
+    from steerlens._tl import HookedTransformer
+    from steerlens.methods.intervention import Intervention
+
+
+def _prompt_with_room(model: HookedTransformer, tokens: Tensor, n_tokens: int) -> Tensor:
+    """``tokens`` as a [1, pos] batch, after checking that ``n_tokens`` more fit the context."""
+    if n_tokens < 1:
+        raise InputError(f"n_tokens must be >= 1, got {n_tokens}")
+    seq = tokens.view(1, -1)
+    if seq.shape[1] + n_tokens > model.cfg.n_ctx:
+        raise InputError(
+            f"{seq.shape[1]} prompt tokens + {n_tokens} generated exceed the model's context of "
+            f"{model.cfg.n_ctx}"
+        )
+    return seq
+
+
+@torch.no_grad()
+def _continue(
+    model: HookedTransformer,
+    seq: Tensor,
+    n_tokens: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """``seq`` [batch, pos] extended by ``n_tokens``: argmax without a generator, else sampled
+    from the softmax with it. Every forward pass sees the whole sequence, so an ``@last`` edit
+    applied around this steers each new prediction position and nothing else."""
+    for _ in range(n_tokens):
+        logits = model(seq)[:, -1]
+        if generator is None:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            nxt = torch.multinomial(torch.softmax(logits.double(), -1), 1, generator=generator)
+        seq = torch.cat([seq, nxt.to(seq.dtype)], 1)
+    return seq
+
+
+@torch.no_grad()
+def _perplexity(model: HookedTransformer, seqs: Tensor, start: int) -> Tensor:
+    """The unsteered model's perplexity of each row of ``seqs`` [batch, pos] from position
+    ``start`` on: exp of the mean negative log-likelihood per token, [batch]."""
+    logp = torch.log_softmax(model(seqs)[:, start - 1 : -1].double(), -1)
+    return (-logp.gather(2, seqs[:, start:, None]).mean((1, 2))).exp()
+
+
+@torch.no_grad()
+def greedy_continuation(
+    model: HookedTransformer,
+    tokens: Tensor,
+    intervention: Intervention | None = None,
+    n_tokens: int = 8,
+) -> Tensor:
+    """``tokens`` followed by ``n_tokens`` greedy tokens generated with ``intervention``
+    applied (every forward pass sees the whole sequence, so an ``@last`` edit steers each new
+    prediction position and nothing else)."""
+    seq = _prompt_with_room(model, tokens, n_tokens)
+    with intervention.apply(model) if intervention is not None else nullcontext():
+        return _continue(model, seq, n_tokens, None)[0]
+
+
+@torch.no_grad()
+def continuation_perplexity(
+    model: HookedTransformer,
+    tokens: Tensor,
+    intervention: Intervention | None = None,
+    n_tokens: int = 8,
+) -> float:
+    """Fluency: the unsteered model's perplexity (exp of the mean negative log-likelihood per
+    token) of the :func:`greedy_continuation` generated under ``intervention``."""
+    seq = greedy_continuation(model, tokens, intervention, n_tokens)
+    return float(_perplexity(model, seq[None], tokens.numel())[0])
+
+
+@torch.no_grad()
+def generation_measures(
+    model: HookedTransformer,
+    tokens: Tensor,
+    intervention: Intervention | None,
+    target: int,
+    *,
+    n_tokens: int = 20,
+    samples: int = 4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """What the edit does to generated text: a greedy continuation and ``samples`` sampled ones
+    (temperature 1, seeded), ``n_tokens`` each, generated with ``intervention`` applied to every
+    pass (an ``@last`` edit so steers each generated token). ``target_first_greedy``: 1.0 if the
+    greedy continuation's next word is the target token; ``target_first_sampled``: the fraction
+    of sampled continuations whose next word is; ``perplexity_greedy`` /
+    ``perplexity_sampled`` (mean over samples): the unsteered model's perplexity of the
+    continuations (exp of the mean negative log-likelihood per generated token)."""
+    if samples < 1:
+        raise InputError(f"samples must be >= 1, got {samples}")
+    seq = _prompt_with_room(model, tokens, n_tokens)
+    start = seq.shape[1]
+    generator = torch.Generator(device=seq.device).manual_seed(seed)
+    with intervention.apply(model) if intervention is not None else nullcontext():
+        greedy = _continue(model, seq, n_tokens, None)
+        sampled = _continue(model, seq.expand(samples, -1), n_tokens, generator)
+    return {
+        "target_first_greedy": float(greedy[0, start] == target),
+        "target_first_sampled": float((sampled[:, start] == target).double().mean()),
+        "perplexity_greedy": float(_perplexity(model, greedy, start)[0]),
+        "perplexity_sampled": float(_perplexity(model, sampled, start).mean()),
+    }

@@ -1,0 +1,175 @@
+"""Each method's off-target cost over a baseline's on the same runs of the matched-concept
+protocol: bootstrap intervals, paired ratios per measure of
+:data:`~steerlens.evaluation.measures.KL_MEASURES`, the table laid out for reading, and the
+per-target summary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from steerlens.diagnostics.predictors import with_kl_ratio
+from steerlens.errors import InputError
+from steerlens.evaluation.measures import KL_MEASURES
+
+
+def bootstrap_ci(
+    values: Sequence[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean, low, high): the mean and its percentile bootstrap interval.
+
+    >>> m, lo, hi = bootstrap_ci([1.0, 2.0, 3.0, 4.0])
+    >>> m, lo <= m <= hi
+    (2.5, True)
+    """
+    x = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
+    if len(x) == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
+    tail = (1 - level) / 2
+    return float(x.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def paired_ratios(
+    records: pd.DataFrame,
+    baseline: str = "fishback",
+    *,
+    measures: Sequence[str] | None = None,
+    by: Sequence[str] = ("method", "layer"),
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Each method's cost over ``baseline``'s on the same runs, one row per group of ``by`` and
+    measure (by default every one of :data:`KL_MEASURES` the records have): the geometric mean
+    of the per-run ratios (a run: the same concept, layer, context
+    and target, both reached, both measures > 0), its paired bootstrap interval over
+    independent contexts (contexts resampled with all their runs; NaN with fewer than 2
+    distinct contexts, where no interval over contexts exists), the median ratio, and the
+    fraction of runs where the baseline paid less (``baseline_ahead``).
+
+    >>> import pandas as pd
+    >>> rows = [dict(concept="c", layer=1, context=x, target_probability=0.5, reached=True,
+    ...              method=m, off_target_kl=k) for x, m, k in
+    ...         [("a", "fishback", 1.0), ("a", "euclidean", 4.0),
+    ...          ("b", "fishback", 2.0), ("b", "euclidean", 2.0)]]
+    >>> out = paired_ratios(pd.DataFrame(rows), measures=["off_target_kl"])
+    >>> out[["method", "runs", "contexts", "ratio", "baseline_ahead"]].to_dict("records")
+    [{'method': 'euclidean', 'runs': 2, 'contexts': 2, 'ratio': 2.0, 'baseline_ahead': 0.5}]
+    """
+    frame: Any = records
+    if measures is None:
+        measures = [m for m in KL_MEASURES if m in frame]
+    missing = [c for c in [*measures, *by] if c not in frame]
+    if missing:
+        raise InputError(f"records have no column(s) {missing}; they have {list(frame.columns)}")
+    if not 0 < level < 1:
+        raise InputError(f"level must be in (0, 1), got {level}")
+    keys = ["concept", "layer", "context", "target_probability"]
+    base = frame[(frame["method"] == baseline) & frame["reached"]][keys + list(measures)]
+    others = frame[(frame["method"] != baseline) & frame["reached"]]
+    paired = others.merge(base, on=keys, suffixes=("", "_baseline"))
+    rng = np.random.default_rng(seed)
+    tail = (1 - level) / 2
+    rows = []
+    for measure in measures:
+        ratio = paired[measure] / paired[f"{measure}_baseline"]
+        ok = paired[ratio.gt(0) & np.isfinite(ratio)].assign(_log=np.log(ratio))
+        for key, group in ok.groupby(list(by), sort=True):
+            head = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
+            sums = group.groupby("context")["_log"].agg(["sum", "count"]).to_numpy()
+            lo = hi = math.nan
+            if len(sums) >= 2:
+                pick = rng.integers(0, len(sums), (n_boot, len(sums)))
+                means = sums[pick, 0].sum(1) / sums[pick, 1].sum(1)
+                lo, hi = (float(np.exp(np.quantile(means, q))) for q in (tail, 1 - tail))
+            logs = group["_log"].to_numpy()
+            rows.append(
+                head
+                | {
+                    "measure": measure,
+                    "runs": len(group),
+                    "contexts": len(sums),
+                    "ratio": float(np.exp(logs.mean())),
+                    "ratio_ci_low": lo,
+                    "ratio_ci_high": hi,
+                    "median_ratio": float(np.exp(np.median(logs))),
+                    "baseline_ahead": float((logs > 0).mean()),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def ratio_table(
+    ratios: pd.DataFrame, by: Sequence[str] = ("method", "layer"), baseline: str = "fishback"
+) -> pd.DataFrame:
+    """:func:`paired_ratios` laid out for reading: one row per group of ``by``, and per measure
+    the ratio over ``baseline`` with its interval and in how many runs the baseline paid less,
+    side by side."""
+    frame: Any = ratios
+    parts = []
+    for measure, group in frame.groupby("measure", sort=False):
+        name = KL_MEASURES.get(str(measure), str(measure))
+        ci = [
+            "n/a (1 context)" if not math.isfinite(lo) else f"[{lo:.3g}, {hi:.3g}]"
+            for lo, hi in zip(group["ratio_ci_low"], group["ratio_ci_high"], strict=True)
+        ]
+        runs = zip(group["baseline_ahead"], group["runs"], strict=True)
+        parts.append(
+            pd.DataFrame(
+                {
+                    **{b: group[b].to_numpy() for b in by},
+                    f"{name} ×": group["ratio"].to_numpy(),
+                    f"{name} 95% CI": ci,
+                    f"{name}: {baseline} lower": [f"{round(a * n)} of {n}" for a, n in runs],
+                }
+            ).set_index(list(by))
+        )
+    if not parts:
+        return pd.DataFrame()
+    return pd.concat(parts, axis=1).reset_index()
+
+
+def summarize(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataFrame:
+    """Per (method, layer, target): contexts reached / total, and the mean off-target KL and
+    its ratio to ``baseline`` on the same contexts, with bootstrap 95% intervals, and the mean
+    pair-merge KL where recorded (:func:`paired_ratios` compares both measures run by run)."""
+    if records.empty:
+        raise InputError("no records to summarize")
+    frame: Any = with_kl_ratio(records, baseline)
+    rows = []
+    for (method, layer, target), group in frame.groupby(
+        ["method", "layer", "target_probability"], sort=True
+    ):
+        ok = group[group["reached"]]
+        kl_mean, kl_lo, kl_hi = bootstrap_ci(ok["off_target_kl"].tolist())
+        r_mean, r_lo, r_hi = bootstrap_ci(ok["kl_ratio"].tolist())
+        rows.append(
+            {
+                "method": method,
+                "layer": layer,
+                "target_probability": target,
+                "reached": int(group["reached"].sum()),
+                "contexts": len(group),
+                "off_target_kl": kl_mean,
+                "off_target_kl_ci": (kl_lo, kl_hi),
+                f"kl_ratio_to_{baseline}": r_mean,
+                "kl_ratio_ci": (r_lo, r_hi),
+                "off_target_kl_merged": (
+                    float(ok["off_target_kl_merged"].mean())
+                    if "off_target_kl_merged" in ok
+                    else math.nan
+                ),
+                **{
+                    name: float(ok[name].mean()) if name in ok else math.nan
+                    for name in ("rho", "rho_path", "rho_own")
+                },
+            }
+        )
+    return pd.DataFrame(rows)

@@ -58,7 +58,8 @@ def main() -> None:
             ]
             for method, damping, cfg in configs:
                 start = time.perf_counter()
-                iv = steer_iteratively(model, cfg, concept, tokens)
+                run = steer_iteratively(model, cfg, concept, tokens)
+                iv = run.intervention
                 seconds = time.perf_counter() - start
                 measures = outcome_measures(
                     clean, next_logprobs(model, tokens, iv), ctx.target_id, base=ctx.base_id
@@ -70,8 +71,8 @@ def main() -> None:
                         "step": step,
                         "method": method,
                         "damping": damping,
-                        "reached": bool(iv.info["reached"]),
-                        "steps": iv.info["steps"],
+                        "reached": run.reached,
+                        "steps": run.steps,
                         "seconds": seconds,
                         "off_target_kl": measures["off_target_kl"],
                     }

@@ -63,7 +63,8 @@ def main() -> None:
         for name, cfg in configs:
             sync()
             start = time.perf_counter()
-            iv = steer_iteratively(model, cfg, concept, tokens)
+            run = steer_iteratively(model, cfg, concept, tokens)
+            iv = run.intervention
             sync()
             seconds = time.perf_counter() - start
             steered = next_logprobs(model, tokens, iv)
@@ -72,10 +73,10 @@ def main() -> None:
                 {
                     "context": ctx.text[-40:],
                     "method": name,
-                    "reached": iv.info["reached"],
-                    "steps": iv.info["steps"],
+                    "reached": run.reached,
+                    "steps": run.steps,
                     "seconds": seconds,
-                    "seconds_per_step": seconds / max(iv.info["steps"], 1),
+                    "seconds_per_step": seconds / max(run.steps, 1),
                     "off_target_kl": measures["off_target_kl"],
                 }
             )

@@ -48,16 +48,17 @@ def main() -> None:
         for ctx, (tokens, concept) in zip(test, pairs, strict=True):
             clean = next_logprobs(model, tokens)
             cfg = FishBackConfig(f"resid_post.{layer}", 0.5, step=1.0)
-            iv = steer_iteratively(model, cfg, concept, tokens)
+            run = steer_iteratively(model, cfg, concept, tokens)
+            iv = run.intervention
             steered = next_logprobs(model, tokens, iv)
             measures = outcome_measures(clean, steered, ctx.target_id, base=ctx.base_id)
             one = site_costs(model, [(tokens, concept)], [f"resid_post.{layer}"])
-            moved = iv.info["final_value"] - iv.info["start_value"]
+            moved = run.final_value - run.start_value
             rows.append(
                 {
                     "layer": layer,
                     "context": ctx.text[-40:],
-                    "reached": iv.info["reached"],
+                    "reached": run.reached,
                     "concept_change": moved,
                     "predicted_kl": float(one.kl_per_unit.iloc[0]) * moved**2,
                     "measured_kl": measures["off_target_kl"],

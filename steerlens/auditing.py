@@ -51,6 +51,7 @@ import torch.autograd.forward_ad as fwad
 from torch import Tensor
 
 from steerlens.audit_result import MEASURES, Audit
+from steerlens.concepts.base import Concept
 from steerlens.errors import ConceptError, InputError, MethodError
 from steerlens.hooks import hooked, record, site_index
 from steerlens.methods.intervention import Intervention
@@ -118,7 +119,7 @@ def _concepts(concept: Any, n_prompts: int) -> list[Any]:
     if len(items) != n_prompts:
         raise InputError(f"got {len(items)} concepts for {n_prompts} prompts: give one or one each")
     for c in items:
-        if not hasattr(c, "off_target") or not hasattr(c, "value"):
+        if not isinstance(c, Concept) or c.off_target() is None:
             raise ConceptError(
                 f"the audit attributes to output concepts (a TokenSet or PairConcept); "
                 f"got {type(c).__name__}"

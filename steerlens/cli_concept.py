@@ -241,10 +241,8 @@ def cmd_steer(args: argparse.Namespace) -> None:
         scale, reached = match_strength(share_at(model, tokens, ctx, iv), args.target)
         iv = iv.scaled(scale)
     else:
-        ((_, _, iv, extra),) = iterative_runs(
-            model, settings, ctx, tokens, Site("resid_post", args.layer)
-        )
-        reached = extra["reached"]
+        (edit,) = iterative_runs(model, settings, ctx, tokens, Site("resid_post", args.layer))
+        iv, reached = edit.intervention, edit.reached
     tok: Any = model.tokenizer
     n = tokens.numel()
     clean = greedy_continuation(model, tokens, None, args.max_new_tokens)

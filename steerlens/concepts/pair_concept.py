@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -12,6 +13,10 @@ from torch import Tensor
 from steerlens.concepts.base import log_target
 from steerlens.errors import ConceptError, InputError
 from steerlens.metric.outcomes import OffTarget
+
+if TYPE_CHECKING:
+    from steerlens._tl import HookedTransformer
+    from steerlens.sites import Site
 
 
 @dataclass(frozen=True)
@@ -54,3 +59,6 @@ class PairConcept:
     def off_target(self) -> OffTarget:
         """p on every token but the base and the target, renormalized."""
         return OffTarget.complement([self.base, self.target])
+
+    def check_site(self, site: str | Site, model: HookedTransformer) -> None:
+        """Nothing to check: the concept is read at the output, reachable from any site."""

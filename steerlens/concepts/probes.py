@@ -98,6 +98,11 @@ class LinearProbe:
     def probability(self, value: float) -> float:
         return 1 / (1 + math.exp(-value))
 
+    def off_target(self) -> None:
+        """None: the concept is read at the site, so its off-target price is the whole
+        next-token distribution's."""
+        return None
+
     def check_site(self, site: str | Site, model: HookedTransformer) -> None:
         """Raise :class:`ConceptError` unless this probe reads ``site`` of ``model``."""
         s = as_site(site, model)

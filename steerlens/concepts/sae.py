@@ -93,6 +93,11 @@ class SaeFeature:
             f"{self.name}: an SAE feature has no probability; give target_value (a pre-activation)"
         )
 
+    def off_target(self) -> None:
+        """None: the concept is read at the site, so its off-target price is the whole
+        next-token distribution's."""
+        return None
+
     def check_site(self, site: str | Site, model: HookedTransformer) -> None:
         """Raise :class:`ConceptError` unless the SAE reads ``site`` of ``model``."""
         s = as_site(site, model)

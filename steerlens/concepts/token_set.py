@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from html import escape
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -27,6 +27,10 @@ from steerlens.concepts.base import log_target
 from steerlens.concepts.tokenization import check_ids, describe_words, encode_word, tokenizer_of
 from steerlens.errors import ConceptError, InputError
 from steerlens.metric.outcomes import OffTarget
+
+if TYPE_CHECKING:
+    from steerlens._tl import HookedTransformer
+    from steerlens.sites import Site
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,9 @@ class TokenSet:
     def off_target(self) -> OffTarget:
         """The off-target transform of this concept: p on the complement of S, renormalized."""
         return OffTarget.complement(self.ids)
+
+    def check_site(self, site: str | Site, model: HookedTransformer) -> None:
+        """Nothing to check: the concept is read at the output, reachable from any site."""
 
     def value(
         self, act: Float[Tensor, "... dim"], logits: Float[Tensor, "... d_vocab"]

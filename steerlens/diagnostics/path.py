@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -74,13 +74,16 @@ def path_length(
     intervention: Intervention,
     off_target: OffTarget | None = None,
     *,
+    path: Float[Tensor, "n_points d_model"] | None = None,
     points: int = 16,
     sub: int = 2,
 ) -> float:
     """The Fisher length (:func:`fisher_length`) of the next-token distribution,
     after ``off_target``'s transform, along the path that brings the model from clean to
-    ``intervention``: an iterative method's recorded points (``info["path"]``, from 0 to the
-    vector it applies, at one residual site at the last position; each segment sampled at
+    ``intervention``: an iterative method's recorded ``path`` (its
+    :class:`~steerlens.methods.run.SteeringRun`'s ``path``, or ``path_to`` a checkpoint: the
+    points from 0 to the vector it applies, at one residual site at the last position; each
+    segment sampled at
     ``sub`` evenly spaced points, through the blocks after the site only:
     :class:`~steerlens.metric.local.LocalPath`), otherwise the ray of its scale, s from 0 to
     ``intervention.scale`` at ``points`` evenly spaced points. Either starts at the unsteered
@@ -100,14 +103,12 @@ def path_length(
     """
     if points < 1 or sub < 1:
         raise InputError(f"points and sub must be >= 1, got points={points}, sub={sub}")
-    recorded = intervention.info.get("path")
-    if recorded is None:  # from the unsteered model: a clamp at scale 0 is not clean
+    if path is None:  # from the unsteered model: a clamp at scale 0 is not clean
         scales = [intervention.scale * k / points for k in range(points + 1)]
         logps = [next_logprobs(model, tokens)]
         logps += [next_logprobs(model, tokens, intervention.scaled(s)) for s in scales]
         return fisher_length(outcome_distribution(lp, off_target) for lp in logps)
-    site, vector = _recorded_site(intervention, recorded)
-    path = vector.new_tensor(recorded)
+    site, path = _recorded_site(intervention, path)
     ends = zip(path[:-1], path[1:], strict=True)
     samples = [path[0]] + [a + (b - a) * (k / sub) for a, b in ends for k in range(1, sub + 1)]
     # only the blocks after the site, at the last position: a fraction of a forward pass; the
@@ -119,9 +120,9 @@ def path_length(
         )
 
 
-def _recorded_site(intervention: Intervention, recorded: Any) -> tuple[str, Tensor]:
-    """The one site and vector of an intervention whose ``info["path"]`` is walked, after
-    checking that the path starts clean and ends at the vector the intervention applies."""
+def _recorded_site(intervention: Intervention, recorded: Tensor) -> tuple[str, Tensor]:
+    """The one site of an intervention whose recorded path is walked, and the path, after
+    checking that it starts clean and ends at the vector the intervention applies."""
     name = intervention.method
     if len(intervention.vectors) != 1 or intervention.multipliers or intervention.clamps:
         raise InputError(
@@ -130,17 +131,20 @@ def _recorded_site(intervention: Intervention, recorded: Any) -> tuple[str, Tens
             f"and {len(intervention.clamps)} clamps"
         )
     site, vector = next(iter(intervention.vectors.items()))
-    if len(recorded) < 1:
-        raise InputError(f"{name}: the recorded path has no points")
-    start = vector.new_tensor(recorded[0])
-    end = vector.new_tensor(recorded[-1])
+    if recorded.ndim != 2 or recorded.shape[0] < 1 or recorded.shape[1] != vector.shape[0]:
+        raise InputError(
+            f"{name}: a recorded path is (points, {vector.shape[0]}) with at least one point, "
+            f"got shape {tuple(recorded.shape)}"
+        )
+    recorded = recorded.to(vector)
+    start, end = recorded[0], recorded[-1]
     applied = intervention.scale * vector
     tol = 1e-6 * max(float(applied.norm()), 1.0)
     if float(start.norm()) > tol or float((end - applied).norm()) > tol:
         raise InputError(
-            f"{name}: the recorded path (info['path']) must start at 0 and end at the vector the "
-            f"intervention applies (scale × vector); it ends {float((end - applied).norm()):.3g} "
-            "away. A rescaled or edited intervention keeps its old path: drop info['path'] to "
-            "measure the ray of its scale instead"
+            f"{name}: the recorded path must start at 0 and end at the vector the intervention "
+            f"applies (scale × vector); it ends {float((end - applied).norm()):.3g} away. A "
+            "rescaled or edited intervention is not at the end of its run's path: pass no path "
+            "to measure the ray of its scale instead"
         )
-    return site, vector
+    return site, recorded

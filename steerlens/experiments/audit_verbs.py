@@ -74,9 +74,9 @@ def matched_interventions(
     rows: list[dict[str, Any]] = []
     for ctx in contexts:
         tokens = context_tokens(model, ctx)
-        for name, _, iv, extra in iterative_runs(model, settings, ctx, tokens, site):
-            found[name].append(iv)
-            rows.append({"context": ctx.text, "method": name, **extra})
+        for edit in iterative_runs(model, settings, ctx, tokens, site):
+            found[edit.method].append(edit.intervention)
+            rows.append({"context": ctx.text, "method": edit.method, **edit.fields()})
         for name, iv in fixed.items():
             scale, reached = match_strength(share_at(model, tokens, ctx, iv), target)
             found[name].append(iv.scaled(scale))

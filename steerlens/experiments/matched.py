@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,13 +41,8 @@ from steerlens.evaluation import (
 from steerlens.experiments.baselines import FIXED, fit_fixed, has_shipped_sae, matching_sae_feature
 from steerlens.experiments.verb_context import context_tokens, pair_concept, pair_share
 from steerlens.methods.intervention import Intervention
-from steerlens.methods.iterative import (
-    Compared,
-    EuclideanConfig,
-    FishBackConfig,
-    TruncatedFisherConfig,
-    steer_iteratively,
-)
+from steerlens.methods.iterative import Compared, steer_iteratively
+from steerlens.methods.registry import method_config, method_spec
 from steerlens.metric.core import Metric
 from steerlens.metric.local import LocalPath
 from steerlens.metric.outcomes import OffTarget
@@ -78,6 +73,37 @@ __all__ = [
     "share_at",
 ]
 
+
+@dataclass(frozen=True)
+class Variant:
+    """A method as the matched protocol runs it: the registered method it is (``method``,
+    a :func:`~steerlens.methods.registry.method_spec` name) and, where the protocol's set-up
+    narrows that entry's implicit metric (DESIGN.md §4), the narrower one."""
+
+    method: str
+    implicit_metric: str | None = None
+
+    @property
+    def metric(self) -> str:
+        return self.implicit_metric or method_spec(self.method).implicit_metric
+
+
+#: every method name a matched record can carry, and the registered method behind it
+VARIANTS: dict[str, Variant] = {
+    "fishback": Variant("fishback"),
+    "euclidean": Variant("euclidean"),
+    "depth0": Variant("truncated_fisher", "depth-0 Fisher (softmax at the site)"),
+    "fishback_merge": Variant("fishback", "full pullback Fisher (pair merge)"),
+    "fishback_plain": Variant("fishback", "full pullback Fisher (whole output)"),
+    "caa": Variant("caa", "within-class covariance (tied over positions)"),
+    "caa_last": Variant("caa", "within-class covariance (at the prediction position)"),
+    "fishback_transfer": Variant(
+        "fishback", "expected pullback Fisher over training contexts (off-target)"
+    ),
+    "actadd": Variant("actadd", "Euclidean on one pair (first positions)"),
+    "probe": Variant("probe"),
+    "sae": Variant("sae", "the SAE's dictionary (one decoder row)"),
+}
 ITERATIVE = ("fishback", "euclidean", "depth0")
 #: FishBack descending other geometries (the optimize × evaluate grid): the pair-merge
 #: distribution's metric, and the whole output's
@@ -85,21 +111,8 @@ FISHBACK_VARIANTS = ("fishback_merge", "fishback_plain")
 METHOD_NAMES = ITERATIVE + FISHBACK_VARIANTS + FIXED
 #: what runs unless methods are chosen: "sae" needs a shipped SAE at the layer
 DEFAULT_METHODS = ITERATIVE + ("caa", "actadd", "probe")
-
-#: each method's implicit metric (DESIGN.md §4), named beside its ρ
-IMPLICIT_METRIC = {
-    "fishback": "full pullback Fisher (off-target)",
-    "fishback_merge": "full pullback Fisher (pair merge)",
-    "fishback_plain": "full pullback Fisher (whole output)",
-    "euclidean": "I",
-    "depth0": "depth-0 Fisher (softmax at the site)",
-    "caa": "within-class covariance (tied over positions)",
-    "caa_last": "within-class covariance (at the prediction position)",
-    "fishback_transfer": "expected pullback Fisher over training contexts (off-target)",
-    "actadd": "Euclidean on one pair (first positions)",
-    "probe": "I on the probe",
-    "sae": "the SAE's dictionary (one decoder row)",
-}
+#: each method's implicit metric, named beside its ρ
+IMPLICIT_METRIC = {name: v.metric for name, v in VARIANTS.items()}
 
 
 @dataclass(frozen=True)
@@ -215,7 +228,13 @@ def context_records(
         "sae": fixed["sae"].vector() if "sae" in fixed else None,
     }
 
-    def record(name: str, target: float, iv: Intervention, extra: dict[str, Any]) -> dict:
+    def record(
+        name: str,
+        target: float,
+        iv: Intervention,
+        extra: dict[str, Any],
+        path: Tensor | None = None,
+    ) -> dict:
         steered = next_logprobs(model, tokens, iv)
         out = {
             **base,
@@ -225,7 +244,9 @@ def context_records(
             **outcome_measures(clean, steered, ctx.target_id, merge, base=ctx.base_id),
             "rho": point.rho(directions[name], settings.damping),
             "rho_path": 1.0 if name == "fishback" else path_rho.get(target, {}).get(name, math.nan),
-            "path_length": path_length(model, tokens, iv, off) if extra["reached"] else math.nan,
+            "path_length": (
+                path_length(model, tokens, iv, off, path=path) if extra["reached"] else math.nan
+            ),
             "kl_quadratic": point.quadratic_kl(iv, site),
             "implicit_metric": IMPLICIT_METRIC[name],
         }
@@ -246,10 +267,10 @@ def context_records(
     off = pair_concept(ctx).off_target()
     compare = along_directions(settings, ctx, fixed)
     runs = iterative_runs(model, settings, ctx, tokens, site, compare, merge)
-    path_rho = {t: extra.pop("path_rho", {}) for name, t, _, extra in runs if name == "fishback"}
+    path_rho = {e.target: e.path_rho for e in runs if e.method == "fishback"}
     records = []
-    for name, target, iv, extra in runs:
-        records.append(record(name, target, iv, extra))
+    for e in runs:
+        records.append(record(e.method, e.target, e.intervention, e.fields(), e.path))
     for name, iv in fixed.items():
         found = strength_search(share_at(model, tokens, ctx, iv), settings.targets)
         for target in settings.targets:
@@ -299,6 +320,31 @@ def along_directions(
     return out
 
 
+@dataclass(frozen=True)
+class MatchedEdit:
+    """One iterative method's edit at one target of the matched protocol: the intervention,
+    the path of δ that led to it (from 0, for its Fisher length), and ρ of the compared
+    directions integrated along that path (FishBack's runs only)."""
+
+    method: str
+    target: float
+    intervention: Intervention
+    path: Tensor
+    reached: bool
+    steps: int
+    path_rho: dict[str, float] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, Any]:
+        """The record's columns this edit fills."""
+        return {
+            "reached": self.reached,
+            "strength": float(self.intervention.vector().norm()),
+            "steps": self.steps,
+            "reason": "reached" if self.reached else "steps ran out",
+            "peak_share": math.nan,
+        }
+
+
 def iterative_runs(
     model: HookedTransformer,
     settings: MatchedSettings,
@@ -307,29 +353,25 @@ def iterative_runs(
     site: Site,
     compare: dict[str, Compared] | None = None,
     merge: dict[int, int] | None = None,
-) -> list[tuple[str, float, Intervention, dict[str, Any]]]:
+) -> list[MatchedEdit]:
     """One run per iterative method to the highest target; lower targets from checkpoints.
-    ``compare``: directions whose ρ is integrated along FishBack's path (its records' extra
-    ``path_rho``, per target). ``merge``: the base → target pairs whose merged distribution
-    ``fishback_merge`` descends (default: this context's pair). Each intervention's
-    ``info["path"]`` is the run's path up to that target."""
+    ``compare``: directions whose ρ is integrated along FishBack's path (per target).
+    ``merge``: the base → target pairs whose merged distribution ``fishback_merge`` descends
+    (default: this context's pair)."""
     concept = pair_concept(ctx)
     top = max(settings.targets)
-    step, damping = settings.step, settings.damping
+    shared = {"site": site.name, "target_probability": top, "step": settings.step}
+    damped = {**shared, "damping": settings.damping}
     configs = {
-        "fishback": FishBackConfig(site.name, top, step=step, damping=damping),
-        "euclidean": EuclideanConfig(site.name, top, step=step),
-        "depth0": TruncatedFisherConfig(site.name, top, step=step, damping=damping),
-        "fishback_merge": FishBackConfig(
-            site.name,
-            top,
-            step=step,
-            damping=damping,
+        "fishback": method_config("fishback", **damped),
+        "euclidean": method_config("euclidean", **shared),
+        "depth0": method_config("truncated_fisher", **damped, depth=0),
+        "fishback_merge": method_config(
+            "fishback",
+            **damped,
             off_target=OffTarget.pair_merge(merge or {ctx.base_id: ctx.target_id}),
         ),
-        "fishback_plain": FishBackConfig(
-            site.name, top, step=step, damping=damping, off_target=False
-        ),
+        "fishback_plain": method_config("fishback", **damped, off_target=False),
     }
     out = []
     checkpoints = [math.log(t) for t in settings.targets if t < top]
@@ -337,42 +379,19 @@ def iterative_runs(
         if name not in settings.methods:
             continue
         along = compare if name == "fishback" else None
-        iv = steer_iteratively(model, cfg, concept, tokens, checkpoints=checkpoints, compare=along)
-        points = iv.info["path"]
+        run = steer_iteratively(model, cfg, concept, tokens, checkpoints=checkpoints, compare=along)
         for target in settings.targets:
             if target == top:
-                vec, reached = iv.vector(), bool(iv.info["reached"])
-                path_rho = iv.info.get("path_rho", {})
-                path = points
+                vec, reached, path_rho = run.delta, run.reached, dict(run.path_rho)
             else:
-                mark = iv.info["checkpoints"].get(repr(math.log(target)))
+                mark = run.checkpoint(math.log(target))
                 reached = mark is not None
-                vec = iv.vector().new_tensor(mark) if reached else iv.vector()
-                path_rho = iv.info.get("checkpoint_path_rho", {}).get(repr(math.log(target)), {})
-                path = _path_to(points, iv.info["trajectory"], math.log(target), mark)
-            extra = {
-                "reached": reached,
-                "strength": float(vec.norm()),
-                "steps": iv.info["steps"],
-                "reason": "reached" if reached else "steps ran out",
-                "peak_share": math.nan,
-            }
-            if along:
-                extra["path_rho"] = path_rho
-            made = Intervention(name, {site.name: vec}, info={"path": path})
-            out.append((name, target, made, extra))
+                vec = run.delta if mark is None else mark.delta
+                path_rho = {} if mark is None else dict(mark.path_rho)
+            made = Intervention(name, {site.name: vec})
+            path = run.path if target == top else run.path_to(math.log(target))
+            out.append(MatchedEdit(name, target, made, path, reached, run.steps, path_rho))
     return out
-
-
-def _path_to(
-    points: list[list[float]], trajectory: list[dict[str, Any]], value: float, mark: Any
-) -> list[list[float]]:
-    """The points of an iterative run up to the checkpoint ``value``: those before the step
-    that first crossed it, then the checkpoint's own δ (the whole path if it was not passed)."""
-    if mark is None:
-        return points
-    crossed = next(i for i, t in enumerate(trajectory) if t["stop_value"] >= value)
-    return points[:crossed] + [mark]
 
 
 def pick_test(

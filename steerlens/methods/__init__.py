@@ -1,5 +1,7 @@
-"""Steering methods behind one interface: each fits to an :class:`Intervention` that applies as
-a context manager, saves and loads, and exposes its vectors for diagnosis."""
+"""Steering methods behind one interface: each method module registers its entry (name, frozen
+config, fit function, inputs, implicit metric) in :mod:`steerlens.methods.registry`; every method
+fits to an :class:`Intervention` that applies as a context manager, saves and loads, and exposes
+its vectors for diagnosis. Iterative runs return a typed :class:`SteeringRun`."""
 
 from steerlens.methods.intervention import Intervention, load_intervention
 from steerlens.methods.iterative import (
@@ -10,10 +12,27 @@ from steerlens.methods.iterative import (
     TruncatedFisherConfig,
     steer_iteratively,
 )
-from steerlens.methods.iti import iti_intervention
-from steerlens.methods.postblock import bias_edit, postblock_intervention
-from steerlens.methods.registry import METHODS, fit, list_methods, method_config
+from steerlens.methods.iti import ItiConfig, iti_intervention
+from steerlens.methods.multisite import MultisiteConfig
+from steerlens.methods.postblock import PostblockConfig, bias_edit, postblock_intervention
+from steerlens.methods.registry import (
+    REGISTRY,
+    FitInputs,
+    MethodSpec,
+    fit,
+    list_methods,
+    method_config,
+    method_spec,
+    register_method,
+)
+from steerlens.methods.run import Checkpoint, SteeringRun, Step
+from steerlens.methods.scaling import ScalingConfig
 from steerlens.methods.vector import (
+    ActAddConfig,
+    CaaConfig,
+    ProbeConfig,
+    RepeConfig,
+    SaeConfig,
     actadd_intervention,
     caa_intervention,
     probe_intervention,
@@ -21,13 +40,42 @@ from steerlens.methods.vector import (
     sae_intervention,
 )
 
+
+def __getattr__(name: str):
+    if name == "METHODS":
+        import warnings
+
+        warnings.warn(
+            "steerlens.methods.METHODS is now steerlens.methods.REGISTRY (MethodSpec entries); "
+            "the old name goes in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return REGISTRY
+    raise AttributeError(f"module 'steerlens.methods' has no attribute {name!r}")
+
+
 __all__ = [
-    "METHODS",
+    "REGISTRY",
+    "ActAddConfig",
+    "CaaConfig",
+    "Checkpoint",
     "DualConfig",
     "EuclideanConfig",
     "FishBackConfig",
+    "FitInputs",
     "Intervention",
+    "ItiConfig",
     "IterativeConfig",
+    "MethodSpec",
+    "MultisiteConfig",
+    "PostblockConfig",
+    "ProbeConfig",
+    "RepeConfig",
+    "SaeConfig",
+    "ScalingConfig",
+    "SteeringRun",
+    "Step",
     "TruncatedFisherConfig",
     "actadd_intervention",
     "bias_edit",
@@ -37,8 +85,10 @@ __all__ = [
     "list_methods",
     "load_intervention",
     "method_config",
+    "method_spec",
     "postblock_intervention",
     "probe_intervention",
+    "register_method",
     "repe_intervention",
     "sae_intervention",
     "steer_iteratively",

@@ -17,7 +17,8 @@ concept is halved (up to 6 times).
 
 Every metric is recomputed at the current x (natural-gradient steps; FishBack's ``metric_every``
 can reuse one for several steps), from the single-position
-path of the metric engine (:class:`~steerlens.metric.local.LocalPath`). The result is an
+path of the metric engine (:class:`~steerlens.metric.local.LocalPath`). The result is a
+:class:`~steerlens.methods.run.SteeringRun` around an
 :class:`~steerlens.methods.intervention.Intervention` holding δ = x − x₀ at ``site`` (``@last``:
 applied at the prediction position of every forward pass, generated tokens included).
 """
@@ -28,7 +29,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from jaxtyping import Float
@@ -38,6 +39,8 @@ from steerlens.concepts.base import Concept
 from steerlens.diagnostics import PathRho, optimal_quad, spectral_cost_ratio
 from steerlens.errors import InputError, MethodError, NonFiniteError
 from steerlens.methods.intervention import Intervention
+from steerlens.methods.registry import FitInputs, MethodSpec, register_method
+from steerlens.methods.run import Checkpoint, SteeringRun, Step
 from steerlens.metric.core import Metric
 from steerlens.metric.local import LocalPath
 from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS, OffTarget, check_precision
@@ -151,7 +154,9 @@ class DualConfig(IterativeConfig):
         check_precision(self.precision)
 
 
-Direction = Callable[[LocalPath, Tensor, Tensor], tuple[Tensor, dict[str, Any]]]
+#: a method's update direction at a point of the path: (path, x, g) -> (u, the metric it solved
+#: with, or None)
+Direction = Callable[[LocalPath, Tensor, Tensor], tuple[Tensor, Metric | None]]
 #: another method's direction at a point of the path: (path, x, g) -> v
 Compared = Callable[[LocalPath, Tensor, Tensor], Tensor]
 
@@ -191,11 +196,9 @@ def _off_target(concept: Concept, stop: Concept, wanted: bool | OffTarget) -> Of
     if not wanted:
         return None
     for c in (concept, stop):
-        make = getattr(c, "off_target", None)
-        if callable(make):
-            off = make()
-            if isinstance(off, OffTarget):
-                return off
+        off = c.off_target()
+        if off is not None:
+            return off
     return None
 
 
@@ -207,35 +210,47 @@ def direction_fn(cfg: IterativeConfig, concept: Concept, stop: Concept) -> Direc
             cfg.vocab, cfg.dropped_mass, off, trace_kept=cfg.trace_kept, precision=cfg.precision
         )
         depth = cfg.depth if isinstance(cfg, TruncatedFisherConfig) else None
-        cache: dict[str, Any] = {"metric": None, "age": 0}
+        every = cfg.metric_every
+        held: list[Metric] = []  # the metric in use, recomputed every ``every`` steps
+        age = [0]
 
-        def natural(path: LocalPath, x: Tensor, g: Tensor) -> tuple[Tensor, dict[str, Any]]:
-            if cache["metric"] is None or cache["age"] >= cfg.metric_every:
-                cache["metric"], cache["age"] = path.metric(x, options, depth=depth), 0
-            cache["age"] += 1
-            metric = cache["metric"]
-            return metric.solve(g, cfg.damping), {**_metric_info(metric), "_metric": metric}
+        def natural(path: LocalPath, x: Tensor, g: Tensor) -> tuple[Tensor, Metric | None]:
+            if not held or age[0] >= every:
+                held[:] = [path.metric(x, options, depth=depth)]
+                age[0] = 0
+            age[0] += 1
+            return held[0].solve(g, cfg.damping), held[0]
 
         return natural
     if isinstance(cfg, DualConfig):
         options = MetricOptions(cfg.vocab, cfg.dropped_mass, precision=cfg.precision)
 
-        def dual(path: LocalPath, x: Tensor, g: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        def dual(path: LocalPath, x: Tensor, g: Tensor) -> tuple[Tensor, Metric | None]:
             metric = path.metric(x, options, depth=0)
             lam = metric.damping_value(cfg.damping)
             u = conjugate_gradient(
                 lambda v: metric.mv(v) + lam * v, g.to(metric.dtype), cfg.cg_iters
             )
-            return u.to(g.dtype), _metric_info(metric)
+            return u.to(g.dtype), metric
 
         return dual
     if isinstance(cfg, EuclideanConfig):
-        return lambda path, x, g: (g, {})
+        return lambda path, x, g: (g, None)
     raise MethodError(f"no iterative method for config {type(cfg).__name__}")
 
 
-def _metric_info(metric: Metric) -> dict[str, Any]:
-    return {"dropped_mass": metric.info.get("dropped_mass"), "top_k": metric.info.get("top_k")}
+def _step(step: int, value: float, stop_value: float, norm: float, metric: Metric | None) -> Step:
+    if metric is None:
+        return Step(step, value, stop_value, norm)
+    dropped, top_k = metric.info.get("dropped_mass"), metric.info.get("top_k")
+    return Step(
+        step,
+        value,
+        stop_value,
+        norm,
+        None if dropped is None else float(dropped),
+        None if top_k is None else int(top_k),
+    )
 
 
 def _evaluate(
@@ -267,40 +282,46 @@ def steer_iteratively(
     stop_on: Concept | None = None,
     checkpoints: Sequence[float] = (),
     compare: Mapping[str, Compared] | None = None,
-) -> Intervention:
+) -> SteeringRun:
     """Run ``cfg``'s method on one prompt until the stop concept (``stop_on``, default the
-    concept) reaches its target, or ``max_steps``. Returns the intervention δ at the site, with
-    ``info``: reached, steps, values, the trajectory and the wall time.
+    concept) reaches its target, or ``max_steps``. Returns the :class:`SteeringRun`: the
+    intervention δ at the site (its ``info`` a JSON summary: config, reached, steps, values,
+    trajectory, seconds), every step, the path of δ and the wall time.
 
-    ``checkpoints``: lower stop-concept values passed on the way; the δ where the path first
-    crosses each (bisected like the final step) is kept in ``info["checkpoints"]`` as
-    ``{value: list of floats}``, so one run serves several matched targets.
+    ``checkpoints``: stop-concept values below the target passed on the way; where the path
+    first crosses each, δ (bisected like the final step) is kept in ``run.checkpoints[value]``,
+    so one run serves several matched targets.
 
     ``compare`` (FishBack and depth-k only: they hold the metric at every step): other methods'
-    directions v(path, x, g) at the points of this path. ``info["path_rho"][name]`` is ρ
+    directions v(path, x, g) at the points of this path. ``run.path_rho[name]`` is ρ
     integrated along the path (:class:`~steerlens.cost.PathRho`), the predictor of that
-    method's off-target KL over this one's at matched concept change;
-    ``info["checkpoint_path_rho"][value]`` the same up to the step that crosses each
-    checkpoint.
-
-    ``info["path"]``: δ at every point the loop accepted, from 0 to the returned δ (lists of
-    floats), for the path's Fisher length (:func:`steerlens.evaluate.path_length`)."""
-    if not isinstance(concept, Concept):
-        raise InputError(f"concept must have value() and target_value(), got {type(concept)}")
+    method's off-target KL over this one's at matched concept change; each checkpoint's
+    ``path_rho`` the same up to the step that crosses it."""
+    for c in (concept, stop_on):
+        if c is not None and not isinstance(c, Concept):
+            raise InputError(
+                "a concept must have name, value(), target_value(), off_target() and "
+                f"check_site() (steerlens.concepts.base.Concept), got {type(c).__name__}"
+            )
     stop = concept if stop_on is None else stop_on
     target = (
         cfg.target_value
         if cfg.target_value is not None
         else stop.target_value(cfg.target_probability)
     )
+    late = [float(v) for v in checkpoints if not float(v) < target]
+    if late:
+        raise InputError(
+            f"checkpoints must lie below the run's target value {target:.6g}; got {late}"
+        )
     started = time.perf_counter()
     prompts = as_prompts(model, prompt)
     if len(prompts) != 1:
         raise InputError(f"{cfg.name} steers one prompt at a time, got {len(prompts)}")
     with LocalPath(model, prompts[0], cfg.site) as path:
-        check_site = getattr(concept, "check_site", None)
-        if callable(check_site):
-            check_site(path.site, model)
+        concept.check_site(path.site, model)
+        if stop is not concept:
+            stop.check_site(path.site, model)
         direction = direction_fn(cfg, concept, stop)
         every = getattr(cfg, "metric_every", None)
         if compare and not (isinstance(cfg, FishBackConfig) and every == 1):
@@ -311,18 +332,18 @@ def steer_iteratively(
         along = _Along(compare or {}, getattr(cfg, "damping", None))
         x = path.x0.clone()
         c, g, s = _evaluate(path, concept, stop, x)
-        trajectory = [{"step": 0, "value": c, "stop_value": s, "delta_norm": 0.0}]
-        points = [[0.0] * x.shape[0]]
+        trajectory = [Step(0, c, s, 0.0)]
+        points = [torch.zeros_like(x)]
         start_value, reached, steps = s, s >= target, 0
-        pending = sorted(float(v) for v in checkpoints if v < target)
-        marks: dict[str, list[float]] = {}
-        marked_rho: dict[str, dict[str, float]] = {}
+        pending = sorted(float(v) for v in checkpoints)
+        marks: dict[float, Checkpoint] = {}
         while pending and s >= pending[0]:
-            marks[repr(pending.pop(0))] = [0.0] * x.shape[0]
+            value = pending.pop(0)
+            marks[value] = Checkpoint(value, torch.zeros_like(x), 0)
         while not reached and steps < cfg.max_steps:
             steps += 1
-            u, extra = direction(path, x, g)
-            along.observe(extra.pop("_metric", None), path, x, g)
+            u, metric = direction(path, x, g)
+            along.observe(metric, path, x, g)
             gu = float(g @ u)
             if not gu > 0:
                 raise MethodError(
@@ -339,23 +360,22 @@ def steer_iteratively(
             while pending and s_new >= pending[0]:
                 value = pending.pop(0)
                 mark = _bisect(path, stop, x, eta * u, value)
-                marks[repr(value)] = (mark - path.x0).tolist()
+                rho: dict[str, float] = {}
                 if along.rho:  # the crossing step counts only up to the checkpoint
                     c_mark = value if stop is concept else _stop_value(path, concept, mark)
-                    marked_rho[repr(value)] = along.values(c_mark - c)
+                    rho = along.values(c_mark - c)
+                marks[value] = Checkpoint(value, (mark - path.x0).detach(), steps, rho)
             if s_new >= target:
                 x_new = _bisect(path, stop, x, eta * u, target)
                 c_new, g_new, s_new = _evaluate(path, concept, stop, x_new)
                 reached = True
             along.step(c_new - c)
             x, c, g, s = x_new, c_new, g_new, s_new
-            norm = float((x - path.x0).norm())
-            points.append((x - path.x0).tolist())
-            trajectory.append(
-                {"step": steps, "value": c, "stop_value": s, "delta_norm": norm, **extra}
-            )
-        delta = (x - path.x0).detach()
+            points.append((x - path.x0).detach())
+            trajectory.append(_step(steps, c, s, float(points[-1].norm()), metric))
+        delta = points[-1]
         site = path.site.name
+    seconds = time.perf_counter() - started
     info = {
         "config": asdict(cfg),
         "concept": getattr(concept, "name", type(concept).__name__),
@@ -365,15 +385,22 @@ def steer_iteratively(
         "start_value": start_value,
         "final_value": s,
         "target_value": target,
-        "trajectory": trajectory,
-        "checkpoints": marks,
-        "path": points,
-        "seconds": time.perf_counter() - started,
+        "trajectory": [asdict(t) for t in trajectory],
+        "seconds": seconds,
     }
-    if along.rho:
-        info["path_rho"] = along.values()
-        info["checkpoint_path_rho"] = marked_rho
-    return Intervention(cfg.name, {site: delta}, 1.0, info)
+    return SteeringRun(
+        Intervention(cfg.name, {site: delta}, 1.0, info),
+        site,
+        bool(reached),
+        start_value,
+        s,
+        target,
+        tuple(trajectory),
+        torch.stack(points),
+        marks,
+        along.values() if along.rho else {},
+        seconds,
+    )
 
 
 class _Along:
@@ -424,3 +451,41 @@ def _bisect(path: LocalPath, stop: Concept, x: Tensor, step: Tensor, target: flo
         else:
             lo = mid
     return x + hi * step
+
+
+def _fit(model: HookedTransformer, cfg: IterativeConfig, inputs: FitInputs) -> Intervention:
+    assert inputs.concept is not None and inputs.prompt is not None  # checked by the registry
+    run = steer_iteratively(model, cfg, inputs.concept, inputs.prompt, stop_on=inputs.stop_on)
+    return run.intervention
+
+
+def _register(config: type[IterativeConfig], implicit_metric: str, description: str) -> None:
+    register_method(
+        MethodSpec(
+            config.name,
+            config,
+            _fit,
+            needs=("concept", "prompt"),
+            accepts=("stop_on",),
+            input_types={"concept": Concept, "stop_on": Concept},
+            implicit_metric=implicit_metric,
+            description=description,
+            iterative=True,
+        )
+    )
+
+
+_register(
+    FishBackConfig,
+    "full pullback Fisher (off-target)",
+    "iterative natural gradient δ ∝ (G_off + λI)⁻¹g to a target probability",
+)
+_register(EuclideanConfig, "I", "iterative gradient ascent δ ∝ g to a target probability")
+_register(
+    TruncatedFisherConfig,
+    "depth-k Fisher G^(k)",
+    "iterative δ ∝ (G^(k) + λI)⁻¹g; k = 0 is the softmax geometry",
+)
+_register(
+    DualConfig, "depth-0 Fisher", "Park et al.'s dual steering: CG-solved Newton steps on a probe"
+)

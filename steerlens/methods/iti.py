@@ -12,6 +12,7 @@ paper applies it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -23,6 +24,7 @@ from steerlens.concepts.pairs import ContrastPairs
 from steerlens.concepts.probes import fit_probe
 from steerlens.errors import InputError
 from steerlens.methods.intervention import Intervention
+from steerlens.methods.registry import FitInputs, MethodSpec, register_method
 from steerlens.methods.vector import _pair_tokens
 from steerlens.sites import Site, as_site
 
@@ -94,3 +96,44 @@ def iti_intervention(
         "heads": ranking.to_dict("records"),
     }
     return Intervention("iti", vectors, alpha, info)
+
+
+@dataclass(frozen=True)
+class ItiConfig:
+    """``layer``: one layer, a list, or None (every layer) whose heads are probed; ``k`` heads
+    shifted by ``alpha``·σ·θ; ``direction``: ``"mass_mean"`` or ``"probe"``."""
+
+    layer: int | list[int] | None = None
+    k: int = 48
+    alpha: float = 15.0
+    direction: str = "mass_mean"
+    test_fraction: float = 0.3
+    seed: int = 0
+
+
+def _fit_iti(model: HookedTransformer, cfg: ItiConfig, inputs: FitInputs) -> Intervention:
+    layers = [cfg.layer] if isinstance(cfg.layer, int) else cfg.layer
+    return iti_intervention(
+        model,
+        inputs.pairs,
+        layers=layers,
+        k=cfg.k,
+        alpha=cfg.alpha,
+        direction=cfg.direction,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+    )
+
+
+register_method(
+    MethodSpec(
+        "iti",
+        ItiConfig,
+        _fit_iti,
+        needs=("pairs",),
+        input_types={"pairs": ContrastPairs},
+        implicit_metric="per-head Euclidean",
+        description="top-K heads by probe accuracy shifted by α·σ·θ at hook_z, every generation "
+        "step",
+    )
+)

@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from steerlens.concepts.base import Concept
 from steerlens.concepts.pairs import ContrastPairs
 from steerlens.errors import InputError, MethodError
 from steerlens.hooks import record
 from steerlens.methods.intervention import Intervention
+from steerlens.methods.registry import FitInputs, MethodSpec, register_method
 from steerlens.methods.vector import _pair_tokens
 from steerlens.metric.outcomes import complement_kl
 from steerlens.prompts import PromptsLike, as_prompts
@@ -140,8 +143,11 @@ def multisite_intervention(
     if len(concepts) != len(toks):
         raise InputError(f"{len(toks)} prompts but {len(concepts)} concepts: give one each")
     for c in concepts:
-        if not hasattr(c, "off_target") or not hasattr(c, "value"):
-            raise InputError(f"a multisite concept needs value() and off_target(), got {c!r}")
+        if not isinstance(c, Concept) or c.off_target() is None:
+            raise InputError(
+                f"a multisite concept is read at the output (value() and an off_target(), e.g. "
+                f"a PairConcept), got {c!r}"
+            )
     if trials < 1 or not max_weight > 0 or kl_weight < 0:
         raise InputError(
             f"trials >= 1, max_weight > 0 and kl_weight >= 0 needed, got {trials}, "
@@ -183,3 +189,50 @@ def multisite_intervention(
         ],
     }
     return build(deltas, segs, weights, info)
+
+
+@dataclass(frozen=True)
+class MultisiteConfig:
+    """``layer``: one layer, a list, or None (every layer); ``segments`` contiguous runs of
+    layers, one weight each in [0, ``max_weight``], tuned by ``trials`` optuna trials on
+    concept − ``kl_weight``·KL."""
+
+    layer: int | list[int] | None = None
+    segments: int = 1
+    trials: int = 30
+    max_weight: float = 2.0
+    kl_weight: float = 1.0
+    seed: int = 0
+
+
+def _fit_multisite(
+    model: HookedTransformer, cfg: MultisiteConfig, inputs: FitInputs
+) -> Intervention:
+    assert inputs.prompt is not None and inputs.concepts is not None
+    layers = [cfg.layer] if isinstance(cfg.layer, int) else cfg.layer
+    return multisite_intervention(
+        model,
+        inputs.pairs,
+        inputs.prompt,
+        inputs.concepts,
+        layers=layers,
+        segments=cfg.segments,
+        trials=cfg.trials,
+        max_weight=cfg.max_weight,
+        kl_weight=cfg.kl_weight,
+        seed=cfg.seed,
+    )
+
+
+register_method(
+    MethodSpec(
+        "multisite",
+        MultisiteConfig,
+        _fit_multisite,
+        needs=("pairs", "prompt", "concepts"),
+        input_types={"pairs": ContrastPairs},
+        implicit_metric="per-segment Euclidean, weights tuned by optuna",
+        description="per-layer mean differences at every layer, one optuna-tuned weight per "
+        "segment",
+    )
+)

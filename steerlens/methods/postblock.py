@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -46,6 +47,7 @@ from steerlens.concepts.base import Concept
 from steerlens.errors import InputError, MethodError, NonFiniteError
 from steerlens.hooks import hooked
 from steerlens.methods.intervention import Intervention
+from steerlens.methods.registry import FitInputs, MethodSpec, register_method
 from steerlens.prompts import PromptsLike, as_prompts
 from steerlens.sites import Site, as_site
 
@@ -172,3 +174,49 @@ def bias_edit(
             "a parallel block, breaks the equivalence)"
         )
     return edited
+
+
+@dataclass(frozen=True)
+class PostblockConfig:
+    """``layer``: the ``hook_resid_post`` trained at; ``position``: where δ is added; Adam for
+    ``steps`` at learning rate ``lr`` on −concept + ``l2``·‖δ‖²."""
+
+    layer: int
+    position: str = "all"
+    steps: int = 100
+    lr: float = 0.05
+    l2: float = 1e-3
+    seed: int = 0
+
+
+def _fit_postblock(
+    model: HookedTransformer, cfg: PostblockConfig, inputs: FitInputs
+) -> Intervention:
+    assert inputs.concept is not None and inputs.prompt is not None
+    if not isinstance(cfg.layer, int) or isinstance(cfg.layer, bool):
+        raise InputError(f"postblock trains at one layer: pass layer= an int, got {cfg.layer!r}")
+    return postblock_intervention(
+        model,
+        inputs.concept,
+        inputs.prompt,
+        cfg.layer,
+        position=cfg.position,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        l2=cfg.l2,
+        seed=cfg.seed,
+    )
+
+
+register_method(
+    MethodSpec(
+        "postblock",
+        PostblockConfig,
+        _fit_postblock,
+        needs=("concept", "prompt"),
+        input_types={"concept": Concept},
+        implicit_metric="I (trained by gradient descent)",
+        description="a resid_post vector trained by Adam on −concept + l2·‖δ‖²; exportable as a "
+        "bias edit",
+    )
+)

@@ -1,41 +1,30 @@
-"""The method registry: every steering method by name, its config and its implicit metric.
+"""The method registry: every steering method by name, with its frozen config, its fit function,
+what it fits on and its implicit metric.
+
+Each method module registers its own entries with :func:`register_method` (SAELens'
+``register_sae_class`` is the model); :func:`fit`, :func:`list_methods`, the CLI and the
+matched protocol read the same entries. A method's options are its config's fields, checked by
+the config's own constructor; its inputs (the data it fits on) are the fields of
+:class:`FitInputs`, checked against the entry's ``needs`` and ``input_types``.
 
 >>> sorted(list_methods()["name"])[:3]
 ['actadd', 'caa', 'dual']
+>>> method_spec("caa").needs
+('pairs',)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from steerlens.concepts.base import Concept
-from steerlens.concepts.pairs import ContrastPairs
-from steerlens.concepts.probes import LinearProbe
-from steerlens.concepts.sae import SaeFeature
 from steerlens.errors import InputError, MethodError
 from steerlens.methods.intervention import Intervention
-from steerlens.methods.iterative import (
-    DualConfig,
-    EuclideanConfig,
-    FishBackConfig,
-    IterativeConfig,
-    TruncatedFisherConfig,
-    steer_iteratively,
-)
-from steerlens.methods.iti import iti_intervention
-from steerlens.methods.multisite import multisite_intervention
-from steerlens.methods.postblock import postblock_intervention
-from steerlens.methods.scaling import scaling_intervention
-from steerlens.methods.vector import (
-    actadd_intervention,
-    caa_intervention,
-    probe_intervention,
-    repe_intervention,
-    sae_intervention,
-)
 from steerlens.prompts import PromptsLike
 
 if TYPE_CHECKING:
@@ -43,217 +32,198 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class MethodInfo:
+class FitInputs:
+    """The data a method fits on. ``concept``: what to raise (a token-set concept, a probe, an
+    SAE feature); ``prompt``: the prompt(s) to steer or tune on; ``pairs``: contrast pairs (a
+    :class:`~steerlens.concepts.pairs.ContrastPairs`, or one (plus, minus) prompt pair for
+    ActAdd); ``stop_on``: the concept whose target stops an iterative run (default ``concept``);
+    ``concepts``: one concept per tuning prompt (multisite)."""
+
+    concept: Concept | None = None
+    prompt: PromptsLike | None = None
+    pairs: Any = None
+    stop_on: Concept | None = None
+    concepts: Sequence[Concept] | None = None
+
+    def given(self) -> tuple[str, ...]:
+        """The names of the inputs that are set."""
+        return tuple(f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
+
+
+#: the names :func:`fit` takes as inputs (everything else is a config field)
+INPUT_NAMES = tuple(f.name for f in dataclasses.fields(FitInputs))
+
+FitFn = Callable[["HookedTransformer", Any, FitInputs], Intervention]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registered method. ``config``: its frozen config dataclass; ``fit``: (model, config,
+    inputs) → :class:`Intervention`, called once inputs are checked; ``needs``: the inputs it
+    must have; ``accepts``: optional further inputs; ``input_types``: the types an input must
+    have (checked with ``isinstance``); ``iterative``: an iterative run at one site (its full
+    run is :func:`~steerlens.methods.iterative.steer_iteratively`)."""
+
     name: str
-    fits_on: str
+    config: type
+    fit: FitFn
+    needs: tuple[str, ...]
     implicit_metric: str
     description: str
+    accepts: tuple[str, ...] = ()
+    input_types: Mapping[str, type | tuple[type, ...]] = field(default_factory=dict)
+    iterative: bool = False
+
+    def __post_init__(self) -> None:
+        if not dataclasses.is_dataclass(self.config):
+            raise MethodError(f"{self.name}: config must be a dataclass, got {self.config!r}")
+        unknown = (set(self.needs) | set(self.accepts) | set(self.input_types)) - set(INPUT_NAMES)
+        if unknown:
+            raise MethodError(
+                f"{self.name}: unknown inputs {sorted(unknown)}; valid: {INPUT_NAMES}"
+            )
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The config's field names: the method's options."""
+        return tuple(f.name for f in dataclasses.fields(self.config))
+
+    @property
+    def fits_on(self) -> str:
+        """What it fits on, in words: its needed inputs (optional ones in brackets)."""
+        return ", ".join([*self.needs, *(f"[{a}]" for a in self.accepts)])
+
+    def make_config(self, **options: Any) -> Any:
+        """The config with ``options``; an unknown or missing option is an InputError naming the
+        valid ones."""
+        unknown = set(options) - set(self.options)
+        if unknown:
+            raise InputError(
+                f"{self.name} has no options {sorted(unknown)}; its options: "
+                f"{', '.join(self.options)}"
+            )
+        missing = [
+            f.name
+            for f in dataclasses.fields(self.config)
+            if f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+            and f.name not in options
+        ]
+        if missing:
+            raise InputError(
+                f"{self.name} needs {', '.join(f'{n}=' for n in missing)}; its options: "
+                f"{', '.join(self.options)}"
+            )
+        try:
+            return self.config(**options)
+        except TypeError as err:
+            raise InputError(
+                f"bad options for {self.name}: {err}; its options: {', '.join(self.options)}"
+            ) from None
+
+    def check_inputs(self, inputs: FitInputs) -> None:
+        """Every needed input given, none it does not use, each of its declared type."""
+        given = set(inputs.given())
+        missing = [n for n in self.needs if n not in given]
+        if missing:
+            raise InputError(
+                f"{self.name} needs {', '.join(f'{n}=' for n in self.needs)}; missing "
+                f"{', '.join(f'{n}=' for n in missing)}"
+            )
+        unused = given - set(self.needs) - set(self.accepts)
+        if unused:
+            raise InputError(
+                f"{self.name} does not use {', '.join(f'{n}=' for n in sorted(unused))}; it fits "
+                f"on {self.fits_on}"
+            )
+        for name, kind in self.input_types.items():
+            value = getattr(inputs, name)
+            if value is not None and not isinstance(value, kind):
+                want = (
+                    kind.__name__
+                    if isinstance(kind, type)
+                    else " or ".join(k.__name__ for k in kind)
+                )
+                raise InputError(f"{self.name} needs {name}= a {want}, got {type(value).__name__}")
 
 
-METHODS: dict[str, MethodInfo] = {
-    m.name: m
-    for m in (
-        MethodInfo(
-            "fishback",
-            "a prompt + concept",
-            "full pullback Fisher (off-target)",
-            "iterative natural gradient δ ∝ (G_off + λI)⁻¹g to a target probability",
-        ),
-        MethodInfo(
-            "euclidean",
-            "a prompt + concept",
-            "I",
-            "iterative gradient ascent δ ∝ g to a target probability",
-        ),
-        MethodInfo(
-            "truncated_fisher",
-            "a prompt + concept",
-            "depth-k Fisher G^(k)",
-            "iterative δ ∝ (G^(k) + λI)⁻¹g; k = 0 is the softmax geometry",
-        ),
-        MethodInfo(
-            "dual",
-            "a prompt + probe",
-            "depth-0 Fisher",
-            "Park et al.'s dual steering: CG-solved Newton steps on a probe",
-        ),
-        MethodInfo("probe", "a LinearProbe", "I on the probe", "δ ∝ probe weight w"),
-        MethodInfo(
-            "sae",
-            "an SaeFeature",
-            "the SAE's dictionary",
-            "δ ∝ decoder row W_dec[f] (mode='add'), or clamped: x + (c − f(x))·W_dec[f]",
-        ),
-        MethodInfo(
-            "caa",
-            "ContrastPairs",
-            "within-class covariance",
-            "mean paired difference at resid_post, added at every position",
-        ),
-        MethodInfo(
-            "iti",
-            "ContrastPairs",
-            "per-head Euclidean",
-            "top-K heads by probe accuracy shifted by α·σ·θ at hook_z, every generation step",
-        ),
-        MethodInfo(
-            "repe",
-            "ContrastPairs",
-            "activation covariance",
-            "first principal component of paired differences, sign fixed by projection",
-        ),
-        MethodInfo(
-            "postblock",
-            "prompts + concept",
-            "I (trained by gradient descent)",
-            "a resid_post vector trained by Adam on −concept + l2·‖δ‖²; exportable as a bias edit",
-        ),
-        MethodInfo(
-            "multisite",
-            "ContrastPairs + tuning prompts",
-            "per-segment Euclidean, weights tuned by optuna",
-            "per-layer mean differences at every layer, one optuna-tuned weight per segment",
-        ),
-        MethodInfo(
-            "scaling",
-            "prompts + target/source tokens",
-            "none (multiplicative, per component)",
-            "signed scalars on head and MLP outputs: flip target vs source, KL, L1 (Stoehr et al.)",
-        ),
-        MethodInfo(
-            "actadd",
-            "one prompt pair",
-            "Euclidean on one pair",
-            "one pair's difference at resid_pre, added at the first positions",
-        ),
-    )
-}
+REGISTRY: dict[str, MethodSpec] = {}
 
-ITERATIVE: dict[str, type[IterativeConfig]] = {
-    "fishback": FishBackConfig,
-    "euclidean": EuclideanConfig,
-    "truncated_fisher": TruncatedFisherConfig,
-    "dual": DualConfig,
-}
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to the registry (a name registers once)."""
+    if spec.name in REGISTRY:
+        raise MethodError(f"method {spec.name!r} is registered already")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The registered entry of ``name``."""
+    if name not in REGISTRY:
+        raise MethodError(f"unknown method {name!r}; registered methods: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
 
 
 def list_methods() -> pd.DataFrame:
-    """One row per registered method: what it fits on, its implicit metric, what it does."""
-    return pd.DataFrame([vars(m) for m in METHODS.values()])
+    """One row per registered method: what it fits on, its implicit metric, what it does, its
+    options and whether it is iterative."""
+    return pd.DataFrame(
+        [
+            {
+                "name": s.name,
+                "fits_on": s.fits_on,
+                "implicit_metric": s.implicit_metric,
+                "description": s.description,
+                "options": ", ".join(s.options),
+                "iterative": s.iterative,
+            }
+            for s in REGISTRY.values()
+        ]
+    )
 
 
-def method_config(name: str, **options: Any) -> IterativeConfig:
-    """The frozen config of an iterative method (``fishback``, ``euclidean``,
-    ``truncated_fisher``, ``dual``) with ``options`` (``site`` is required)."""
-    if name not in ITERATIVE:
-        raise MethodError(f"{name!r} has no iterative config; iterative methods: {list(ITERATIVE)}")
-    try:
-        return ITERATIVE[name](**options)
-    except TypeError as err:
-        raise InputError(f"bad options for {name!r}: {err}") from None
+def method_config(name: str, **options: Any) -> Any:
+    """The frozen config of method ``name`` with ``options`` (e.g. ``method_config("fishback",
+    site="resid_post.12", damping=1e-2)``)."""
+    return method_spec(name).make_config(**options)
 
 
 def fit(
     model: HookedTransformer,
     method: str,
+    config: Any = None,
     *,
     concept: Concept | None = None,
     prompt: PromptsLike | None = None,
-    pairs: ContrastPairs | tuple[Any, Any] | None = None,
-    site: str | None = None,
-    layer: int | list[int] | None = None,
-    scale: float = 1.0,
+    pairs: Any = None,
     stop_on: Concept | None = None,
+    concepts: Sequence[Concept] | None = None,
     **options: Any,
 ) -> Intervention:
-    """Fit one method to an :class:`Intervention`.
+    """Fit ``method`` to an :class:`Intervention`.
 
-    - iterative (``fishback``, ``euclidean``, ``truncated_fisher``, ``dual``): ``site``,
-      ``concept`` and the ``prompt`` to steer; ``options`` go to the method's config
-      (``target_probability``, ``damping``...); ``stop_on`` stops on another concept.
-    - ``probe``: ``concept`` a :class:`LinearProbe`; ``sae``: ``concept`` an :class:`SaeFeature`
-      (``site`` may change the position rule), option ``mode`` ``"add"`` (default: add
-      scale·W_dec[f]/‖W_dec[f]‖) or ``"clamp"`` (set the feature's activation to ``scale``).
-    - ``postblock``: ``concept``, ``prompt`` (prompts) and ``layer``; options ``position``,
-      ``steps``, ``lr``, ``l2`` (:func:`~steerlens.methods.postblock.postblock_intervention`).
-    - ``multisite``: ``pairs``, ``prompt`` (tuning prompts), option ``concepts`` (one per
-      prompt), ``layer`` (a list; default all) and options ``segments``, ``trials``,
-      ``max_weight``, ``kl_weight``, ``seed``
-      (:func:`~steerlens.methods.multisite.multisite_intervention`).
-    - ``scaling``: ``prompt`` (prompts) and options ``targets``, ``sources`` (one token id each),
-      ``components`` or ``layers``, ``position``, ``steps``, ``lr``, ``l1``, ``faithfulness``
-      (:func:`~steerlens.methods.scaling.scaling_intervention`).
-    - ``iti``: ``pairs`` a :class:`ContrastPairs`, ``layer`` an int, a list or None (all);
-      options ``k``, ``alpha``, ``direction``.
-    - ``caa``, ``repe``: ``pairs`` a :class:`ContrastPairs` and ``layer``; ``actadd``: ``pairs`` one
-      (plus, minus) prompt pair and ``layer``.
+    ``config``: the method's config (``method_config(method, ...)`` or its class); ``options``
+    are its fields given directly (``fit(model, "caa", pairs=pairs, layer=15)``), applied over
+    ``config`` if both are given. The inputs are those of :class:`FitInputs`; ``list_methods()``
+    shows what each method needs and its options. An iterative method's whole run (trajectory,
+    checkpoints, timings) is :func:`~steerlens.methods.iterative.steer_iteratively`'s
+    :class:`~steerlens.methods.run.SteeringRun`; ``fit`` returns its intervention.
     """
-    if method not in METHODS:
-        raise MethodError(f"unknown method {method!r}; registered methods: {', '.join(METHODS)}")
-    if method in ITERATIVE:
-        if site is None or concept is None or prompt is None:
-            raise InputError(f"{method} needs site=, concept= and prompt=")
-        cfg = method_config(method, site=site, **options)
-        return steer_iteratively(model, cfg, concept, prompt, stop_on=stop_on)
-    if method == "postblock":
-        if concept is None or prompt is None or not isinstance(layer, int):
-            raise InputError("postblock needs concept=, prompt= (one or more prompts) and layer=")
-        try:
-            return postblock_intervention(model, concept, prompt, layer, **options)
-        except TypeError as err:
-            raise InputError(f"bad options for postblock: {err}") from None
-    if method == "multisite":
-        if not isinstance(pairs, ContrastPairs) or prompt is None or "concepts" not in options:
+    spec = method_spec(method)
+    if config is None:
+        cfg = spec.make_config(**options)
+    elif not isinstance(config, spec.config):
+        raise InputError(
+            f"{method} takes a {spec.config.__name__} config, got {type(config).__name__}"
+        )
+    else:
+        unknown = set(options) - set(spec.options)
+        if unknown:
             raise InputError(
-                "multisite needs pairs= a ContrastPairs, prompt= tuning prompts and concepts= "
-                "(one concept per prompt)"
+                f"{method} has no options {sorted(unknown)}; its options: {', '.join(spec.options)}"
             )
-        layers = [layer] if isinstance(layer, int) else layer
-        concepts = options.pop("concepts")
-        try:
-            return multisite_intervention(model, pairs, prompt, concepts, layers=layers, **options)
-        except TypeError as err:
-            raise InputError(f"bad options for multisite: {err}") from None
-    if method == "scaling":
-        if prompt is None:
-            raise InputError("scaling needs prompt= (prompts), targets= and sources= (token ids)")
-        try:
-            return scaling_intervention(model, prompt, **options)
-        except TypeError as err:
-            raise InputError(f"bad options for scaling: {err}") from None
-    if method == "iti":
-        if not isinstance(pairs, ContrastPairs):
-            raise InputError("ITI needs pairs= a ContrastPairs")
-        layers = [layer] if isinstance(layer, int) else layer
-        try:
-            return iti_intervention(model, pairs, layers=layers, **options)
-        except TypeError as err:
-            raise InputError(f"bad options for iti: {err}") from None
-    if method == "sae":
-        if not isinstance(concept, SaeFeature):
-            raise InputError("SAE steering needs concept= an SaeFeature")
-        mode = options.pop("mode", "add")
-        if options:
-            raise InputError(f"sae takes only the option mode=, not {sorted(options)}")
-        return sae_intervention(model, concept, site, scale, mode=mode)
-    if options:
-        raise InputError(f"{method} takes no options {sorted(options)}")
-    if method == "probe":
-        if not isinstance(concept, LinearProbe):
-            raise InputError("probe steering needs concept= a LinearProbe")
-        return probe_intervention(model, concept, site, scale)
-    if layer is None:
-        raise InputError(f"{method} needs layer=")
-    if method in ("caa", "repe"):
-        if not isinstance(pairs, ContrastPairs):
-            raise InputError(f"{method} needs pairs= a ContrastPairs")
-        if method == "repe":
-            return repe_intervention(model, pairs, layer, scale=scale)
-        if not isinstance(layer, int):
-            raise InputError("CAA reads one layer: pass layer= an int")
-        return caa_intervention(model, pairs, layer, scale=scale)
-    if not (isinstance(pairs, tuple) and len(pairs) == 2):
-        raise InputError("ActAdd needs pairs= one (plus, minus) prompt pair")
-    if not isinstance(layer, int):
-        raise InputError("ActAdd reads one layer: pass layer= an int")
-    return actadd_intervention(model, pairs[0], pairs[1], layer, scale=scale)
+        cfg = dataclasses.replace(config, **options) if options else config
+    inputs = FitInputs(concept, prompt, pairs, stop_on, concepts)
+    spec.check_inputs(inputs)
+    return spec.fit(model, cfg, inputs)

@@ -22,6 +22,7 @@ variant; a single prompt is a dataset of one). The result is an :class:`Interven
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from steerlens.errors import InputError, MethodError
 from steerlens.hooks import _position_slice, hooked
 from steerlens.methods.intervention import Intervention
+from steerlens.methods.registry import FitInputs, MethodSpec, register_method
 from steerlens.prompts import PromptsLike, as_prompts
 from steerlens.sites import Site, as_site
 
@@ -220,3 +222,54 @@ def scaling_intervention(
             "lower l1 or raise steps"
         )
     return Intervention("scaling", {}, 1.0, info, multipliers=kept)
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """``targets`` / ``sources``: one token id each per prompt, the answer to flip to and from;
+    ``components`` (or the heads and MLPs of ``layers``, default all) scaled at ``position``;
+    Adam for ``steps`` at ``lr`` on flip + ``faithfulness``·KL + ``l1``·‖m‖₁."""
+
+    targets: Sequence[int]
+    sources: Sequence[int]
+    components: Sequence[str] | None = None
+    layers: Sequence[int] | None = None
+    position: str = "last"
+    steps: int = 60
+    lr: float = 0.5
+    l1: float = 0.05
+    faithfulness: float = 1.0
+    margin: float = 1.0
+    progress: bool = False
+
+
+def _fit_scaling(model: HookedTransformer, cfg: ScalingConfig, inputs: FitInputs) -> Intervention:
+    assert inputs.prompt is not None
+    return scaling_intervention(
+        model,
+        inputs.prompt,
+        cfg.targets,
+        cfg.sources,
+        components=cfg.components,
+        layers=cfg.layers,
+        position=cfg.position,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        l1=cfg.l1,
+        faithfulness=cfg.faithfulness,
+        margin=cfg.margin,
+        progress=cfg.progress,
+    )
+
+
+register_method(
+    MethodSpec(
+        "scaling",
+        ScalingConfig,
+        _fit_scaling,
+        needs=("prompt",),
+        implicit_metric="none (multiplicative, per component)",
+        description="signed scalars on head and MLP outputs: flip target vs source, KL, L1 "
+        "(Stoehr et al.)",
+    )
+)

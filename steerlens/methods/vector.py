@@ -7,6 +7,7 @@ strength; the evaluation finds the strength that reaches a target concept probab
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,6 +21,7 @@ from steerlens.errors import ConceptError, InputError, MethodError
 from steerlens.hooks import record
 from steerlens.methods.clamp import SaeClamp
 from steerlens.methods.intervention import Intervention
+from steerlens.methods.registry import FitInputs, MethodSpec, register_method
 from steerlens.prompts import as_prompts
 from steerlens.sites import Site, as_site
 
@@ -175,3 +177,144 @@ def actadd_intervention(
     vectors = {read.at(i).name: h[0, i] - h[1, i] for i in range(n)}
     info = {"plus": a.tolist(), "minus": b.tolist(), "n_positions": n}
     return Intervention("actadd", vectors, scale, info)
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """``site``: the probe's own site by default (the same hook with another position rule is
+    allowed); ``scale``: ‖δ‖."""
+
+    site: str | None = None
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class SaeConfig:
+    """``mode``: ``"add"`` (δ = scale·W_dec[f]/‖W_dec[f]‖) or ``"clamp"`` (the feature's
+    activation set to ``scale``); ``site``: the SAE's own site by default."""
+
+    site: str | None = None
+    scale: float = 1.0
+    mode: str = "add"
+
+
+@dataclass(frozen=True)
+class CaaConfig:
+    """``layer``: read at its ``hook_resid_post``; ``position``: where it is added."""
+
+    layer: int
+    position: str | int = "all"
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class RepeConfig:
+    """``layer``: one layer or a list of layers, read and added at each."""
+
+    layer: int | list[int]
+    position: str | int = "all"
+    scale: float = 1.0
+    centred: bool = False
+
+
+@dataclass(frozen=True)
+class ActAddConfig:
+    """``layer``: read and added at its ``hook_resid_pre``."""
+
+    layer: int
+    scale: float = 1.0
+    pad_token: int | None = None
+
+
+def _check_layer(name: str, layer: Any) -> int:
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise InputError(f"{name} reads one layer: pass layer= an int, got {layer!r}")
+    return layer
+
+
+def _fit_probe(model: HookedTransformer, cfg: ProbeConfig, inputs: FitInputs) -> Intervention:
+    assert isinstance(inputs.concept, LinearProbe)
+    return probe_intervention(model, inputs.concept, cfg.site, cfg.scale)
+
+
+def _fit_sae(model: HookedTransformer, cfg: SaeConfig, inputs: FitInputs) -> Intervention:
+    assert isinstance(inputs.concept, SaeFeature)
+    return sae_intervention(model, inputs.concept, cfg.site, cfg.scale, mode=cfg.mode)
+
+
+def _fit_caa(model: HookedTransformer, cfg: CaaConfig, inputs: FitInputs) -> Intervention:
+    layer = _check_layer("CAA", cfg.layer)
+    return caa_intervention(model, inputs.pairs, layer, position=cfg.position, scale=cfg.scale)
+
+
+def _fit_repe(model: HookedTransformer, cfg: RepeConfig, inputs: FitInputs) -> Intervention:
+    return repe_intervention(
+        model, inputs.pairs, cfg.layer, position=cfg.position, scale=cfg.scale, centred=cfg.centred
+    )
+
+
+def _fit_actadd(model: HookedTransformer, cfg: ActAddConfig, inputs: FitInputs) -> Intervention:
+    pair = inputs.pairs
+    if not (isinstance(pair, tuple) and len(pair) == 2):
+        raise InputError(f"actadd needs pairs= one (plus, minus) prompt pair, got {pair!r}")
+    layer = _check_layer("ActAdd", cfg.layer)
+    return actadd_intervention(
+        model, pair[0], pair[1], layer, scale=cfg.scale, pad_token=cfg.pad_token
+    )
+
+
+register_method(
+    MethodSpec(
+        "probe",
+        ProbeConfig,
+        _fit_probe,
+        needs=("concept",),
+        input_types={"concept": LinearProbe},
+        implicit_metric="I on the probe",
+        description="δ ∝ probe weight w",
+    )
+)
+register_method(
+    MethodSpec(
+        "sae",
+        SaeConfig,
+        _fit_sae,
+        needs=("concept",),
+        input_types={"concept": SaeFeature},
+        implicit_metric="the SAE's dictionary",
+        description="δ ∝ decoder row W_dec[f] (mode='add'), or clamped: x + (c − f(x))·W_dec[f]",
+    )
+)
+register_method(
+    MethodSpec(
+        "caa",
+        CaaConfig,
+        _fit_caa,
+        needs=("pairs",),
+        input_types={"pairs": ContrastPairs},
+        implicit_metric="within-class covariance",
+        description="mean paired difference at resid_post, added at every position",
+    )
+)
+register_method(
+    MethodSpec(
+        "repe",
+        RepeConfig,
+        _fit_repe,
+        needs=("pairs",),
+        input_types={"pairs": ContrastPairs},
+        implicit_metric="activation covariance",
+        description="first principal component of paired differences, sign fixed by projection",
+    )
+)
+register_method(
+    MethodSpec(
+        "actadd",
+        ActAddConfig,
+        _fit_actadd,
+        needs=("pairs",),
+        input_types={"pairs": tuple},
+        implicit_metric="Euclidean on one pair",
+        description="one pair's difference at resid_pre, added at the first positions",
+    )
+)

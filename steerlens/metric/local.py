@@ -30,6 +30,7 @@ from torch import Tensor
 from steerlens.errors import NonFiniteError, SiteError
 from steerlens.metric.blockmap import BlockFn, block_map
 from steerlens.metric.core import Metric
+from steerlens.metric.precision import compute_model
 from steerlens.metric.pullback import MetricOptions, lens_logits, lens_rows
 from steerlens.metric.recursion import pull_block
 from steerlens.metric.state import PromptState, prompt_state
@@ -61,16 +62,18 @@ def entry_layer(site: Site, n_layers: int) -> int:
 class LocalPath:
     """Blocks ``entry..n_layers-1`` of one prompt at its last position, as functions of the
     residual x entering block ``entry``. Use as a context manager (fallback block maps attach
-    hooks for its duration). ``x0`` is the clean residual at the site."""
+    hooks for its duration). ``x0`` is the clean residual at the site. A float16 / bfloat16
+    model is run as its float32 copy (:func:`~steerlens.metric.precision.compute_model`), so
+    ``x0``, the logits and the metric are float32; the user's model is not changed."""
 
     def __init__(
         self, model: HookedTransformer, tokens: Int[Tensor, " pos"] | str, site: str | Site
     ) -> None:
-        self.model = model
+        self.model = compute_model(model)
         self.site = as_site(site, model)
         self.entry = entry_layer(self.site, model.cfg.n_layers)
         self.tokens = as_prompts(model, tokens)[0]
-        self.state: PromptState = prompt_state(model, self.tokens)
+        self.state: PromptState = prompt_state(self.model, self.tokens)
         self.x0: Float[Tensor, " d_model"] = self.state.resid[self.entry].clone()
         self._stack: ExitStack | None = None
         self._blocks: list[BlockFn] = []

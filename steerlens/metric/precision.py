@@ -2,10 +2,12 @@
 
 float16 / bfloat16 cannot carry the metric's factor rows (the output factor's rows differ by
 orders of magnitude, and the pull-back sums hundreds of products). ``pullback_metric``,
-``pullback_sweep`` and ``expected_metric`` therefore run on a float32 copy of a half-precision
+``pullback_sweep``, ``expected_metric`` and :class:`~steerlens.metric.local.LocalPath` (so the
+iterative methods and the path measures) therefore run on a float32 copy of a half-precision
 model — made once per model object and kept while the model lives (a new copy once its weights
-change) — and return float32 metrics (float64 where the engine accumulates Gram matrices). The
-user's model is never changed. Iterative steering needs a float32 or float64 model.
+change) — and return float32 metrics (float64 where the engine accumulates Gram matrices) and
+float32 steering vectors, which apply to the half model cast to its dtype. The user's model is
+never changed.
 
 >>> import torch
 >>> from steerlens.testing import tiny_model

@@ -55,9 +55,9 @@ def check_supported(model: HookedTransformer) -> None:
         raise InputError("the pullback metric needs a causal (decoder-only) model")
     if cfg.dtype in (torch.float16, torch.bfloat16):
         raise InputError(
-            f"the model is in {cfg.dtype}: pullback_metric, pullback_sweep and expected_metric "
-            "compute on a float32 copy by themselves (steerlens.metric.precision); for steering "
-            "and other metric paths use a float32 model, e.g. model.to(torch.float32)"
+            f"the model is in {cfg.dtype}: the prompt state is read in float32 or float64; "
+            "pass steerlens.metric.precision.compute_model(model), the float32 copy that "
+            "pullback_metric, pullback_sweep, expected_metric and LocalPath use"
         )
 
 

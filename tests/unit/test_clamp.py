@@ -93,7 +93,9 @@ def test_clamp_bad_input(model, tokens, tmp_path):
     before = weights_snapshot(model)
     with pytest.raises(errors.InputError, match="unknown SAE steering mode 'pin'"):
         sae_intervention(model, feature, mode="pin")
-    with pytest.raises(errors.InputError, match="only the option mode="):
+    with pytest.raises(
+        errors.InputError, match=r"sae has no options \[.value.\]; its options: site, scale, mode"
+    ):
         sl.fit(model, "sae", concept=feature, mode="clamp", value=3)
     with pytest.raises(errors.ConceptError, match="trained at"):
         sae_intervention(model, feature, "resid_post.1", mode="clamp")

@@ -4,7 +4,6 @@ functions themselves: ``test_cost.py``)."""
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -28,7 +27,6 @@ from steerlens.evaluation import (
     outcome_measures,
     summarize,
 )
-from steerlens.experiments.matched import _path_to
 from steerlens.methods import EuclideanConfig, Intervention, steer_iteratively
 from steerlens.metric.local import LocalPath
 from steerlens.metric.outcomes import OffTarget, outcome_distribution
@@ -204,9 +202,9 @@ def test_iterative_path_is_recorded_and_walked(gpt2_model, tokens):
     cfg = EuclideanConfig("resid_post.0", 0.99, step=0.4, max_steps=4)
     with LocalPath(model, tokens, "resid_post.0") as path:
         mark = float(concept.value(path.x0, path.logits(path.x0).detach())) + 0.6
-    iv = steer_iteratively(model, cfg, concept, tokens, checkpoints=[mark])
-    points = torch.tensor(iv.info["path"], dtype=torch.float64)
-    assert points.shape[0] == iv.info["steps"] + 1 == 5
+    run = steer_iteratively(model, cfg, concept, tokens, checkpoints=[mark])
+    iv, points = run.intervention, run.path
+    assert points.shape[0] == run.steps + 1 == 5
     assert points[0].abs().max() == 0 and torch.allclose(points[-1], iv.vector(), atol=1e-12)
     with LocalPath(model, tokens, "resid_post.0") as path:
         xs = [path.x0 + points[0]]
@@ -216,38 +214,32 @@ def test_iterative_path_is_recorded_and_walked(gpt2_model, tokens):
         end = path.logits(xs[-1]).detach()
         # the path to the checkpoint: the points below it, then the checkpoint's own δ, which
         # lies on the segment from the last of them to the next point
-        marked = iv.info["checkpoints"][repr(mark)]
-        prefix = _path_to(iv.info["path"], iv.info["trajectory"], mark, marked)
-        prefix = torch.tensor(prefix, dtype=torch.float64)
+        checkpoint = run.checkpoint(mark)
+        assert checkpoint is not None
+        marked, prefix = checkpoint.delta, run.path_to(mark)
         below = [float(concept.value(x, path.logits(x).detach())) for x in path.x0 + prefix[:-1]]
     assert 1 < len(prefix) < len(points) and max(below) < mark
-    assert torch.equal(prefix[-1], torch.tensor(marked, dtype=prefix.dtype))
+    assert torch.equal(prefix[-1], marked)
     a, b = prefix[-2], points[len(prefix) - 1]
     t = float((prefix[-1] - a) @ (b - a) / (b - a).norm() ** 2)
     assert 0 < t <= 1 and torch.allclose(a + t * (b - a), prefix[-1], atol=1e-9)
-    assert path_length(model, tokens, iv, off, sub=3) == pytest.approx(want, rel=1e-9)
+    assert path_length(model, tokens, iv, off, path=points, sub=3) == pytest.approx(want, rel=1e-9)
     # the walked path ends where the intervention's full forward pass lands
     full = next_logprobs(model, tokens, iv)
     assert torch.allclose(torch.log_softmax(end, -1), full, atol=1e-10)
     two = Intervention("two", {"resid_post.0": iv.vector(), "resid_post.1": iv.vector()})
     with pytest.raises(errors.InputError, match="one vector site"):
-        path_length(model, tokens, replace(two, info=iv.info), off)
+        path_length(model, tokens, two, off, path=points)
     with pytest.raises(errors.InputError, match="must start at 0 and end at the vector"):
-        path_length(model, tokens, iv.scaled(2.0), off)  # the path recorded is for scale 1
+        path_length(model, tokens, iv.scaled(2.0), off, path=points)  # the path is for scale 1
+    with pytest.raises(errors.InputError, match="a recorded path is"):
+        path_length(model, tokens, iv, off, path=points[:, :3])
 
 
 def test_outcome_distribution_merges_and_drops():
     logits = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64))
     merged = outcome_distribution(logits, OffTarget(exclude=(3,), merge=((0, 2),)))
     assert merged.tolist() == pytest.approx([0.0, 2 / 6, 4 / 6, 0.0])
-
-
-def test_path_to_a_checkpoint_stops_at_its_mark():
-    points = [[0.0], [1.0], [2.0], [3.0]]
-    trajectory = [{"stop_value": v} for v in (0.0, 0.5, 1.5, 2.5)]
-    assert _path_to(points, trajectory, 1.0, [1.4]) == [[0.0], [1.0], [1.4]]
-    assert _path_to(points, trajectory, -1.0, [0.0]) == [[0.0]]  # passed at the clean point
-    assert _path_to(points, trajectory, 1.0, None) == points
 
 
 def test_predictor_agreement_by_hand():

@@ -78,10 +78,13 @@ CONFIGS = [
 def test_iterative_reaches_target_on_the_real_model(model, tokens, cfg):
     snap = weights_snapshot(model)
     concept = concept_for(model)
-    iv = steer_iteratively(model, cfg, concept, tokens)
-    assert iv.info["reached"] and iv.info["steps"] >= 1
+    run = steer_iteratively(model, cfg, concept, tokens)
+    iv = run.intervention
+    assert run.reached and run.steps >= 1
     assert prob(model, tokens, iv) == pytest.approx(0.4, abs=1e-5)
-    assert math.isclose(iv.info["final_value"], math.log(0.4), abs_tol=1e-5)
+    assert math.isclose(run.final_value, math.log(0.4), abs_tol=1e-5)
+    assert run.path.shape == (run.steps + 1, model.cfg.d_model)
+    assert torch.equal(run.path[-1], iv.vector()) and run.path[0].abs().max() == 0
     assert_untouched(model, snap)
 
 
@@ -98,7 +101,8 @@ def test_fishback_first_step_is_damped_natural_gradient(model, tokens, off_targe
     """Reference: u = (G + λI)⁻¹g with G by jacrev of the full logits (exact vocabulary)."""
     concept = concept_for(model)
     cfg = FishBackConfig(SITE, 0.9, off_target=off_target, vocab="full", max_steps=1)
-    iv = steer_iteratively(model, cfg, concept, tokens)
+    run = steer_iteratively(model, cfg, concept, tokens)
+    iv = run.intervention
     g = full_grad(model, tokens, SITE, concept)
     exclude = [TARGET] if off_target else []
     big_g = oracle_metric(model, tokens, sl.Site.parse(SITE), exclude=exclude)
@@ -107,13 +111,13 @@ def test_fishback_first_step_is_damped_natural_gradient(model, tokens, off_targe
     got = iv.vector()
     cos = float(got @ u / (got.norm() * u.norm()))
     assert cos > 1 - 1e-9
-    first = iv.info["trajectory"][1]
-    assert first["value"] > iv.info["trajectory"][0]["value"]
+    assert run.trajectory[1].value > run.trajectory[0].value
 
 
 def test_euclidean_first_step_is_the_gradient(model, tokens):
     concept = concept_for(model)
-    iv = steer_iteratively(model, EuclideanConfig(SITE, 0.9, max_steps=1), concept, tokens)
+    run = steer_iteratively(model, EuclideanConfig(SITE, 0.9, max_steps=1), concept, tokens)
+    iv = run.intervention
     g = full_grad(model, tokens, SITE, concept)
     got = iv.vector()
     assert float(got @ g / (got.norm() * g.norm())) > 1 - 1e-12
@@ -131,7 +135,8 @@ def test_fishback_pays_less_off_target_kl_than_euclidean(model, tokens):
         EuclideanConfig(SITE, target, step=0.05),
         FishBackConfig(SITE, target, step=0.05, vocab="full", damping=1e-6),
     ):
-        iv = steer_iteratively(model, cfg, concept, tokens)
+        run = steer_iteratively(model, cfg, concept, tokens)
+        iv = run.intervention
         with iv.apply(model), torch.no_grad():
             steered = torch.log_softmax(model(tokens[None])[0, -1], -1)
         keep = torch.arange(model.cfg.d_vocab) != TARGET
@@ -210,6 +215,12 @@ def test_method_raising_midway_leaves_model_untouched(model, tokens):
 
         def target_value(self, p):
             return math.log(p)
+
+        def off_target(self):
+            return None
+
+        def check_site(self, site, model):
+            pass
 
     with pytest.raises(KeyboardInterrupt):
         steer_iteratively(model, FishBackConfig(SITE, 0.99), Exploding(), tokens)
@@ -452,7 +463,8 @@ def test_actadd_matches_reference(model):
 
 
 def test_intervention_save_load_roundtrip(model, tokens, tmp_path):
-    iv = steer_iteratively(model, FishBackConfig(SITE, 0.4), concept_for(model), tokens)
+    run = steer_iteratively(model, FishBackConfig(SITE, 0.4), concept_for(model), tokens)
+    iv = run.intervention
     iv.save(tmp_path / "iv")
     back = load_intervention(tmp_path / "iv")
     assert back.method == "fishback" and back.info["reached"]
@@ -465,7 +477,7 @@ def test_path_rho_one_step_is_rho_at_the_clean_point(model, tokens):
     concept = concept_for(model)
     cfg = FishBackConfig(SITE, 0.99, vocab="full", max_steps=1)
     compare = {"euclidean": lambda path, x, g: g, "fixed": lambda path, x, g: g + 0.3 * g.flip(0)}
-    iv = steer_iteratively(model, cfg, concept, tokens, compare=compare)
+    run = steer_iteratively(model, cfg, concept, tokens, compare=compare)
     g = full_grad(model, tokens, SITE, concept)
     big_g = oracle_metric(model, tokens, sl.Site.parse(SITE), exclude=[TARGET])
     a = big_g + cfg.damping * torch.trace(big_g) / big_g.shape[0] * torch.eye(big_g.shape[0])
@@ -473,8 +485,8 @@ def test_path_rho_one_step_is_rho_at_the_clean_point(model, tokens):
     for name, fn in compare.items():
         v = fn(None, None, g)
         want = float((v @ a @ v) * best / (g @ v) ** 2)
-        assert iv.info["path_rho"][name] == pytest.approx(want, rel=1e-8)
-    assert iv.info["path_rho"]["euclidean"] > 1
+        assert run.path_rho[name] == pytest.approx(want, rel=1e-8)
+    assert run.path_rho["euclidean"] > 1
 
 
 def test_path_rho_of_fishbacks_own_direction_is_one(model, tokens):
@@ -490,11 +502,11 @@ def test_path_rho_of_fishbacks_own_direction_is_one(model, tokens):
 
     compare = {"own": own, "euclidean": lambda path, x, g: g}
     mark = math.log(prob(model, tokens)) + 0.5  # passed at the third step or so
-    iv = steer_iteratively(model, cfg, concept, tokens, compare=compare, checkpoints=[mark])
-    assert iv.info["steps"] == 6
-    assert iv.info["path_rho"]["own"] == pytest.approx(1.0, abs=1e-9)
-    assert iv.info["path_rho"]["euclidean"] > 1
-    marked = iv.info["checkpoint_path_rho"][repr(mark)]
+    run = steer_iteratively(model, cfg, concept, tokens, compare=compare, checkpoints=[mark])
+    assert run.steps == 6
+    assert run.path_rho["own"] == pytest.approx(1.0, abs=1e-9)
+    assert run.path_rho["euclidean"] > 1
+    marked = run.checkpoint(mark).path_rho
     assert marked["own"] == pytest.approx(1.0, abs=1e-9) and marked["euclidean"] > 1
 
 
@@ -529,10 +541,10 @@ def test_path_rho_weights_each_step_by_its_concept_change(model, tokens):
         return fixed
 
     mark = math.log(prob(model, tokens)) + 0.75
-    iv = steer_iteratively(
+    run = steer_iteratively(
         model, cfg, concept, tokens, compare={"fixed": record}, checkpoints=[mark]
     )
-    values = [step["value"] for step in iv.info["trajectory"]]
+    values = [step.value for step in run.trajectory]
     changes = [b - a for a, b in zip(values, values[1:], strict=False)]
     assert len(seen) == len(changes) == 5
     assert max(r for r, _ in seen) / min(r for r, _ in seen) > 1.01  # ρ_t does vary
@@ -542,8 +554,8 @@ def test_path_rho_weights_each_step_by_its_concept_change(model, tokens):
         den = sum(dc / math.sqrt(b) for (_, b), dc in zip(pairs, dcs, strict=True))
         return (num / den) ** 2
 
-    assert iv.info["path_rho"]["fixed"] == pytest.approx(integral(seen, changes), rel=1e-7)
+    assert run.path_rho["fixed"] == pytest.approx(integral(seen, changes), rel=1e-7)
     cross = next(i for i, v in enumerate(values) if v >= mark) - 1  # the step that crosses it
     partial = changes[:cross] + [mark - values[cross]]
-    got = iv.info["checkpoint_path_rho"][repr(mark)]["fixed"]
+    got = run.checkpoint(mark).path_rho["fixed"]
     assert got == pytest.approx(integral(seen[: cross + 1], partial), rel=1e-7)

@@ -109,9 +109,37 @@ def test_hooks_on_the_half_model_stay_there_and_not_on_the_copy(tokens):
     assert hook_count(half) == 0
 
 
-def test_steering_a_half_model_says_what_to_do(tokens):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["fishback", "euclidean", "truncated_fisher"])
+def test_steering_a_half_model_runs_on_its_float32_copy(method, dtype, tokens):
+    """The iterative methods and the path measures accept a half model: they step in float32
+    on a copy of the same half weights (the result equals a run on that float32 model), and the
+    vector steers the half model itself close to the target."""
     from steerlens.concepts import PairConcept
+    from steerlens.diagnostics import path_length
+    from steerlens.methods import method_config, steer_iteratively
 
-    half = tiny_model("gpt2", dtype=torch.float16)
-    with pytest.raises(InputError, match="float32"):
-        sl.fit(half, "fishback", site="resid_post.0", concept=PairConcept(1, 2), prompt=tokens)
+    half = tiny_model("gpt2", dtype=dtype)
+    full = copy.deepcopy(half).to(torch.float32, print_details=False)
+    before = weights_snapshot(half)
+    concept = PairConcept(1, 2)
+    cfg = method_config(method, site="resid_post.0", target_probability=0.8)
+    run = steer_iteratively(half, cfg, concept, tokens)
+    want = steer_iteratively(full, cfg, concept, tokens)
+    assert run.reached and run.steps == want.steps
+    assert run.delta.dtype == torch.float32 and torch.equal(run.delta, want.delta)
+    with run.intervention.apply(half), torch.no_grad():
+        p = torch.softmax(half(tokens[None])[0, -1].double(), -1)
+    assert float(p[2] / (p[1] + p[2])) == pytest.approx(0.8, abs=0.02)
+    off = concept.off_target()
+    got = path_length(half, tokens, run.intervention, off, path=run.path)
+    assert got == pytest.approx(path_length(full, tokens, want.intervention, off, path=want.path))
+    assert_untouched(half, before)
+    assert hook_count(half) == 0 and half.cfg.dtype == dtype
+
+
+def test_the_prompt_state_of_a_half_model_names_the_float32_copy(tokens):
+    from steerlens.metric.state import prompt_state
+
+    with pytest.raises(InputError, match="compute_model"):
+        prompt_state(tiny_model("gpt2", dtype=torch.float16), tokens)

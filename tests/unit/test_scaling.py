@@ -130,7 +130,7 @@ def test_bad_inputs(gpt2_model):
         scaling_intervention(model, PROMPTS, targets, sources, components=["z.0:1", "z.0:1"])
     with pytest.raises(MethodError, match="kept no component"):
         scaling_intervention(model, PROMPTS, targets, sources, steps=2, l1=1e6)
-    with pytest.raises(InputError, match="bad options for scaling"):
+    with pytest.raises(InputError, match=r"scaling has no options \[.bogus.\]"):
         sl.fit(model, "scaling", prompt=PROMPTS, targets=targets, sources=sources, bogus=1)
     assert_untouched(model, before)
 

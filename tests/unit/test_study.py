@@ -265,7 +265,7 @@ def test_fishback_descends_a_given_off_target_geometry(model):
     merge = OffTarget.pair_merge({ctx.base_id: ctx.target_id, 11: 12})
     site = Site("resid_post", 0)
     cfg = FishBackConfig(site.name, 0.9, off_target=merge, vocab="full", max_steps=1)
-    iv = steer_iteratively(model, cfg, _concept(ctx), tokens)
+    iv = steer_iteratively(model, cfg, _concept(ctx), tokens).intervention
     with LocalPath(model, tokens, site) as path, torch.enable_grad():
         x = path.x0.clone().requires_grad_(True)
         g = torch.autograd.grad(_concept(ctx).value(x, path.logits(x)), x)[0]
@@ -278,7 +278,7 @@ def test_fishback_descends_a_given_off_target_geometry(model):
         FishBackConfig(site.name, 0.9, vocab="full", max_steps=1, off_target=False),
         _concept(ctx),
         tokens,
-    )
+    ).intervention
     assert float(plain.vector() @ got / (plain.vector().norm() * got.norm())) < 1 - 1e-6
     settings = MatchedSettings(
         targets=(0.6,), methods=("fishback", "fishback_merge", "fishback_plain"), step=0.5

@@ -85,3 +85,37 @@ def _broadcast(delta: Tensor, act: Tensor, site: Site) -> Tensor:
 
 def kl(logp: Tensor, logq: Tensor) -> Tensor:
     return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def vjp_block_shares(model, state, layer: int, rows: dict, fast=None) -> tuple[dict, list]:
+    """The block decomposition by reverse mode, one cotangent per (row, path): B_post at
+    ``hook_attn_out`` for the direct attention path, and for each head h the rows at ``hook_z``
+    with every other head zeroed, (1 + n_heads) × n_rows VJPs through the attention half.
+    Returns (path shares, head shares) of ‖B_pre‖²_F."""
+    from steerlens.metric.autodiff import pullback_rows
+    from steerlens.metric.blockmap import block_map
+
+    b_pre, b_post, b_mid, b_z = (rows[k] for k in ("resid_pre", "resid_post", "resid_mid", "z"))
+    x = state.resid[layer].to(b_pre.dtype)
+    n_rows, n_heads = b_z.shape[0], b_z.shape[1]
+    eye = torch.eye(n_heads, dtype=b_z.dtype, device=b_z.device)
+    per_head = (b_z.unsqueeze(0) * eye.view(n_heads, 1, n_heads, 1)).flatten(0, 1)
+    cot_attn = torch.cat([b_post, torch.zeros_like(b_post).repeat(n_heads, 1)])
+    cot_z = torch.cat([torch.zeros_like(b_z), per_head])
+    with (
+        torch.no_grad(),
+        block_map(model, layer, state, (), ("attn_out", "z"), dtype=x.dtype, fast=fast) as fn,
+    ):
+        grads = pullback_rows(lambda y: fn(y)[1:], (x,), (cot_attn, cot_z))[0]
+    direct = grads[:n_rows]
+    heads = grads[n_rows:].view(n_heads, n_rows, -1)
+    total = b_pre.pow(2).sum()
+    attn = (direct * b_pre).sum()
+    shares = {
+        "skip": (b_post * b_pre).sum(),
+        "mlp": ((b_mid - b_post) * b_pre).sum(),
+        "attn": attn,
+        "attn_mlp": ((b_pre - b_mid) * b_pre).sum() - attn,
+    }
+    head_shares = ((heads * b_pre.unsqueeze(0)).sum((1, 2)) / total).tolist()
+    return {k: float(v / total) for k, v in shares.items()}, head_shares

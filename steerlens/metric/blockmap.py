@@ -4,6 +4,8 @@
 ``fn(x, *deltas) -> (resid_post, *captured)``: x is the residual entering the block at the last
 position, each delta is added at one hook (a site kind), and ``captured`` are the values of other
 hooks (for the decomposition). Earlier positions are fixed at their clean keys and values.
+``captured_only=True`` yields ``fn(x, *deltas) -> captured`` alone, so a transform of the map
+carries no tangents or cotangents for the block output.
 
 Two implementations, checked against each other and against brute force in the tests:
 
@@ -11,7 +13,8 @@ Two implementations, checked against each other and against brute force in the t
   rotary positions; plain or gated MLP; multi-head or grouped-query attention). It attends from
   the single query to the cached keys (rotated once), with queries viewed as
   ``[kv_heads, group, d_head]`` so grouped keys are never expanded, and splits the scores into
-  the fixed past and the new key so no gradient flows into the past.
+  the fixed past and the new key so no gradient flows into the past. Its captures (``z``,
+  ``result``, ``attn_out``) all lie in the attention half: a captures-only call stops there.
 - :class:`HookedBlock`, a fallback for every other block TransformerLens builds (post-norms,
   QK-norm, soft-caps...): TransformerLens's own block forward with a frozen key-value cache entry,
   deltas and captures attached as hooks inside the context.
@@ -90,7 +93,11 @@ class FastBlock:
         return rotated.view(n, self.d_head)
 
     def __call__(
-        self, x: Tensor, deltas: dict[str, Tensor], capture: Sequence[str]
+        self,
+        x: Tensor,
+        deltas: dict[str, Tensor],
+        capture: Sequence[str],
+        captured_only: bool = False,
     ) -> tuple[Tensor, ...]:
         h = self.ln1(x.view(1, 1, -1)).view(-1)
         q = self._rotate(h @ self.w_q + self.b_q, self.n_heads)
@@ -118,6 +125,8 @@ class FastBlock:
         if "attn_out" in deltas:
             attn_out = attn_out + deltas["attn_out"]
         values["attn_out"] = attn_out
+        if captured_only:
+            return tuple(values[c] for c in capture)
         mid = x + attn_out
         if "resid_mid" in deltas:
             mid = mid + deltas["resid_mid"]
@@ -151,19 +160,21 @@ def block_map(
     *,
     dtype: torch.dtype,
     fast: bool | None = None,
+    captured_only: bool = False,
 ) -> Iterator[BlockFn]:
     """Yield ``fn(x, *deltas) -> (resid_post, *captured)`` for block ``layer`` at the last
-    position. ``fast=None`` picks :class:`FastBlock` where it is exact."""
+    position (``captured_only``: ``captured`` alone). ``fast=None`` picks :class:`FastBlock`
+    where it is exact."""
     use_fast = fast_supported(model, layer, state.n_pos) if fast is None else fast
     if use_fast:
         impl = FastBlock(model, layer, state, dtype)
 
         def fast_fn(x: Tensor, *deltas: Tensor) -> tuple[Tensor, ...]:
-            return impl(x, dict(zip(delta_kinds, deltas, strict=True)), capture)
+            return impl(x, dict(zip(delta_kinds, deltas, strict=True)), capture, captured_only)
 
         yield fast_fn
         return
-    yield from _hooked_block(model, layer, state, delta_kinds, capture)
+    yield from _hooked_block(model, layer, state, delta_kinds, capture, captured_only)
 
 
 def _hooked_block(
@@ -172,6 +183,7 @@ def _hooked_block(
     state: PromptState,
     delta_kinds: Sequence[str],
     capture: Sequence[str],
+    captured_only: bool,
 ) -> Iterator[BlockFn]:
     holder: dict[str, Tensor] = {}
     captured: dict[str, Tensor] = {}
@@ -194,7 +206,8 @@ def _hooked_block(
     def fn(x: Tensor, *deltas: Tensor) -> tuple[Tensor, ...]:
         holder.update(zip(delta_kinds, deltas, strict=True))
         out = _tl.block_forward_cached(model, layer, x.view(1, 1, -1), state.cache).view(-1)
-        return (out, *[captured[k] for k in capture])
+        values = tuple(captured[k] for k in capture)
+        return values if captured_only else (out, *values)
 
     need_result = "result" in delta_kinds or "result" in capture
     with hooked(model, hooks, need_result=need_result):  # type: ignore[arg-type]

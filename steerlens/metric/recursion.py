@@ -10,16 +10,24 @@ next block down, so all sites of all layers cost one batched backward pass.
 
 The block decomposition splits ‖B_pre‖²_F = ⟨B_pre, B_pre⟩ exactly into the skip path ⟨B_post,
 B_pre⟩, the MLP path ⟨B_mid − B_post, B_pre⟩, attention ⟨B_post, J_A B_pre⟩ and attention-then-MLP
-⟨B_mid − B_post, J_A B_pre⟩, with attention further split per head; J_A B_pre comes from one
-forward-mode pass (``torch.func.jvp``) over the same rows.
+⟨B_mid − B_post, J_A B_pre⟩ (the remainder ⟨B_pre − B_mid, B_pre⟩ − attention), with the two
+attention paths together split per head: head h carries Σ_r ⟨B_z[r, h], (∂z_h/∂x) B_pre[r]⟩, where
+B_z are the rows at ``hook_z``. One forward-mode pass (``torch.func.jvp``, vmapped over the n_rows
+rows of B_pre as tangents) through the attention half of the block gives J_A B_pre at
+``hook_attn_out`` and every head's (∂z_h/∂x) B_pre at ``hook_z`` at once, so the per-head split
+costs n_rows tangents however many heads the block has; the fast block map stops at the
+attention output, the hooked one runs TransformerLens's whole block.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+import torch.autograd.forward_ad as fwad
 from jaxtyping import Float
 from torch import Tensor
 
@@ -83,26 +91,37 @@ def pull_block(
     return out
 
 
+@functools.cache
+def _load_forward_ad() -> None:
+    """torch loads its forward-mode decompositions on first use through ``torch.jit.script``,
+    which warns that jit is deprecated: torch's own internals, nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*torch.jit.script.*", DeprecationWarning)
+        with fwad.dual_level():
+            fwad.make_dual(torch.zeros(1), torch.zeros(1))
+
+
 def _decompose(
     model: HookedTransformer, state: PromptState, layer: int, out: BlockPullback, fast: bool | None
 ) -> None:
-    """Exact shares of ‖B_pre‖²_F by path and by head, from one batched VJP through the
-    attention half of the block: cotangent B_post at ``hook_attn_out`` gives the direct attention
-    path B_post J_A; cotangent B_z restricted to head h at ``hook_z`` gives head h's path."""
+    """Exact shares of ‖B_pre‖²_F by path and by head. Each row of B_pre is pushed forward
+    through the attention half of the block (one ``torch.func.jvp``, vmapped over the rows) to
+    its tangents at ``hook_attn_out`` (J_A B_pre) and ``hook_z``; head h's share is
+    Σ_r ⟨B_z[r, h], (∂z_h/∂x) B_pre[r]⟩ and the direct attention share ⟨B_post, J_A B_pre⟩."""
     b_pre, b_post, b_mid = out.rows["resid_pre"], out.rows["resid_post"], out.rows["resid_mid"]
     b_z = out.rows["z"]  # [rows, head, d_head]
     x = state.resid[layer].to(b_pre.dtype)
-    n_rows, n_heads = b_z.shape[0], b_z.shape[1]
-    eye = torch.eye(n_heads, dtype=b_z.dtype, device=b_z.device)
-    per_head = (b_z.unsqueeze(0) * eye.view(n_heads, 1, n_heads, 1)).flatten(0, 1)
-    cot_attn = torch.cat([b_post, torch.zeros_like(b_post).repeat(n_heads, 1)])
-    cot_z = torch.cat([torch.zeros_like(b_z), per_head])
-    with block_map(model, layer, state, (), ("attn_out", "z"), dtype=x.dtype, fast=fast) as fn:
-        grads = pullback_rows(lambda y: fn(y)[1:], (x,), (cot_attn, cot_z))[0]
-    direct = grads[:n_rows]
-    heads = grads[n_rows:].view(n_heads, n_rows, -1)
+    _load_forward_ad()
+    with block_map(
+        model, layer, state, (), ("attn_out", "z"), dtype=x.dtype, fast=fast, captured_only=True
+    ) as fn:
+
+        def push(tangent: Tensor) -> tuple[Tensor, ...]:
+            return torch.func.jvp(fn, (x,), (tangent,))[1]
+
+        t_attn, t_z = torch.vmap(push)(b_pre)
     total = b_pre.pow(2).sum()
-    attn = (direct * b_pre).sum()
+    attn = (b_post * t_attn).sum()
     shares = {
         "skip": (b_post * b_pre).sum(),
         "mlp": ((b_mid - b_post) * b_pre).sum(),
@@ -110,4 +129,4 @@ def _decompose(
         "attn_mlp": ((b_pre - b_mid) * b_pre).sum() - attn,
     }
     out.shares = {k: float(v / total) for k, v in shares.items()}
-    out.head_shares = ((heads * b_pre.unsqueeze(0)).sum((1, 2)) / total).tolist()
+    out.head_shares = ((b_z * t_z).sum((0, 2)) / total).tolist()

@@ -1,0 +1,131 @@
+"""The block decomposition by one forward-mode pass against the reverse-mode reference.
+
+The shares come from pushing the rows of B_pre forward through the attention half of each block
+(:func:`steerlens.metric.recursion._decompose`); :func:`tests.oracle.vjp_block_shares` computes
+the same numbers with one VJP per (row, path), head by head. Both block maps (the written-out
+fast block and TransformerLens's own through hooks), both flavours, three layers, with and
+without an off-target transform.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steerlens import _tl
+from steerlens.metric import OffTarget, pullback_sweep
+from steerlens.metric.blockmap import block_map, fast_supported
+from steerlens.metric.pullback import MetricOptions, lens_rows
+from steerlens.metric.recursion import _DELTA_KINDS, pull_block
+from steerlens.metric.state import prompt_state
+from steerlens.testing import FLAVOURS, tiny_config, tiny_model
+from tests.oracle import vjp_block_shares
+
+OPTIONS = {
+    "full": MetricOptions(vocab="full"),
+    "auto": MetricOptions(),
+    "complement": MetricOptions(off_target=OffTarget.complement([3, 9, 40])),
+    "pair_merge": MetricOptions(vocab="full", off_target=OffTarget.pair_merge({5: 6, 7: 8})),
+}
+TOKENS = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])
+
+
+@pytest.fixture(scope="module", params=FLAVOURS)
+def deep_model(request):
+    """A three-block tiny float64 model of each flavour."""
+    return tiny_model(request.param, n_layers=3)
+
+
+@pytest.fixture(scope="module")
+def non_plain_model():
+    """A llama-flavour model with QK-norm and an attention soft-cap: only the hooked map fits."""
+    fields = _tl.config_to_dict(tiny_config("llama", n_layers=2))
+    fields |= dict(use_qk_norm=True, attn_scores_soft_cap=20.0)
+    model = _tl.HookedTransformer(_tl.config_from_dict(fields))
+    model.eval()
+    return model
+
+
+def _walk(model, tokens, options, fast):
+    """(layer, BlockPullback) from the last block down, each decomposed."""
+    state = prompt_state(model, tokens)
+    n = model.cfg.n_layers
+    b = lens_rows(model, state.resid[n], options)[0]
+    for layer in range(n - 1, -1, -1):
+        pulled = pull_block(model, state, layer, b, set(), decompose=True, fast=fast)
+        yield state, layer, pulled
+        b = pulled.rows["resid_pre"]
+
+
+def _max_diff(pulled, shares, heads) -> float:
+    paths = max(abs(pulled.shares[k] - v) for k, v in shares.items())
+    return max(paths, max(abs(a - b) for a, b in zip(pulled.head_shares, heads, strict=True)))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "hooked"])
+@pytest.mark.parametrize("opt", list(OPTIONS))
+def test_shares_equal_reverse_mode_reference(deep_model, fast, opt):
+    for state, layer, pulled in _walk(deep_model, TOKENS, OPTIONS[opt], fast):
+        shares, heads = vjp_block_shares(deep_model, state, layer, pulled.rows, fast)
+        assert set(pulled.shares) == set(shares)
+        assert len(pulled.head_shares) == deep_model.cfg.n_heads
+        assert _max_diff(pulled, shares, heads) < 1e-10, layer
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "hooked"])
+def test_shares_sum_to_one(deep_model, fast):
+    """Paths sum to 1, and the heads to the two attention paths, at every layer."""
+    for _, layer, pulled in _walk(deep_model, TOKENS, OPTIONS["auto"], fast):
+        assert abs(sum(pulled.shares.values()) - 1) < 1e-12, layer
+        attn = pulled.shares["attn"] + pulled.shares["attn_mlp"]
+        assert abs(sum(pulled.head_shares) - attn) < 1e-12, layer
+
+
+def test_non_plain_block_uses_hooked_map(non_plain_model):
+    """A block the fast map cannot write out: the automatic choice is the hooked map, and its
+    shares equal the reference and still sum to 1."""
+    tokens = TOKENS[:7]
+    assert not fast_supported(non_plain_model, 0, len(tokens))
+    for state, layer, pulled in _walk(non_plain_model, tokens, OPTIONS["full"], None):
+        shares, heads = vjp_block_shares(non_plain_model, state, layer, pulled.rows, None)
+        assert _max_diff(pulled, shares, heads) < 1e-10, layer
+        assert abs(sum(pulled.shares.values()) - 1) < 1e-12
+
+
+def test_sweep_shares_are_the_decomposition(deep_model):
+    """``pullback_sweep``'s share tables hold each layer's decomposition of the one prompt."""
+    sweep = pullback_sweep(deep_model, TOKENS, decompose=True)
+    paths = sweep.shares.set_index(["layer", "path"])["share"]
+    heads = sweep.head_shares.set_index(["layer", "head"])["share"]
+    for state, layer, pulled in _walk(deep_model, TOKENS, MetricOptions(), None):
+        shares, head_ref = vjp_block_shares(deep_model, state, layer, pulled.rows)
+        for path, value in shares.items():
+            assert abs(paths[(layer, path)] - value) < 1e-10, (layer, path)
+        for head, value in enumerate(head_ref):
+            assert abs(heads[(layer, head)] - value) < 1e-10, (layer, head)
+
+
+def test_decompose_leaves_rows_unchanged(deep_model):
+    """Asking for the decomposition changes no factor rows."""
+    state = prompt_state(deep_model, TOKENS)
+    b = lens_rows(deep_model, state.resid[3], MetricOptions())[0]
+    kinds = set(_DELTA_KINDS)
+    plain = pull_block(deep_model, state, 2, b, kinds)
+    with_shares = pull_block(deep_model, state, 2, b, kinds, decompose=True)
+    for kind, rows in plain.rows.items():
+        assert torch.equal(with_shares.rows[kind], rows), kind
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "hooked"])
+def test_captured_only_map(deep_model, fast):
+    """``captured_only`` yields the captures alone, equal to those of the full map."""
+    state = prompt_state(deep_model, TOKENS)
+    x = state.resid[1]
+    kw = dict(dtype=x.dtype, fast=fast)
+    with block_map(deep_model, 1, state, (), ("attn_out", "z"), **kw) as fn:
+        full = fn(x)
+    with block_map(deep_model, 1, state, (), ("attn_out", "z"), captured_only=True, **kw) as fn:
+        only = fn(x)
+    assert len(only) == 2
+    for a, b in zip(only, full[1:], strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)

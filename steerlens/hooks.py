@@ -131,14 +131,66 @@ def site_index(site: Site, n_pos: int) -> tuple[slice | int, ...] | None:
     return (slice(None), sl) if site.head is None else (slice(None), sl, site.head)
 
 
+#: a [batch, pos] attention mask, 1 on real tokens and 0 on padding (TransformerLens's own)
+Mask = Tensor
+
+
+def check_mask(mask: Tensor) -> Tensor:
+    """``mask`` as a bool [batch, pos] tensor, after checking it is 0/1 with a real token in
+    every row."""
+    if not isinstance(mask, Tensor) or mask.ndim != 2:
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise InputError(f"an attention mask is a [batch, pos] tensor of 0/1, got {shape}")
+    if mask.is_floating_point() or mask.is_complex():
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise InputError("an attention mask holds only 0 (padding) and 1 (a real token)")
+    elif mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise InputError("an attention mask holds only 0 (padding) and 1 (a real token)")
+    real = mask.bool()
+    empty = [i for i, n in enumerate(real.sum(1).tolist()) if n == 0]
+    if empty:
+        raise InputError(f"rows {empty} of the attention mask have no real token (all padding)")
+    return real
+
+
+def _masked_rows(site: Site, real: Tensor) -> Tensor:
+    """The [batch, pos] positions a site's rule picks among each row's real tokens: all of
+    them, the last, or the p-th (none in a row shorter than p + 1)."""
+    if site.position == "all":
+        return real
+    rank = real.long().cumsum(1) - 1  # each real token's index among its row's real tokens
+    if site.position == "last":
+        want = real.sum(1, keepdim=True) - 1
+    elif site.position < 0:
+        raise InputError(
+            f"site {site.name}: a negative position is relative to the prompt; "
+            "resolve it first with Site.resolve_position"
+        )
+    else:
+        want = torch.full_like(rank[:, :1], site.position)
+    return real & (rank == want)
+
+
 @contextmanager
 def edit_at(
-    model: HookedTransformer, site: Site, edit: Callable[[Tensor, torch.Size], Tensor]
+    model: HookedTransformer,
+    site: Site,
+    edit: Callable[[Tensor, torch.Size], Tensor],
+    *,
+    attention_mask: Mask | None = None,
 ) -> Iterator[HookedTransformer]:
     """While inside the block, replace the site's slice of its activation (its positions, its
-    head) by ``edit(slice, shape)``, ``shape`` being the site's own activation shape."""
+    head) by ``edit(slice, shape)``, ``shape`` being the site's own activation shape.
+
+    With an ``attention_mask`` (a padded batch, either padding side), positions count real
+    tokens only: ``@last`` is each row's last real token, ``@all`` skips padding, ``@p`` is each
+    row's p-th real token. A forward pass of one position per row (a cached generation step)
+    holds only new, real tokens: ``@last`` and ``@all`` edit it, ``@p`` does not."""
+    real = None if attention_mask is None else check_mask(attention_mask)
 
     def hook(act: Tensor, hook: object) -> Tensor:
+        if real is not None:
+            return _edit_masked(act, real)
         if site.position == "all" and site.head is None:  # one addition, no clone
             return edit(act, act.shape[2:])
         index = site_index(site, act.shape[1])
@@ -146,6 +198,34 @@ def edit_at(
             return act
         act = act.clone()
         act[index] = edit(act[index], act.shape[len(index) :])
+        return act
+
+    def _edit_masked(act: Tensor, real: Tensor) -> Tensor:
+        if act.shape[0] != real.shape[0]:
+            raise InputError(
+                f"the attention mask has {real.shape[0]} rows but the forward pass at "
+                f"{site.name} has {act.shape[0]}"
+            )
+        if act.shape[1] == real.shape[1]:
+            rows = _masked_rows(site, real.to(act.device))
+        elif act.shape[1] == 1:  # a generation step: one new, real token per row
+            if site.position not in ("all", "last"):
+                return act
+            rows = torch.ones(act.shape[:2], dtype=torch.bool, device=act.device)
+        else:
+            raise InputError(
+                f"the attention mask covers {real.shape[1]} positions but the forward pass at "
+                f"{site.name} has {act.shape[1]}: give the mask of the tokens being run"
+            )
+        if not bool(rows.any()):
+            return act
+        act = act.clone()
+        picked = act[rows]
+        if site.head is None:
+            picked = edit(picked, picked.shape[1:])
+        else:
+            picked[:, site.head] = edit(picked[:, site.head], picked.shape[2:])
+        act[rows] = picked
         return act
 
     with hooked(model, [(site.hook_name, hook)], need_result=site.kind == "result"):
@@ -158,28 +238,41 @@ def add_vector(
     site: str | Site,
     vector: Float[Tensor, " dim"],
     scale: float = 1.0,
+    *,
+    attention_mask: Mask | None = None,
 ) -> Iterator[HookedTransformer]:
     """Add ``scale * vector`` to the activation at ``site`` (at its position rule) while inside
     the block. ``"last"`` adds at the final position of every forward pass, so it also steers
-    each new token during generation; ``"all"`` adds at every position."""
+    each new token during generation; ``"all"`` adds at every position. With an
+    ``attention_mask`` the rule counts each row's real tokens (:func:`edit_at`)."""
     site = as_site(site, model)
     check_vector(vector, site, model)
     delta = (scale * vector).to(dtype=model.cfg.dtype, device=model.cfg.device)
     if not torch.isfinite(delta).all():
         raise NonFiniteError(f"scale {scale} times the vector overflows at site {site.name}")
-    with edit_at(model, site, lambda x, shape: x + delta.view(shape).to(x.dtype)):
+    with edit_at(
+        model,
+        site,
+        lambda x, shape: x + delta.view(shape).to(x.dtype),
+        attention_mask=attention_mask,
+    ):
         yield model
 
 
 @contextmanager
 def scale_activation(
-    model: HookedTransformer, site: str | Site, factor: float
+    model: HookedTransformer,
+    site: str | Site,
+    factor: float,
+    *,
+    attention_mask: Mask | None = None,
 ) -> Iterator[HookedTransformer]:
     """Multiply the activation at ``site`` (its position rule; one head for per-head sites) by
-    ``factor`` while inside the block: 0 ablates it, 2 doubles it, -1 flips its sign."""
+    ``factor`` while inside the block: 0 ablates it, 2 doubles it, -1 flips its sign. With an
+    ``attention_mask`` the rule counts each row's real tokens (:func:`edit_at`)."""
     site = as_site(site, model)
     factor = float(factor)
     if not math.isfinite(factor):
         raise NonFiniteError(f"scaling factor {factor} at {site.name} is not finite")
-    with edit_at(model, site, lambda x, shape: x * factor):
+    with edit_at(model, site, lambda x, shape: x * factor, attention_mask=attention_mask):
         yield model

@@ -70,15 +70,20 @@ class SaeClamp:
 
 @contextmanager
 def clamp_feature(
-    model: HookedTransformer, site: str | Site, clamp: SaeClamp, scale: float = 1.0
+    model: HookedTransformer,
+    site: str | Site,
+    clamp: SaeClamp,
+    scale: float = 1.0,
+    *,
+    attention_mask: Tensor | None = None,
 ) -> Iterator[HookedTransformer]:
-    """While inside the block, clamp the feature at ``site`` (its position rule) to
-    ``scale · clamp.value``."""
+    """While inside the block, clamp the feature at ``site`` (its position rule; with an
+    ``attention_mask``, counted over each row's real tokens) to ``scale · clamp.value``."""
     site = as_site(site, model)
     clamp.check(site, model)
     if not math.isfinite(scale * clamp.value):
         raise NonFiniteError(f"clamp value {scale} × {clamp.value} overflows at {site.name}")
-    with edit_at(model, site, lambda x, shape: clamp.edit(x, scale)):
+    with edit_at(model, site, lambda x, shape: clamp.edit(x, scale), attention_mask=attention_mask):
         yield model
 
 

@@ -173,19 +173,32 @@ class Intervention:
 
     @contextmanager
     def apply(
-        self, model: HookedTransformer, scale: float | None = None
+        self,
+        model: HookedTransformer,
+        scale: float | None = None,
+        *,
+        attention_mask: Tensor | None = None,
     ) -> Iterator[HookedTransformer]:
         """Steer ``model`` inside the block (``scale`` overrides the intervention's own); every
-        hook is removed on exit, exceptions included."""
+        hook is removed on exit, exceptions included. For a padded batch pass its
+        ``attention_mask`` ([batch, pos], 1 on real tokens, either padding side): ``@last``
+        then steers each row's last real token, ``@all`` skips padding, ``@p`` is each row's
+        p-th real token (:func:`steerlens.hooks.edit_at`)."""
         self.check(model)
         factor = self.scale if scale is None else float(scale)
         with ExitStack() as stack:
             for spec, vector in self.vectors.items():
-                stack.enter_context(add_vector(model, spec, vector, factor))
+                stack.enter_context(
+                    add_vector(model, spec, vector, factor, attention_mask=attention_mask)
+                )
             for spec, m in self.multipliers.items():
-                stack.enter_context(scale_activation(model, spec, 1 + factor * m))
+                stack.enter_context(
+                    scale_activation(model, spec, 1 + factor * m, attention_mask=attention_mask)
+                )
             for spec, clamp in self.clamps.items():
-                stack.enter_context(clamp_feature(model, spec, clamp, factor))
+                stack.enter_context(
+                    clamp_feature(model, spec, clamp, factor, attention_mask=attention_mask)
+                )
             yield model
 
     def save(self, path: str | os.PathLike[str]) -> Path:

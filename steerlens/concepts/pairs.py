@@ -13,8 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from steerlens._moved import moved_attribute
 from steerlens.errors import ConceptError
+
+#: names that moved out, resolved here with a DeprecationWarning until the next release
+_MOVED = {"verb_contrast_pairs": "steerlens.datasets.contexts"}
+
+
+def __getattr__(name: str) -> Any:
+    return moved_attribute(__name__, name, _MOVED)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,12 @@ so only the kept outcomes' columns of W_U are touched. ``vocab="auto"`` keeps th
 holding 1 − ε of q plus one exact "rest" outcome (a coarse-graining: a lower bound on G, exact as
 ε → 0); ``vocab="full"`` forms the exact d×d matrix Σ_j q_j μ_j μ_jᵀ − μ_U μ_Uᵀ (cost V·d²) and
 factors it.
+
+The *sampled* Fisher instead draws k outcomes y_1..y_k ~ q i.i.d. and keeps the score rows
+∇_u log q_{y_i} / √k: since E_{y~q}[∇ log q_y ∇ log q_yᵀ] is the Fisher, their Gram is an unbiased
+estimate of it, from k rows whatever the vocabulary (:func:`sampled_factor`). Its rows come from
+:func:`outcome_factor`, which weights any given outcomes; weighting every outcome by q_y gives
+the exact metric, which is how the tests check the estimator's expectation.
 """
 
 from __future__ import annotations
@@ -291,3 +297,72 @@ def _full_factor(
         m = w[:, members].double() @ sp[members]
         gram += torch.outer(m, m) / mass[target]
     return _gram_factor(gram / total - torch.outer(mu_u, mu_u))
+
+
+def outcome_factor(
+    logits: Float[Tensor, " d_vocab"],
+    w_u: Float[Tensor, "d_model d_vocab"],
+    outcomes: Int[Tensor, " n_rows"],
+    weights: Float[Tensor, " n_rows"],
+    *,
+    off_target: OffTarget | None = None,
+    softcap: float | None = None,
+) -> Float[Tensor, "n_rows d_model"]:
+    """Rows √w_j ∇_u log q_{y_j} (float64) for outcomes named by their representative token ids
+    (a merge's target stands for its group), so that the rows' Gram is Σ_j w_j s_j s_jᵀ with
+    s_j the score of outcome y_j. Weights q_y over every outcome give the exact Fisher; the
+    counts of k draws over k give :func:`sampled_factor`.
+
+    >>> logits = torch.tensor([0.0, 1.0, 2.0])
+    >>> w = torch.eye(3, dtype=torch.float64)
+    >>> q = outcome_distribution(logits)
+    >>> rows = outcome_factor(logits, w, torch.arange(3), q)
+    >>> torch.allclose(rows.T @ rows, torch.diag(q) - torch.outer(q, q))
+    True
+    """
+    p = torch.softmax(logits.double(), -1)
+    sp = p * (1 - (logits.double() / softcap).pow(2) if softcap else 1)
+    mass, rep, merged = _outcomes(p, off_target)
+    total = mass.sum()
+    if total <= 0:
+        raise ConceptError("the off-target distribution has zero probability mass")
+    outcomes = outcomes.to(device=p.device, dtype=torch.long)
+    safe = outcomes.clamp(0, p.shape[0] - 1)
+    valid = (outcomes == safe) & (rep[safe] == safe) & (mass[safe] > 0)
+    if not bool(valid.all()):
+        bad = outcomes[~valid][:5].tolist()
+        raise InputError(
+            f"outcomes {bad} are not outcomes of positive mass: pass representative token ids "
+            "that the transform keeps (not dropped, not a merged-away base)"
+        )
+    mu_u = _chunked_matvec(w_u, torch.where(rep >= 0, sp, torch.zeros_like(sp))) / total
+    # μ_y = m_y / P_y, m_y = Σ_{t in y} s_t p_t w_t: the outcome's own column, then merged members
+    cols = w_u[:, outcomes].double() * (sp[outcomes] / mass[outcomes])
+    for base, target in merged:
+        hit = outcomes == target
+        if bool(hit.any()):
+            cols[:, hit] += (w_u[:, base].double() * (sp[base] / mass[target])).unsqueeze(1)
+    rows = (cols - mu_u.unsqueeze(1)).T
+    return (rows * weights.to(rows).sqrt().unsqueeze(1)).contiguous()
+
+
+def sampled_factor(
+    logits: Float[Tensor, " d_vocab"],
+    w_u: Float[Tensor, "d_model d_vocab"],
+    samples: int,
+    generator: torch.Generator,
+    *,
+    off_target: OffTarget | None = None,
+    softcap: float | None = None,
+) -> tuple[Float[Tensor, "n_rows d_model"], dict[str, Any]]:
+    """The sampled Fisher factor: ``samples`` outcomes drawn i.i.d. from the model's own
+    (transformed) next-token distribution q with ``generator``, one score row per distinct
+    outcome weighted by its count / ``samples``. Its Gram is unbiased for the exact Fisher
+    (``vocab="full"``) and has at most ``samples`` rows."""
+    q = outcome_distribution(logits, off_target)
+    draws = torch.multinomial(q, samples, replacement=True, generator=generator)
+    outcomes, counts = torch.unique(draws, return_counts=True)
+    rows = outcome_factor(
+        logits, w_u, outcomes, counts.double() / samples, off_target=off_target, softcap=softcap
+    )
+    return rows, {"vocab": "sampled", "dropped_mass": 0.0, "top_k": int(outcomes.numel())}

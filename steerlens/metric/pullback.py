@@ -28,7 +28,12 @@ from steerlens.errors import InputError, SiteError
 from steerlens.metric.autodiff import pullback_rows
 from steerlens.metric.core import Metric
 from steerlens.metric.direct import direct_rows
-from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS, OffTarget, unembed_factor
+from steerlens.metric.outcomes import (
+    DEFAULT_DROPPED_MASS,
+    OffTarget,
+    sampled_factor,
+    unembed_factor,
+)
 from steerlens.metric.precision import compute_model
 from steerlens.metric.recursion import pull_block
 from steerlens.metric.state import PromptState, prompt_state
@@ -52,6 +57,10 @@ class MetricOptions:
     ``rank`` / ``trace_kept``: optional truncation of the factor before the recursion.
     ``precision``: the dtype of the top-K Gram (``"float32"`` is faster and fine under a damped
     solve; see :func:`~steerlens.metric.outcomes.unembed_factor`).
+    ``samples`` / ``seed``: instead of the exact factor, the sampled Fisher of ``samples``
+    outcomes drawn from the model's own distribution with a generator seeded by ``seed``
+    (:func:`~steerlens.metric.outcomes.sampled_factor`; ``vocab`` and ``dropped_mass`` then do
+    not apply). None: exact.
     """
 
     vocab: str = "auto"
@@ -60,6 +69,8 @@ class MetricOptions:
     rank: int | None = None
     trace_kept: float | None = None
     precision: str = "float64"
+    samples: int | None = None
+    seed: int = 0
 
 
 def lens_logits(
@@ -86,15 +97,27 @@ def lens_rows(
     ln = getattr(model, "ln_final", None)
     logits = lens_logits(model, resid)
     cap = model.cfg.output_logits_soft_cap
-    rows_u, info = unembed_factor(
-        logits,
-        model.W_U,
-        vocab=options.vocab,
-        dropped_mass=options.dropped_mass,
-        off_target=options.off_target,
-        softcap=cap if cap and cap > 0 else None,
-        precision=options.precision,
-    )
+    softcap = cap if cap and cap > 0 else None
+    if options.samples is not None:
+        generator = torch.Generator(device=logits.device).manual_seed(options.seed)
+        rows_u, info = sampled_factor(
+            logits,
+            model.W_U,
+            options.samples,
+            generator,
+            off_target=options.off_target,
+            softcap=softcap,
+        )
+    else:
+        rows_u, info = unembed_factor(
+            logits,
+            model.W_U,
+            vocab=options.vocab,
+            dropped_mass=options.dropped_mass,
+            off_target=options.off_target,
+            softcap=softcap,
+            precision=options.precision,
+        )
     rows_u = rows_u.to(dtype)
     if ln is not None:
         rows = pullback_rows(lambda x: ln(x.view(1, 1, -1)).view(-1), (resid,), rows_u)[0]

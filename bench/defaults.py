@@ -74,7 +74,7 @@ def main() -> None:
                         "reached": run.reached,
                         "steps": run.steps,
                         "seconds": seconds,
-                        "off_target_kl": measures["off_target_kl"],
+                        "off_target_kl": measures.off_target_kl,
                     }
                 )
                 print(rows[-1], flush=True)

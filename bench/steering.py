@@ -77,7 +77,7 @@ def main() -> None:
                     "steps": run.steps,
                     "seconds": seconds,
                     "seconds_per_step": seconds / max(run.steps, 1),
-                    "off_target_kl": measures["off_target_kl"],
+                    "off_target_kl": measures.off_target_kl,
                 }
             )
     frame = pd.DataFrame(rows)

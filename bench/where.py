@@ -61,7 +61,7 @@ def main() -> None:
                     "reached": run.reached,
                     "concept_change": moved,
                     "predicted_kl": float(one.kl_per_unit.iloc[0]) * moved**2,
-                    "measured_kl": measures["off_target_kl"],
+                    "measured_kl": measures.off_target_kl,
                 }
             )
     frame = pd.DataFrame(rows)

@@ -17,11 +17,12 @@ never dropped. What predicts the KL ratio, and the path lengths behind ``rho_own
 """
 
 from steerlens.evaluation.generation import (
+    Generation,
     continuation_perplexity,
     generation_measures,
     greedy_continuation,
 )
-from steerlens.evaluation.measures import KL_MEASURES, next_logprobs, outcome_measures
+from steerlens.evaluation.measures import KL_MEASURES, Outcome, next_logprobs, outcome_measures
 from steerlens.evaluation.ratios import bootstrap_ci, paired_ratios, ratio_table, summarize
 from steerlens.evaluation.strength import (
     StrengthMatch,
@@ -32,6 +33,8 @@ from steerlens.evaluation.strength import (
 
 __all__ = [
     "KL_MEASURES",
+    "Generation",
+    "Outcome",
     "StrengthMatch",
     "bootstrap_ci",
     "continuation_perplexity",

@@ -5,6 +5,7 @@ intervention, and the unsteered model's perplexity of them (fluency).
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -86,6 +87,20 @@ def continuation_perplexity(
     return float(_perplexity(model, seq[None], tokens.numel())[0])
 
 
+@dataclass(frozen=True)
+class Generation:
+    """What an edit does to generated text (:func:`generation_measures`)."""
+
+    target_first_greedy: float
+    target_first_sampled: float
+    perplexity_greedy: float
+    perplexity_sampled: float
+
+    def row(self) -> dict[str, float]:
+        """The measures as a record's columns."""
+        return asdict(self)
+
+
 @torch.no_grad()
 def generation_measures(
     model: HookedTransformer,
@@ -96,7 +111,7 @@ def generation_measures(
     n_tokens: int = 20,
     samples: int = 4,
     seed: int = 0,
-) -> dict[str, float]:
+) -> Generation:
     """What the edit does to generated text: a greedy continuation and ``samples`` sampled ones
     (temperature 1, seeded), ``n_tokens`` each, generated with ``intervention`` applied to every
     pass (an ``@last`` edit so steers each generated token). ``target_first_greedy``: 1.0 if the
@@ -112,9 +127,9 @@ def generation_measures(
     with intervention.apply(model) if intervention is not None else nullcontext():
         greedy = _continue(model, seq, n_tokens, None)
         sampled = _continue(model, seq.expand(samples, -1), n_tokens, generator)
-    return {
-        "target_first_greedy": float(greedy[0, start] == target),
-        "target_first_sampled": float((sampled[:, start] == target).double().mean()),
-        "perplexity_greedy": float(_perplexity(model, greedy, start)[0]),
-        "perplexity_sampled": float(_perplexity(model, sampled, start).mean()),
-    }
+    return Generation(
+        target_first_greedy=float(greedy[0, start] == target),
+        target_first_sampled=float((sampled[:, start] == target).double().mean()),
+        perplexity_greedy=float(_perplexity(model, greedy, start)[0]),
+        perplexity_sampled=float(_perplexity(model, sampled, start).mean()),
+    )

@@ -19,6 +19,7 @@ from :func:`next_logprobs`.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 from jaxtyping import Float
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from steerlens.diagnostics.path import next_logprobs
 
-__all__ = ["KL_MEASURES", "next_logprobs", "outcome_measures"]
+__all__ = ["KL_MEASURES", "Outcome", "next_logprobs", "outcome_measures"]
 
 
 def _kl(logp: Tensor, logq: Tensor) -> float:
@@ -44,6 +45,28 @@ def _merge(logp: Tensor, merge: dict[int, int]) -> Tensor:
     return merged[keep].clamp_min(1e-300).log()
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """The measures of one steered next-token distribution against the clean one (the module
+    docstring): the concept's ``probability`` (the pair share with a base token), the complement,
+    pair-merge and whole-distribution KLs, p(target), p(base), the pair's mass and the mean
+    change of reciprocal rank over the clean top-p tokens. NaN where a measure needs an input
+    not given (the merge, the base)."""
+
+    probability: float
+    off_target_kl: float
+    off_target_kl_merged: float
+    kl_full: float
+    p_target: float
+    p_base: float
+    pair_mass: float
+    rr_diff: float
+
+    def row(self) -> dict[str, float]:
+        """The measures as a record's columns."""
+        return asdict(self)
+
+
 def outcome_measures(
     clean: Float[Tensor, " d_vocab"],
     steered: Float[Tensor, " d_vocab"],
@@ -52,7 +75,7 @@ def outcome_measures(
     top_p: float = 0.999,
     *,
     base: int | None = None,
-) -> dict[str, float]:
+) -> Outcome:
     """The measures of the module docstring from clean and steered log-probabilities. With
     ``base``, the concept is the pair share q(t)/(q(t) + q(b)) and both tokens leave the
     off-target distribution."""
@@ -74,21 +97,19 @@ def outcome_measures(
     prob = steered[target].exp()
     if base is not None:
         prob = prob / (prob + steered[base].exp())
-    out = {
-        "probability": float(prob),
-        "off_target_kl": _kl(p, q),
-        "off_target_kl_merged": math.nan,
-        "kl_full": _kl(clean, steered),
-        "p_target": float(steered[target].exp()),
-        "p_base": math.nan if base is None else float(steered[base].exp()),
-        "pair_mass": math.nan,
-        "rr_diff": rr,
-    }
-    if base is not None:
-        out["pair_mass"] = out["p_target"] + out["p_base"]
-    if merge:
-        out["off_target_kl_merged"] = _kl(_merge(clean, merge), _merge(steered, merge))
-    return out
+    p_target = float(steered[target].exp())
+    p_base = math.nan if base is None else float(steered[base].exp())
+    merged = _kl(_merge(clean, merge), _merge(steered, merge)) if merge else math.nan
+    return Outcome(
+        probability=float(prob),
+        off_target_kl=_kl(p, q),
+        off_target_kl_merged=merged,
+        kl_full=_kl(clean, steered),
+        p_target=p_target,
+        p_base=p_base,
+        pair_mass=math.nan if base is None else p_target + p_base,
+        rr_diff=rr,
+    )
 
 
 #: the divergences every ratio table reports side by side, with their short names: the

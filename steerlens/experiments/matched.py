@@ -241,7 +241,7 @@ def context_records(
             "method": name,
             "target_probability": target,
             **extra,
-            **outcome_measures(clean, steered, ctx.target_id, merge, base=ctx.base_id),
+            **outcome_measures(clean, steered, ctx.target_id, merge, base=ctx.base_id).row(),
             "rho": point.rho(directions[name], settings.damping),
             "rho_path": 1.0 if name == "fishback" else path_rho.get(target, {}).get(name, math.nan),
             "path_length": (
@@ -261,7 +261,7 @@ def context_records(
                 n_tokens=settings.generation_tokens,
                 samples=settings.samples,
                 seed=settings.seed,
-            )
+            ).row()
         return out
 
     off = pair_concept(ctx).off_target()

@@ -36,18 +36,18 @@ from tests.conftest import hook_count
 def test_outcome_measures():
     clean = torch.log_softmax(torch.tensor([2.0, 1.0, 0.5, 0.0], dtype=torch.float64), -1)
     same = outcome_measures(clean, clean, 1, {0: 1})
-    assert same["off_target_kl"] == 0 and same["rr_diff"] == 0
-    assert same["off_target_kl_merged"] == pytest.approx(0, abs=1e-15)
+    assert same.off_target_kl == 0 and same.rr_diff == 0
+    assert same.off_target_kl_merged == pytest.approx(0, abs=1e-15)
     # moving mass only from base 0 to target 1 leaves the merged distribution unchanged
     moved = clean.exp().clone()
     moved[1] += 0.2
     moved[0] -= 0.2
     out = outcome_measures(clean, moved.log(), 1, {0: 1})
-    assert out["off_target_kl_merged"] == pytest.approx(0, abs=1e-12)
-    assert out["off_target_kl"] > 0
+    assert out.off_target_kl_merged == pytest.approx(0, abs=1e-12)
+    assert out.off_target_kl > 0
     pair = outcome_measures(clean, moved.log(), 1, base=0)
-    assert pair["probability"] == pytest.approx(float(moved[1] / (moved[0] + moved[1])))
-    assert pair["off_target_kl"] == pytest.approx(0, abs=1e-12)
+    assert pair.probability == pytest.approx(float(moved[1] / (moved[0] + moved[1])))
+    assert pair.off_target_kl == pytest.approx(0, abs=1e-12)
 
 
 def test_match_strength_and_errors():

@@ -112,14 +112,10 @@ def test_generation_measures_by_hand(model):
     target = 7
     push = Intervention("push", {"blocks.1.hook_resid_post": 40 * model.W_U[:, target]})
     out = generation_measures(model, tokens, push, target, n_tokens=6, samples=5, seed=1)
-    assert out["target_first_greedy"] == 1.0 and out["target_first_sampled"] == 1.0
-    assert out["perplexity_greedy"] == pytest.approx(
-        continuation_perplexity(model, tokens, push, 6)
-    )
+    assert out.target_first_greedy == 1.0 and out.target_first_sampled == 1.0
+    assert out.perplexity_greedy == pytest.approx(continuation_perplexity(model, tokens, push, 6))
     plain = generation_measures(model, tokens, None, target, n_tokens=6, samples=5, seed=1)
-    assert plain["perplexity_greedy"] == pytest.approx(
-        continuation_perplexity(model, tokens, None, 6)
-    )
+    assert plain.perplexity_greedy == pytest.approx(continuation_perplexity(model, tokens, None, 6))
     assert plain == generation_measures(model, tokens, None, target, n_tokens=6, samples=5, seed=1)
     with pytest.raises(errors.InputError, match="samples"):
         generation_measures(model, tokens, None, target, samples=0)

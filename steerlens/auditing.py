@@ -119,12 +119,13 @@ def _concepts(concept: Any, n_prompts: int) -> list[Any]:
     if len(items) != n_prompts:
         raise InputError(f"got {len(items)} concepts for {n_prompts} prompts: give one or one each")
     for c in items:
-        if not isinstance(c, Concept) or c.off_target() is None:
+        off = c.off_target() if isinstance(c, Concept) else None
+        if off is None:
             raise ConceptError(
                 f"the audit attributes to output concepts (a TokenSet or PairConcept); "
                 f"got {type(c).__name__}"
             )
-        if c.off_target().merge:
+        if off.merge:
             raise ConceptError("the audit's off-target measures use a complement, not a merge")
     return items
 

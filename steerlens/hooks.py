@@ -30,6 +30,7 @@ from torch import Tensor
 
 from steerlens._tl import attn_result_enabled, forward_hooks
 from steerlens.errors import InputError, NonFiniteError
+from steerlens.prompts import check_mask
 from steerlens.sites import Site, as_site
 
 if TYPE_CHECKING:
@@ -133,24 +134,6 @@ def site_index(site: Site, n_pos: int) -> tuple[slice | int, ...] | None:
 
 #: a [batch, pos] attention mask, 1 on real tokens and 0 on padding (TransformerLens's own)
 Mask = Tensor
-
-
-def check_mask(mask: Tensor) -> Tensor:
-    """``mask`` as a bool [batch, pos] tensor, after checking it is 0/1 with a real token in
-    every row."""
-    if not isinstance(mask, Tensor) or mask.ndim != 2:
-        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise InputError(f"an attention mask is a [batch, pos] tensor of 0/1, got {shape}")
-    if mask.is_floating_point() or mask.is_complex():
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise InputError("an attention mask holds only 0 (padding) and 1 (a real token)")
-    elif mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-        raise InputError("an attention mask holds only 0 (padding) and 1 (a real token)")
-    real = mask.bool()
-    empty = [i for i, n in enumerate(real.sum(1).tolist()) if n == 0]
-    if empty:
-        raise InputError(f"rows {empty} of the attention mask have no real token (all padding)")
-    return real
 
 
 def _masked_rows(site: Site, real: Tensor) -> Tensor:

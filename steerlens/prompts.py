@@ -23,14 +23,66 @@ if TYPE_CHECKING:
 PromptsLike = str | Sequence[str] | Tensor | Sequence[Tensor]
 
 
-def as_prompts(model: HookedTransformer, prompts: PromptsLike) -> list[Int[Tensor, " pos"]]:
+def check_mask(mask: Tensor) -> Tensor:
+    """``mask`` as a bool [batch, pos] tensor, after checking it is 0/1 with a real token in
+    every row."""
+    if not isinstance(mask, Tensor) or mask.ndim != 2:
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise InputError(f"an attention mask is a [batch, pos] tensor of 0/1, got {shape}")
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise InputError("an attention mask holds only 0 (padding) and 1 (a real token)")
+    real = mask.bool()
+    empty = [i for i, n in enumerate(real.sum(1).tolist()) if n == 0]
+    if empty:
+        raise InputError(f"rows {empty} of the attention mask have no real token (all padding)")
+    return real
+
+
+def unpad(tokens: Int[Tensor, "batch pos"], attention_mask: Tensor) -> list[Int[Tensor, " pos"]]:
+    """The real tokens of each row of a padded batch (padding on either side, as
+    TransformerLens pads), one 1-D tensor a row.
+
+    >>> mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
+    >>> [t.tolist() for t in unpad(torch.tensor([[5, 6, 0], [0, 7, 8]]), mask)]
+    [[5, 6], [7, 8]]
+    """
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2:
+        raise InputError("a padded batch is a [batch, pos] token tensor with its attention mask")
+    real = check_mask(attention_mask)
+    if real.shape != tokens.shape:
+        raise InputError(
+            f"the attention mask has shape {tuple(real.shape)} but the tokens have shape "
+            f"{tuple(tokens.shape)}"
+        )
+    rows = []
+    for i, row in enumerate(real.to(tokens.device)):
+        where = row.nonzero().flatten()
+        if int(where[-1] - where[0]) + 1 != len(where):
+            raise InputError(
+                f"row {i} of the attention mask has padding between real tokens; pad on one side"
+            )
+        rows.append(tokens[i, row])
+    return rows
+
+
+def as_prompts(
+    model: HookedTransformer, prompts: PromptsLike, attention_mask: Tensor | None = None
+) -> list[Int[Tensor, " pos"]]:
     """Each prompt as a 1-D token tensor on the model's device.
 
     Strings are tokenized with the model's own convention for a beginning-of-sequence token
-    (``model.cfg.default_prepend_bos``); a 2-D tensor is a batch of equal-length prompts. Raises
-    :class:`InputError` for an empty prompt or batch, a prompt past ``n_ctx``, or token ids
-    outside the vocabulary.
+    (``model.cfg.default_prepend_bos``); a 2-D tensor is a batch of equal-length prompts, or with
+    ``attention_mask`` a padded batch of prompts of different lengths (:func:`unpad`). Raises
+    :class:`InputError` for an empty prompt or batch, a prompt past ``n_ctx``, token ids outside
+    the vocabulary, or a mask that does not fit the tokens.
     """
+    if attention_mask is not None:
+        if not isinstance(prompts, Tensor):
+            raise InputError(
+                "attention_mask goes with a [batch, pos] token tensor (a padded batch), not "
+                f"{type(prompts).__name__}"
+            )
+        prompts = unpad(prompts, attention_mask)
     if isinstance(prompts, str):
         prompts = [prompts]
     if isinstance(prompts, Tensor):

@@ -42,7 +42,7 @@ from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS, OffTarget
 from steerlens.metric.precision import compute_model
 from steerlens.metric.pullback import MetricOptions, _prompt_rows, lens_layer
 from steerlens.metric.state import prompt_state
-from steerlens.prompts import as_prompts
+from steerlens.prompts import as_prompts, unpad
 from steerlens.sites import Site, as_site
 
 if TYPE_CHECKING:
@@ -63,12 +63,15 @@ def expected_metric(
     distributed: bool | None = None,
     samples: int | None = None,
     seed: int = 0,
+    attention_mask: Tensor | None = None,
 ) -> dict[str, Metric]:
     """The dataset-mean pullback metric at each site, keyed by site name, held as Gram matrices.
 
     ``prompts`` may be any iterable (a generator over a large file is fine): each item is a
-    string or a 1-D token tensor. ``distributed`` (default: whether ``torch.distributed`` is
-    initialized) shards the prompts over ranks and all-reduces; every rank gets the same result.
+    string or a 1-D token tensor; or a padded ``[batch, pos]`` token tensor with its
+    ``attention_mask`` (each row's real tokens are one prompt). ``distributed`` (default:
+    whether ``torch.distributed`` is initialized) shards the prompts over ranks and
+    all-reduces; every rank gets the same result.
 
     ``samples`` (None: exact) draws that many outcomes per prompt from the model's own
     (off-target-transformed) next-token distribution, seeded by ``seed`` and the prompt's index:
@@ -76,6 +79,10 @@ def expected_metric(
     and ``dropped_mass`` do not apply to it. ``info`` records ``samples`` (and ``seed``).
     """
     _check_sampling(samples, seed, vocab, dropped_mass)
+    if attention_mask is not None:
+        if not isinstance(prompts, Tensor):
+            raise InputError("attention_mask goes with a padded [batch, pos] token tensor")
+        prompts = unpad(prompts, attention_mask)
     if isinstance(prompts, str):
         raise InputError(
             "prompts must be an iterable of prompts, not one string: wrap it in a list"

@@ -223,6 +223,7 @@ def pullback_metric(
     depth: int | None = None,
     rank: int | None = None,
     trace_kept: float | None = None,
+    attention_mask: Tensor | None = None,
 ) -> Metric:
     """The local pullback Fisher metric G = Jᵀ(diag p − ppᵀ)J at ``site``, for the next-token
     distribution at each prompt's last position, averaged over prompts.
@@ -230,7 +231,8 @@ def pullback_metric(
     Args:
         model: any causal HookedTransformer (float16 / bfloat16 models are computed on a
             float32 copy: :mod:`steerlens.metric.precision`).
-        prompts: a string, list of strings, or token tensor ``[pos]`` / ``[batch, pos]``.
+        prompts: a string, list of strings, or token tensor ``[pos]`` / ``[batch, pos]``
+            (with ``attention_mask``, a padded batch: each row's real tokens are one prompt).
         site: e.g. ``"blocks.6.hook_resid_post"``, ``"resid_post.6@all"``, ``"z.6:3"``.
         vocab: ``"auto"`` (top-K + rest, K by ``dropped_mass``) or ``"full"`` (exact).
         off_target: take the Fisher metric of a transformed distribution (token-set complement,
@@ -244,7 +246,7 @@ def pullback_metric(
     site = as_site(site, model)
     top = lens_layer(site, depth, model.cfg.n_layers)
     rows, infos = [], []
-    for tokens in as_prompts(model, prompts):
+    for tokens in as_prompts(model, prompts, attention_mask):
         state = prompt_state(model, tokens)
         site.resolve_position(state.n_pos)
         out, info, _ = _prompt_rows(model, state, [site], top, options, decompose=False)
@@ -318,6 +320,7 @@ def pullback_sweep(
     trace_kept: float | None = None,
     decompose: bool = True,
     progress: bool = False,
+    attention_mask: Tensor | None = None,
 ) -> Sweep:
     """The metric at every requested site (default: every site of every layer, per head for
     ``hook_z``; ``hook_result`` on request) from one recursive sweep per prompt, plus the block
@@ -333,7 +336,7 @@ def pullback_sweep(
     n = model.cfg.n_layers
     rows: dict[str, list[Tensor]] = {s.name: [] for s in parsed}
     infos, share_rows = [], []
-    prompts_list = as_prompts(model, prompts)
+    prompts_list = as_prompts(model, prompts, attention_mask)
     for p_index, tokens in enumerate(tqdm(prompts_list, disable=not progress, desc="sweep")):
         state = prompt_state(model, tokens)
         for s in parsed:

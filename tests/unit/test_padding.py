@@ -96,3 +96,44 @@ def test_bad_masks_are_named_and_the_model_is_left_clean(mask, match):
         with iv.apply(model, attention_mask=mask), torch.no_grad():
             model(tokens)
     assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_the_metric_of_a_padded_batch_is_that_of_its_rows(flavour, side):
+    import steerlens as sl
+
+    model = tiny_model(flavour)
+    tokens, mask = padded(side)
+    rows = [torch.tensor(r) for r in ROWS]
+    got = sl.pullback_metric(model, tokens, "resid_post.0", vocab="full", attention_mask=mask)
+    want = sl.pullback_metric(model, rows, "resid_post.0", vocab="full")
+    assert torch.allclose(got.matrix(), want.matrix(), atol=1e-10, rtol=0)
+    sites = ["resid_pre.1", "z.0:1", "mlp_out.1"]
+    sweep = sl.pullback_sweep(model, tokens, sites, vocab="full", attention_mask=mask)
+    each = sl.pullback_sweep(model, rows, sites, vocab="full")
+    for s in sites:
+        assert torch.allclose(sweep[s].matrix(), each[s].matrix(), atol=1e-10, rtol=0)
+    mean = sl.expected_metric(model, tokens, sites[:1], attention_mask=mask, progress=False)
+    ref = sl.expected_metric(model, rows, sites[:1], progress=False)
+    name = next(iter(ref))
+    assert torch.allclose(mean[name].matrix(), ref[name].matrix(), atol=1e-10, rtol=0)
+
+
+def test_a_padded_batch_with_a_bad_mask_is_named():
+    import steerlens as sl
+
+    model = tiny_model("gpt2")
+    tokens, mask = padded("right")
+    holes = mask.clone()
+    holes[1, 1] = 0
+    with pytest.raises(errors.InputError, match="row 1 of the attention mask has padding between"):
+        sl.pullback_metric(model, tokens, "resid_post.0", attention_mask=holes)
+    with pytest.raises(errors.InputError, match=r"shape \(3, 4\) but the tokens have shape"):
+        sl.pullback_metric(model, tokens, "resid_post.0", attention_mask=mask[:, :4])
+    with pytest.raises(errors.InputError, match="goes with a"):
+        sl.pullback_metric(model, "a b", "resid_post.0", attention_mask=mask)
+    empty = mask.clone()
+    empty[2] = 0
+    with pytest.raises(errors.InputError, match=r"rows \[2\]"):
+        sl.expected_metric(model, tokens, ["resid_post.0"], attention_mask=empty)

@@ -294,7 +294,7 @@ def steer_iteratively(
 
     ``compare`` (FishBack and depth-k only: they hold the metric at every step): other methods'
     directions v(path, x, g) at the points of this path. ``run.path_rho[name]`` is ρ
-    integrated along the path (:class:`~steerlens.cost.PathRho`), the predictor of that
+    integrated along the path (:class:`~steerlens.diagnostics.cost.PathRho`), the predictor of that
     method's off-target KL over this one's at matched concept change; each checkpoint's
     ``path_rho`` the same up to the step that crosses it."""
     for c in (concept, stop_on):

@@ -8,12 +8,13 @@ ascent, depth-0 Fisher) steer the residual at the prediction position until the 
 the highest target, keeping checkpoints for the lower ones; fixed-direction methods (CAA, ActAdd,
 probe) are scaled by bisection to each target. Every (method, target) is one record, reached or
 not, with the measures of :mod:`steerlens.evaluation` and what predicts its KL ratio to
-FishBack: ``rho``, ρ of the method's direction at the clean point (:mod:`steerlens.diagnostics.cost`);
-``rho_path``, ρ of the method's direction at each point of FishBack's own path, integrated over
-the concept change (:class:`~steerlens.diagnostics.cost.PathRho`; Euclidean, depth-0, probe and
-SAE, whose edits sit at the site); ``path_length``, the off-target Fisher length of the
-method's own path to its matched edit (:func:`~steerlens.diagnostics.path.path_length`), whose squared
-ratio to FishBack's is ρ along the method's own path (``rho_own``, every method); and
+FishBack: ``rho``, ρ of the method's direction at the clean point
+(:mod:`steerlens.diagnostics.cost`); ``rho_path``, ρ of the method's direction at each point of
+FishBack's own path, integrated over the concept change
+(:class:`~steerlens.diagnostics.cost.PathRho`; Euclidean, depth-0, probe and SAE, whose edits sit
+at the site); ``path_length``, the off-target Fisher length of the method's own path to its
+matched edit (:func:`~steerlens.diagnostics.path.path_length`), whose squared ratio to
+FishBack's is ρ along the method's own path (``rho_own``, every method); and
 ``kl_quadratic`` = ½δᵀG_offδ of the method's actual matched edit δ in the clean-point metric
 (its ratio to FishBack's).
 """

@@ -308,10 +308,10 @@ def outcome_factor(
     off_target: OffTarget | None = None,
     softcap: float | None = None,
 ) -> Float[Tensor, "n_rows d_model"]:
-    """Rows √w_j ∇_u log q_{y_j} (float64) for outcomes named by their representative token ids
-    (a merge's target stands for its group), so that the rows' Gram is Σ_j w_j s_j s_jᵀ with
+    """Rows √w_j ∇_u log q_{y_j} (float64) for outcomes named by their representative token
+    ids (a merge's target stands for its group), so that the rows' Gram is Σ_j w_j s_j s_jᵀ with
     s_j the score of outcome y_j. Weights q_y over every outcome give the exact Fisher; the
-    counts of k draws over k give :func:`sampled_factor`.
+    counts of k draws over k give :func:`sampled_factor`. A float32 W_U gives μ_U in float32.
 
     >>> logits = torch.tensor([0.0, 1.0, 2.0])
     >>> w = torch.eye(3, dtype=torch.float64)
@@ -335,7 +335,10 @@ def outcome_factor(
             f"outcomes {bad} are not outcomes of positive mass: pass representative token ids "
             "that the transform keeps (not dropped, not a merged-away base)"
         )
-    mu_u = _chunked_matvec(w_u, torch.where(rep >= 0, sp, torch.zeros_like(sp))) / total
+    # a float32 W_U is not promoted for μ_U (a V×d copy per prompt): its ~1e-7 relative error
+    # is far below a sampled estimate's own, and float64 models stay exact
+    dt = torch.float64 if w_u.dtype == torch.float64 else torch.float32
+    mu_u = _chunked_matvec(w_u, torch.where(rep >= 0, sp, torch.zeros_like(sp)), dt) / total
     # μ_y = m_y / P_y, m_y = Σ_{t in y} s_t p_t w_t: the outcome's own column, then merged members
     cols = w_u[:, outcomes].double() * (sp[outcomes] / mass[outcomes])
     for base, target in merged:

@@ -25,6 +25,7 @@ from steerlens.metric.outcomes import (
 from steerlens.metric.pullback import lens_logits
 from steerlens.metric.state import prompt_state
 from steerlens.sites import Site
+from steerlens.testing import tiny_model
 from tests.conftest import assert_untouched, hook_count, weights_snapshot
 
 PROMPTS = [
@@ -66,6 +67,17 @@ def test_outcome_factor_weighted_by_q_is_the_exact_fisher(model, transform, soft
         logits, model.W_U.detach(), vocab="full", off_target=off, softcap=softcap
     )
     assert _rel(rows.T @ rows, exact.T @ exact) < 1e-10
+
+
+def test_outcome_factor_of_a_float32_unembedding_is_exact_to_float32():
+    model = tiny_model("llama", dtype=torch.float32)
+    state = prompt_state(model, PROMPTS[2])
+    logits = lens_logits(model, state.resid[model.cfg.n_layers]).detach()
+    w32 = model.W_U.detach()
+    rows, _ = _enumerated(logits, w32, 1, None)
+    exact, _ = unembed_factor(logits.double(), w32.double(), vocab="full")
+    assert rows.dtype == torch.float64
+    assert _rel(rows.T @ rows, exact.T @ exact) < 1e-5
 
 
 @pytest.mark.parametrize("transform", list(TRANSFORMS))

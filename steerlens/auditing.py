@@ -38,9 +38,7 @@ those sites. Several methods side by side: pass a mapping name → intervention.
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -55,6 +53,7 @@ from steerlens.concepts.base import Concept
 from steerlens.errors import ConceptError, InputError, MethodError
 from steerlens.hooks import hooked, record, site_index
 from steerlens.methods.intervention import Intervention
+from steerlens.metric.autodiff import load_forward_ad
 from steerlens.metric.outcomes import complement_kl
 from steerlens.prompts import PromptsLike, as_prompts
 from steerlens.sites import Site, as_site
@@ -199,16 +198,6 @@ def _record_names(model: HookedTransformer, first_layer: int) -> list[str]:
     return names
 
 
-@functools.cache
-def _load_forward_ad() -> None:
-    """torch loads its forward-mode decompositions on first use through ``torch.jit.script``,
-    which warns that jit is deprecated: torch's own internals, nothing a user can act on."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*torch.jit.script.*", DeprecationWarning)
-        with fwad.dual_level():
-            fwad.make_dual(torch.zeros(1), torch.zeros(1))
-
-
 def _dual_pass(
     model: HookedTransformer,
     iv: Intervention,
@@ -217,7 +206,7 @@ def _dual_pass(
     sae_sites: Mapping[str, Any],
 ) -> tuple[_Pass, _Pass]:
     """(clean, first-order change) from one forward-mode pass."""
-    _load_forward_ad()
+    load_forward_ad()
     acts: dict[str, Tensor] = {}
     sites = [as_site(s, model) for s in iv.sites]
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch import Tensor
 
 
@@ -25,3 +28,14 @@ def pullback_rows(
         part = tuple(r[sl] for r in rows) if isinstance(rows, tuple) else rows[sl]
         parts.append(torch.vmap(vjp_fn)(part))
     return tuple(torch.cat([p[k] for p in parts], 0) for k in range(len(primals)))
+
+
+@functools.cache
+def load_forward_ad() -> None:
+    """torch loads its forward-mode decompositions on first use through ``torch.jit.script``,
+    which warns that jit is deprecated: torch's own internals, nothing a user can act on. Call
+    this once before a forward-mode pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*torch.jit.script.*", DeprecationWarning)
+        with fwad.dual_level():
+            fwad.make_dual(torch.zeros(1), torch.zeros(1))

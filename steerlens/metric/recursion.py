@@ -21,17 +21,14 @@ attention output, the hooked one runs TransformerLens's whole block.
 
 from __future__ import annotations
 
-import functools
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.autograd.forward_ad as fwad
 from jaxtyping import Float
 from torch import Tensor
 
-from steerlens.metric.autodiff import pullback_rows
+from steerlens.metric.autodiff import load_forward_ad, pullback_rows
 from steerlens.metric.blockmap import block_map
 from steerlens.metric.state import PromptState
 
@@ -91,16 +88,6 @@ def pull_block(
     return out
 
 
-@functools.cache
-def _load_forward_ad() -> None:
-    """torch loads its forward-mode decompositions on first use through ``torch.jit.script``,
-    which warns that jit is deprecated: torch's own internals, nothing a user can act on."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*torch.jit.script.*", DeprecationWarning)
-        with fwad.dual_level():
-            fwad.make_dual(torch.zeros(1), torch.zeros(1))
-
-
 def _decompose(
     model: HookedTransformer, state: PromptState, layer: int, out: BlockPullback, fast: bool | None
 ) -> None:
@@ -111,7 +98,7 @@ def _decompose(
     b_pre, b_post, b_mid = out.rows["resid_pre"], out.rows["resid_post"], out.rows["resid_mid"]
     b_z = out.rows["z"]  # [rows, head, d_head]
     x = state.resid[layer].to(b_pre.dtype)
-    _load_forward_ad()
+    load_forward_ad()
     with block_map(
         model, layer, state, (), ("attn_out", "z"), dtype=x.dtype, fast=fast, captured_only=True
     ) as fn:

@@ -6,6 +6,8 @@ position, each delta is added at one hook (a site kind), and ``captured`` are th
 hooks (for the decomposition). Earlier positions are fixed at their clean keys and values.
 ``captured_only=True`` yields ``fn(x, *deltas) -> captured`` alone, so a transform of the map
 carries no tangents or cotangents for the block output.
+``attention_pushforward`` pushes many tangents at once through the attention half (the block
+decomposition's forward-mode pass).
 
 Two implementations, checked against each other and against brute force in the tests:
 
@@ -27,10 +29,12 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from steerlens import _tl
 from steerlens.hooks import hooked
+from steerlens.metric.autodiff import load_forward_ad
 from steerlens.metric.state import PromptState
 from steerlens.sites import HOOKS
 
@@ -87,10 +91,66 @@ class FastBlock:
         self.act = mlp.act
 
     def _rotate(self, x: Tensor, n: int) -> Tensor:
+        rows = x.shape[0]
         if not self.rotary:
-            return x.view(n, self.d_head)
-        rotated = _tl.rotate(self.model, self.layer, x.view(1, 1, n, self.d_head), self.pos)
-        return rotated.view(n, self.d_head)
+            return x.view(rows, n, self.d_head)
+        rotated = _tl.rotate(self.model, self.layer, x.view(rows, 1, n, self.d_head), self.pos)
+        return rotated.view(rows, n, self.d_head)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """hook_z ``[rows, head, d_head]`` for each row of ``x`` ``[rows, d_model]`` taken on its
+        own as the residual at the last position (the rows do not attend to each other)."""
+        rows = x.shape[0]
+        h = self.ln1(x.view(rows, 1, -1)).view(rows, -1)
+        q = self._rotate(h @ self.w_q + self.b_q, self.n_heads)
+        k = self._rotate(h @ self.w_k + self.b_k, self.n_kv)
+        v = (h @ self.w_v + self.b_v).view(rows, self.n_kv, self.d_head)
+        group = self.n_heads // self.n_kv
+        qg = q.view(rows, self.n_kv, group, self.d_head)
+        # rows and the group share one matmul against each cached key-value head
+        past = torch.einsum("rkgd,ktd->rkgt", qg, self.k_past)
+        new = torch.einsum("rkgd,rkd->rkg", qg, k).unsqueeze(-1)
+        pattern = torch.softmax(torch.cat([past, new], -1) / self.scale, -1)
+        n_past = self.k_past.shape[1]
+        z = torch.einsum("rkgt,ktd->rkgd", pattern[..., :n_past], self.v_past)
+        z = z + pattern[..., n_past:] * v.unsqueeze(2)
+        return z.reshape(rows, self.n_heads, self.d_head)
+
+    def attention_tangents(self, x: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
+        """Each row t of ``tangents`` ``[rows, d_model]`` pushed forward through the attention
+        half at ``x``: ``(J_A t at hook_attn_out [rows, d_model], (∂z/∂x) t [rows, head,
+        d_head])``. The attention is linearised by hand (rotary is linear, the softmax's
+        derivative is p ⊙ (ṡ − ⟨p, ṡ⟩)), so the primal runs once and the rows meet each cached
+        key-value head in one matmul."""
+        rows, n_past, group = tangents.shape[0], self.k_past.shape[1], self.n_heads // self.n_kv
+        h, t_h = torch.func.jvp(
+            lambda y: self.ln1(y.view(rows, 1, -1)).view(rows, -1),
+            (x.expand_as(tangents).contiguous(),),  # jvp refuses a primal of overlapping rows
+            (tangents,),
+        )[:2]
+        h = h[:1]
+        q = self._rotate(h @ self.w_q + self.b_q, self.n_heads)[0]
+        k = self._rotate(h @ self.w_k + self.b_k, self.n_kv)[0]
+        v = (h @ self.w_v + self.b_v).view(self.n_kv, self.d_head)
+        t_q = self._rotate(t_h @ self.w_q, self.n_heads).view(rows, self.n_kv, group, -1)
+        t_k = self._rotate(t_h @ self.w_k, self.n_kv)
+        t_v = (t_h @ self.w_v).view(rows, self.n_kv, self.d_head)
+        qg = q.view(self.n_kv, group, self.d_head)
+        past = torch.einsum("kgd,ktd->kgt", qg, self.k_past)
+        new = torch.einsum("kgd,kd->kg", qg, k).unsqueeze(-1)
+        pattern = torch.softmax(torch.cat([past, new], -1) / self.scale, -1)
+        t_past = torch.einsum("rkgd,ktd->rkgt", t_q, self.k_past)
+        t_new = torch.einsum("rkgd,kd->rkg", t_q, k) + torch.einsum("kgd,rkd->rkg", qg, t_k)
+        t_scores = torch.cat([t_past, t_new.unsqueeze(-1)], -1) / self.scale
+        t_pattern = pattern * (t_scores - (pattern * t_scores).sum(-1, keepdim=True))
+        t_z = torch.einsum("rkgt,ktd->rkgd", t_pattern[..., :n_past], self.v_past)
+        t_z = (
+            t_z
+            + t_pattern[..., n_past:] * v.unsqueeze(1)
+            + pattern[..., n_past:] * t_v.unsqueeze(2)
+        )
+        t_z = t_z.reshape(rows, self.n_heads, self.d_head)
+        return t_z.flatten(1) @ self.w_o_flat, t_z
 
     def __call__(
         self,
@@ -99,18 +159,7 @@ class FastBlock:
         capture: Sequence[str],
         captured_only: bool = False,
     ) -> tuple[Tensor, ...]:
-        h = self.ln1(x.view(1, 1, -1)).view(-1)
-        q = self._rotate(h @ self.w_q + self.b_q, self.n_heads)
-        k = self._rotate(h @ self.w_k + self.b_k, self.n_kv)
-        v = (h @ self.w_v + self.b_v).view(self.n_kv, self.d_head)
-        group = self.n_heads // self.n_kv
-        qg = q.view(self.n_kv, group, self.d_head)
-        past = torch.einsum("kgd,ktd->kgt", qg, self.k_past)
-        new = torch.einsum("kgd,kd->kg", qg, k).unsqueeze(-1)
-        pattern = torch.softmax(torch.cat([past, new], -1) / self.scale, -1)
-        n_past = self.k_past.shape[1]
-        z = torch.einsum("kgt,ktd->kgd", pattern[..., :n_past], self.v_past)
-        z = (z + pattern[..., n_past:] * v.unsqueeze(1)).reshape(self.n_heads, self.d_head)
+        z = self._heads(x.view(1, -1))[0]
         if "z" in deltas:
             z = z + deltas["z"]
         values: dict[str, Tensor] = {"z": z}
@@ -175,6 +224,37 @@ def block_map(
         yield fast_fn
         return
     yield from _hooked_block(model, layer, state, delta_kinds, capture, captured_only)
+
+
+def attention_pushforward(
+    model: HookedTransformer,
+    layer: int,
+    state: PromptState,
+    tangents: Float[Tensor, "n_rows d_model"],
+    *,
+    fast: bool | None = None,
+) -> tuple[Float[Tensor, "n_rows d_model"], Float[Tensor, "n_rows n_heads d_head"]]:
+    """Each row t of ``tangents`` pushed forward through block ``layer``'s attention half at the
+    clean residual: ``(J_A t at hook_attn_out, (∂z/∂x) t at hook_z)``, by forward mode.
+
+    The fast map linearises its attention by hand (:meth:`FastBlock.attention_tangents`); the
+    hooked map vmaps a ``torch.func.jvp`` of TransformerLens's block (run whole) over the rows."""
+    load_forward_ad()
+    dtype = tangents.dtype
+    x = state.resid[layer].to(dtype)
+    use_fast = fast_supported(model, layer, state.n_pos) if fast is None else fast
+    if use_fast:
+        return FastBlock(model, layer, state, dtype).attention_tangents(x, tangents)
+    capture = ("attn_out", "z")
+    with block_map(
+        model, layer, state, (), capture, dtype=dtype, fast=False, captured_only=True
+    ) as fn:
+
+        def push(tangent: Tensor) -> tuple[Tensor, ...]:
+            return torch.func.jvp(fn, (x,), (tangent,))[1]
+
+        t_attn, t_z = torch.vmap(push)(tangents)
+    return t_attn, t_z
 
 
 def _hooked_block(

@@ -12,11 +12,11 @@ The block decomposition splits ‖B_pre‖²_F = ⟨B_pre, B_pre⟩ exactly into
 B_pre⟩, the MLP path ⟨B_mid − B_post, B_pre⟩, attention ⟨B_post, J_A B_pre⟩ and attention-then-MLP
 ⟨B_mid − B_post, J_A B_pre⟩ (the remainder ⟨B_pre − B_mid, B_pre⟩ − attention), with the two
 attention paths together split per head: head h carries Σ_r ⟨B_z[r, h], (∂z_h/∂x) B_pre[r]⟩, where
-B_z are the rows at ``hook_z``. One forward-mode pass (``torch.func.jvp``, vmapped over the n_rows
-rows of B_pre as tangents) through the attention half of the block gives J_A B_pre at
-``hook_attn_out`` and every head's (∂z_h/∂x) B_pre at ``hook_z`` at once, so the per-head split
-costs n_rows tangents however many heads the block has; the fast block map stops at the
-attention output, the hooked one runs TransformerLens's whole block.
+B_z are the rows at ``hook_z``. One forward-mode pass with the n_rows rows of B_pre as tangents
+through the attention half of the block gives J_A B_pre at ``hook_attn_out`` and every head's
+(∂z_h/∂x) B_pre at ``hook_z`` at once, so the per-head split costs n_rows tangents however many
+heads the block has (:func:`~steerlens.metric.blockmap.attention_pushforward`: the fast block map
+linearises its attention by hand, the hooked one vmaps ``torch.func.jvp``).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from steerlens.metric.autodiff import load_forward_ad, pullback_rows
-from steerlens.metric.blockmap import block_map
+from steerlens.metric.autodiff import pullback_rows
+from steerlens.metric.blockmap import attention_pushforward, block_map
 from steerlens.metric.state import PromptState
 
 if TYPE_CHECKING:
@@ -92,21 +92,12 @@ def _decompose(
     model: HookedTransformer, state: PromptState, layer: int, out: BlockPullback, fast: bool | None
 ) -> None:
     """Exact shares of ‖B_pre‖²_F by path and by head. Each row of B_pre is pushed forward
-    through the attention half of the block (one ``torch.func.jvp``, vmapped over the rows) to
+    through the attention half of the block (:func:`.blockmap.attention_pushforward`) to
     its tangents at ``hook_attn_out`` (J_A B_pre) and ``hook_z``; head h's share is
     Σ_r ⟨B_z[r, h], (∂z_h/∂x) B_pre[r]⟩ and the direct attention share ⟨B_post, J_A B_pre⟩."""
     b_pre, b_post, b_mid = out.rows["resid_pre"], out.rows["resid_post"], out.rows["resid_mid"]
     b_z = out.rows["z"]  # [rows, head, d_head]
-    x = state.resid[layer].to(b_pre.dtype)
-    load_forward_ad()
-    with block_map(
-        model, layer, state, (), ("attn_out", "z"), dtype=x.dtype, fast=fast, captured_only=True
-    ) as fn:
-
-        def push(tangent: Tensor) -> tuple[Tensor, ...]:
-            return torch.func.jvp(fn, (x,), (tangent,))[1]
-
-        t_attn, t_z = torch.vmap(push)(b_pre)
+    t_attn, t_z = attention_pushforward(model, layer, state, b_pre, fast=fast)
     total = b_pre.pow(2).sum()
     attn = (b_post * t_attn).sum()
     shares = {

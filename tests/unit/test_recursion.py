@@ -14,7 +14,7 @@ import torch
 
 from steerlens import _tl
 from steerlens.metric import OffTarget, pullback_sweep
-from steerlens.metric.blockmap import block_map, fast_supported
+from steerlens.metric.blockmap import attention_pushforward, block_map, fast_supported
 from steerlens.metric.pullback import MetricOptions, lens_rows
 from steerlens.metric.recursion import _DELTA_KINDS, pull_block
 from steerlens.metric.state import prompt_state
@@ -129,3 +129,20 @@ def test_captured_only_map(deep_model, fast):
     assert len(only) == 2
     for a, b in zip(only, full[1:], strict=True):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_attention_pushforward_equals_jacobian(deep_model):
+    """Both maps' pushforwards of random tangents against the attention half's Jacobian."""
+    state = prompt_state(deep_model, TOKENS)
+    layer, cfg = 1, deep_model.cfg
+    x = state.resid[layer]
+    tangents = torch.randn(5, cfg.d_model, dtype=torch.float64)
+    with block_map(deep_model, layer, state, (), ("attn_out", "z"), dtype=x.dtype) as fn:
+        j_attn, j_z = torch.func.jacrev(lambda y: fn(y)[1:])(x)
+    want_attn = tangents @ j_attn.T
+    want_z = torch.einsum("hdm,rm->rhd", j_z, tangents)
+    for fast in (True, False):
+        t_attn, t_z = attention_pushforward(deep_model, layer, state, tangents, fast=fast)
+        assert t_attn.shape == (5, cfg.d_model) and t_z.shape == (5, cfg.n_heads, cfg.d_head)
+        assert torch.allclose(t_attn, want_attn, rtol=0, atol=1e-12), fast
+        assert torch.allclose(t_z, want_z, rtol=0, atol=1e-12), fast

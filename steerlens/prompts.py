@@ -38,7 +38,7 @@ def check_mask(mask: Tensor) -> Tensor:
     return real
 
 
-def unpad(tokens: Int[Tensor, "batch pos"], attention_mask: Tensor) -> list[Int[Tensor, " pos"]]:
+def unpad(tokens: Int[Tensor, "batch pos"], attention_mask: Tensor) -> list[Int[Tensor, " _pos"]]:
     """The real tokens of each row of a padded batch (padding on either side, as
     TransformerLens pads), one 1-D tensor a row.
 

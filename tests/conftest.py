@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny float64 models of both flavours, seeded; hook-hygiene checks.
+"""Shared fixtures: tiny float64 models of both flavours, seeded; hook-hygiene checks; a way
+round the run-time type checks for deliberately ill-typed calls.
 
 ``STEERLENS_TEST_DEVICE=cuda pytest tests/unit`` puts the tiny models on that device (default
 ``cpu``), to run the unit suite on a GPU.
@@ -8,10 +9,13 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
+from jaxtyping import config as jaxtyping_config
 
 from steerlens.testing import tiny_model
 
@@ -71,3 +75,16 @@ def assert_untouched(model, snapshot) -> None:
     assert set(state) == set(snapshot)
     for k, v in snapshot.items():
         assert torch.equal(state[k], v), k
+
+
+@contextmanager
+def unchecked() -> Iterator[None]:
+    """The run-time type checks (pytest's ``--jaxtyping-packages``) off inside the block: for
+    calls that pass an ill-typed argument on purpose, to test steerlens's own error for it (what
+    a user without a type checker meets) rather than beartype's. A no-op without the checks."""
+    before = jaxtyping_config.jaxtyping_disable
+    jaxtyping_config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping_config.update("jaxtyping_disable", before)

@@ -145,7 +145,7 @@ class TokenSet:
         """Nothing to check: the concept is read at the output, reachable from any site."""
 
     def value(
-        self, act: Float[Tensor, "... dim"], logits: Float[Tensor, "... d_vocab"]
+        self, act: Float[Tensor, "... dim"] | None, logits: Float[Tensor, "... d_vocab"]
     ) -> Float[Tensor, "..."]:
         """The concept value c = log Σ_{y∈S} p_y from the logits (``act`` is unused: a token
         set is read at the output). Differentiable."""

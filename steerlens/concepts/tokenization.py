@@ -12,13 +12,14 @@ Words are tokenized without a beginning-of-sequence token.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from steerlens.errors import ConceptError, InputError
 
 SPACE_MARK = "\u2581"
 
 
+@runtime_checkable
 class TokenizerLike(Protocol):
     """The part of a Hugging Face tokenizer the concepts use."""
 

@@ -17,7 +17,7 @@ from steerlens.hooks import (
     site_index,
 )
 from steerlens.sites import Site, all_sites
-from tests.conftest import assert_untouched, hook_count, weights_snapshot
+from tests.conftest import assert_untouched, hook_count, unchecked, weights_snapshot
 
 
 @torch.no_grad()
@@ -146,7 +146,7 @@ def test_record_detaches_unless_asked_not_to(model, tokens):
     ids=["list", "shape", "int", "complex", "meta", "inf"],
 )
 def test_check_vector_refuses(model, vector, error, match):
-    with pytest.raises(error, match=match):
+    with unchecked(), pytest.raises(error, match=match):  # a list is not a Tensor
         check_vector(vector, Site("resid_post", 0), model)
 
 

@@ -24,6 +24,7 @@ from steerlens.methods import (
     register_method,
     steer_iteratively,
 )
+from tests.conftest import unchecked
 
 TARGET = 7
 SITE = "resid_post.0"
@@ -89,8 +90,10 @@ def test_inputs_of_the_wrong_type_are_named(gpt2_model):
         sl.fit(gpt2_model, "probe", concept=concept_for(gpt2_model))
     with pytest.raises(errors.InputError, match="caa needs pairs= a ContrastPairs, got tuple"):
         sl.fit(gpt2_model, "caa", pairs=("a", "b"), layer=0)
-    with pytest.raises(errors.InputError, match="CAA reads one layer"):
-        sl.fit(gpt2_model, "caa", pairs=sl.concepts.ContrastPairs("ab", [("a", "b")]), layer=[0, 1])
+    with unchecked(), pytest.raises(errors.InputError, match="CAA reads one layer"):
+        sl.fit(  # layer= a list, not CaaConfig's int
+            gpt2_model, "caa", pairs=sl.concepts.ContrastPairs("ab", (("a", "b"),)), layer=[0, 1]
+        )
     with pytest.raises(errors.InputError, match=r"target_probability must be in \(0, 1\), got 2.0"):
         sl.fit(
             gpt2_model,

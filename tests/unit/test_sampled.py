@@ -26,7 +26,7 @@ from steerlens.metric.pullback import lens_logits
 from steerlens.metric.state import prompt_state
 from steerlens.sites import Site
 from steerlens.testing import tiny_model
-from tests.conftest import assert_untouched, hook_count, weights_snapshot
+from tests.conftest import assert_untouched, hook_count, unchecked, weights_snapshot
 
 PROMPTS = [
     torch.tensor(p) for p in ([3, 1, 4, 1], [5, 9, 2], [6, 5, 3, 5, 8], [9, 7], [9, 3, 2, 3])
@@ -165,14 +165,16 @@ def test_info_carries_samples_and_seed(model):
 def test_bad_samples_raise_and_leave_the_model(model, samples):
     before = weights_snapshot(model)
     with pytest.raises(errors.InputError, match=f"samples must be a positive integer.*{samples!r}"):
-        expected_metric(model, PROMPTS, "resid_pre.0", samples=samples, progress=False)
+        with unchecked():  # 2.5 and "4" are not ints
+            expected_metric(model, PROMPTS, "resid_pre.0", samples=samples, progress=False)
     assert_untouched(model, before)
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5, False])
 def test_bad_seed_raises(model, seed):
     with pytest.raises(errors.InputError, match=f"seed must be a non-negative integer.*{seed!r}"):
-        expected_metric(model, PROMPTS, "resid_pre.0", samples=4, seed=seed, progress=False)
+        with unchecked():  # 1.5 is not an int
+            expected_metric(model, PROMPTS, "resid_pre.0", samples=4, seed=seed, progress=False)
 
 
 @pytest.mark.parametrize("options", [{"vocab": "full"}, {"dropped_mass": 1e-2}])

@@ -6,6 +6,7 @@ import pytest
 
 from steerlens.errors import SiteError
 from steerlens.sites import KINDS, Site, all_sites, as_site
+from tests.conftest import unchecked
 
 
 @pytest.mark.parametrize(
@@ -59,11 +60,11 @@ def test_parse_errors(spec, match):
 def test_constructor_errors():
     with pytest.raises(SiteError, match="unknown site kind"):
         Site("resid", 0)
-    with pytest.raises(SiteError, match="must be an int"):
+    with unchecked(), pytest.raises(SiteError, match="must be an int"):
         Site("resid_pre", "1")  # type: ignore[arg-type]
-    with pytest.raises(SiteError, match="invalid position"):
+    with unchecked(), pytest.raises(SiteError, match="invalid position"):
         Site("resid_pre", 1, position="middle")  # type: ignore[arg-type]
-    with pytest.raises(SiteError, match="string or a Site"):
+    with unchecked(), pytest.raises(SiteError, match="string or a Site"):
         Site.parse(3)  # type: ignore[arg-type]
 
 

@@ -218,6 +218,39 @@ def test_killed_run_resumes_to_the_same_records(tmp_path, reference):
     pd.testing.assert_frame_equal(pd.read_csv(folder / "records.csv"), reference)
 
 
+def test_shards_give_the_records_of_one(tmp_path):
+    """The runner's sharding and merge in one process (ranks passed explicitly, one after the
+    other): the fast check of what the two-rank torchrun test below checks end to end."""
+    units = [f"{i}/{layer}" for i in range(5) for layer in (0, 1)]
+    work = lambda key: [{"unit": key, "value": sum(map(ord, key))}]  # noqa: E731
+    single = run_units(tmp_path / "one", {"job": 1}, units, work)
+    assert run_units(tmp_path / "two", {"job": 1}, units, work, rank=1, world=2) is None
+    done = read_done(tmp_path / "two" / "records.rank1.jsonl")
+    assert sorted(done) == sorted(units[1::2])
+    merged = run_units(tmp_path / "two", {"job": 1}, units, work, rank=0, world=2)
+    assert single is not None and merged is not None
+    pd.testing.assert_frame_equal(merged, single)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "two" / "records.csv"), single)
+
+
+def test_runner_runs_under_a_process_group(tmp_path):
+    """The torchrun path in process: rank and world from an initialized (one-rank gloo) group,
+    and both barriers."""
+    import torch.distributed as dist
+
+    from steerlens.experiments.runner import distributed_rank
+
+    assert distributed_rank() == (0, 1)
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        assert distributed_rank() == (0, 1)
+        out = run_units(tmp_path, {"job": 1}, ["a", "b"], lambda key: [{"unit": key}])
+        assert out is not None and list(out.unit) == ["a", "b"]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
 def test_two_ranks_give_the_records_of_one(tmp_path, reference):
     folder = tmp_path / "ranks"
     proc = _run(folder, 0.0, sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",

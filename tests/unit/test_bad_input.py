@@ -1,9 +1,10 @@
-"""The bad-input suite: distinct bad inputs across the public API and the command line.
+"""The bad-input suite: distinct bad inputs across the public API.
 
 Each case names what it feeds, the steerlens exception it must raise (one hierarchy,
 ``steerlens.errors``) and a phrase the message must contain; after every case the model has no
-hooks and bit-identical weights. API cases run on the tiny float64 GPT-2-like model; the cases
-that need a real tokenizer, and the command line, on the default model.
+hooks and bit-identical weights. These cases run on the tiny float64 GPT-2-like model; the cases
+that need a real tokenizer, and the command line, are in
+``tests/integration/test_bad_input_default.py``.
 """
 
 from __future__ import annotations
@@ -20,14 +21,12 @@ from sae_lens import StandardSAE, StandardSAEConfig
 
 import steerlens as sl
 from steerlens import errors
-from steerlens.cli import main
 from steerlens.concepts import PairConcept
 from steerlens.concepts.pairs import ContrastPairs
-from steerlens.datasets import verb_concept
 from steerlens.diagnostics import spectral_cost_ratio
 from steerlens.methods.vector import probe_intervention, sae_intervention
 from steerlens.metric.outcomes import OffTarget
-from tests.conftest import assert_untouched, weights_snapshot
+from tests.conftest import assert_untouched, unchecked, weights_snapshot
 
 TOKENS = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
 D = 16  # the tiny model's d_model
@@ -50,6 +49,12 @@ def _vec(*values: float) -> torch.Tensor:
 def _steer(model, site: str, vector: torch.Tensor, scale: float = 1.0) -> None:
     with sl.add_vector(model, site, vector, scale):
         model(TOKENS[None])
+
+
+def _steer_ill_typed(model, site: str, vector: torch.Tensor) -> None:
+    """A vector that is not ``Float[Tensor, "dim"]``: steerlens's error, not the type checker's."""
+    with unchecked():
+        _steer(model, site, vector)
 
 
 def _probe(site: str = "resid_post.0", width: int = D, weight: float = 1.0) -> sl.LinearProbe:
@@ -172,9 +177,10 @@ API_CASES = [
          errors.NonFiniteError, "overflows"),
     Case("vector of the wrong width", lambda m, t: _steer(m, "resid_post.0", torch.ones(15)),
          errors.InputError, "(16,)"),
-    Case("2-D vector", lambda m, t: _steer(m, "resid_post.0", torch.ones(1, D)),
+    Case("2-D vector", lambda m, t: _steer_ill_typed(m, "resid_post.0", torch.ones(1, D)),
          errors.InputError, "shape"),
-    Case("integer vector", lambda m, t: _steer(m, "resid_post.0", torch.ones(D, dtype=torch.long)),
+    Case("integer vector",
+         lambda m, t: _steer_ill_typed(m, "resid_post.0", torch.ones(D, dtype=torch.long)),
          errors.InputError, "floating-point"),
     Case("vector on the meta device",
          lambda m, t: _steer(m, "resid_post.0", torch.ones(D, device="meta")),
@@ -294,86 +300,3 @@ def test_every_error_is_a_steerlens_error_and_its_builtin():
             assert issubclass(cls, errors.SteerlensError)
             if cls is not errors.SteerlensError:
                 assert len(cls.__mro__) > 3, f"{cls.__name__} refines no builtin"
-
-
-# ------------------------------------------------------------------------- the default model
-
-REAL_CASES = [
-    Case("multi-token target word",
-         lambda m, t: sl.PairMapping.from_words(m, {"▁walk": "▁perambulated"}),
-         errors.ConceptError, "perambulated"),
-    Case("word concept with no single-token word",
-         lambda m, t: sl.TokenSet.from_words(m, ["▁antidisestablishmentarianism"]),
-         errors.ConceptError, "antidisestablishmentarianism"),
-    Case("unknown verb concept", lambda m, t: verb_concept(m, "future"),
-         errors.InputError, "unknown verb kind 'future'"),
-    Case("SAE hooked at another layer of the real model",
-         lambda m, t: sae_intervention(m, sl.sae_feature(_sae(576, "blocks.3.hook_resid_post"), 0),
-                                       site="resid_post.12"),
-         errors.ConceptError, "trained at"),
-]  # fmt: skip
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("case", REAL_CASES, ids=lambda c: c.id)
-def test_default_model_bad_input(case, default_model, tmp_path):
-    _raises_and_leaves_untouched(case, default_model, tmp_path)
-
-
-def _concept_file(tmp_path: Path, content: str) -> str:
-    path = tmp_path / "concept.json"
-    path.write_text(content)
-    return str(path)
-
-
-def _contexts_file(tmp_path: Path, lines: list[str]) -> str:
-    path = tmp_path / "contexts.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
-GOOD_PAIRS = json.dumps({"▁go": "▁went", "▁take": "▁took"})
-
-CLI_CASES = [
-    ("evaluate: multi-token word in the concept file",
-     lambda t: ["evaluate", "--concept", _concept_file(t, json.dumps({"▁walk": "▁perambulated"})),
-                "--contexts", _contexts_file(t, ["I want to"]), "--layers", "12"],
-     "perambulated"),
-    ("evaluate: concept file that is not JSON",
-     lambda t: ["evaluate", "--concept", _concept_file(t, "{go: went"),
-                "--contexts", _contexts_file(t, ["I want to"]), "--layers", "12"],
-     "JSON"),
-    ("evaluate: contexts file that does not exist",
-     lambda t: ["evaluate", "--concept", _concept_file(t, GOOD_PAIRS),
-                "--contexts", str(t / "missing.txt"), "--layers", "12"],
-     "missing.txt"),
-    ("evaluate: contexts file with no contexts",
-     lambda t: ["evaluate", "--concept", _concept_file(t, GOOD_PAIRS),
-                "--contexts", _contexts_file(t, ["", "   "]), "--layers", "12"],
-     "has no non-empty lines"),
-    ("evaluate: context longer than the model's context",
-     lambda t: ["evaluate", "--concept", _concept_file(t, GOOD_PAIRS),
-                "--contexts", _contexts_file(t, ["word " * 3000]), "--layers", "12"],
-     "past the model's context"),
-    ("evaluate: layer out of range",
-     lambda t: ["evaluate", "--concept", _concept_file(t, GOOD_PAIRS),
-                "--contexts", _contexts_file(t, ["I want to"]), "--layers", "30"],
-     "out of range"),
-    ("metric: unknown site", lambda t: ["metric", "--site", "blocks.3.hook_nonsense"],
-     "unknown hook"),
-    ("reproduce: target probability above 1", lambda t: ["reproduce", "--targets", "1.5",
-                                                         "--results", str(t / "r")],
-     "targets must be probabilities"),
-]  # fmt: skip
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize(
-    ("argv", "message"), [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES]
-)
-def test_cli_bad_input(argv, message, default_model, tmp_path, capsys):
-    """The command line loads its own model: exit status 2, the message, no results left."""
-    assert main(argv(tmp_path)) == 2
-    err = capsys.readouterr().err
-    assert "error" in err and message in err, err
-    assert not list(tmp_path.glob("**/*.csv")), "no partial results may be left"

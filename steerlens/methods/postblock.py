@@ -47,7 +47,7 @@ from steerlens.concepts.base import Concept
 from steerlens.errors import InputError, MethodError, NonFiniteError
 from steerlens.hooks import hooked
 from steerlens.methods.intervention import Intervention
-from steerlens.methods.registry import FitInputs, MethodSpec, register_method
+from steerlens.methods.registry import FitInputs, MethodSpec, one_layer, register_method
 from steerlens.prompts import PromptsLike, as_prompts
 from steerlens.sites import Site, as_site
 
@@ -193,13 +193,11 @@ def _fit_postblock(
     model: HookedTransformer, cfg: PostblockConfig, inputs: FitInputs
 ) -> Intervention:
     assert inputs.concept is not None and inputs.prompt is not None
-    if not isinstance(cfg.layer, int) or isinstance(cfg.layer, bool):
-        raise InputError(f"postblock trains at one layer: pass layer= an int, got {cfg.layer!r}")
     return postblock_intervention(
         model,
         inputs.concept,
         inputs.prompt,
-        cfg.layer,
+        one_layer("postblock", cfg.layer, "trains at"),
         position=cfg.position,
         steps=cfg.steps,
         lr=cfg.lr,

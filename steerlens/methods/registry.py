@@ -147,6 +147,14 @@ class MethodSpec:
                 raise InputError(f"{self.name} needs {name}= a {want}, got {type(value).__name__}")
 
 
+def one_layer(method: str, layer: Any, verb: str = "reads") -> int:
+    """``layer`` if it is one int layer (not a bool, not a list), else an InputError naming the
+    method: for the methods whose config takes one layer."""
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise InputError(f"{method} {verb} one layer: pass layer= an int, got {layer!r}")
+    return layer
+
+
 REGISTRY: dict[str, MethodSpec] = {}
 
 

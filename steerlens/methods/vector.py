@@ -21,7 +21,7 @@ from steerlens.errors import ConceptError, InputError, MethodError
 from steerlens.hooks import record
 from steerlens.methods.clamp import SaeClamp
 from steerlens.methods.intervention import Intervention
-from steerlens.methods.registry import FitInputs, MethodSpec, register_method
+from steerlens.methods.registry import FitInputs, MethodSpec, one_layer, register_method
 from steerlens.prompts import as_prompts
 from steerlens.sites import Site, as_site
 
@@ -226,12 +226,6 @@ class ActAddConfig:
     pad_token: int | None = None
 
 
-def _check_layer(name: str, layer: Any) -> int:
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise InputError(f"{name} reads one layer: pass layer= an int, got {layer!r}")
-    return layer
-
-
 def _fit_probe(model: HookedTransformer, cfg: ProbeConfig, inputs: FitInputs) -> Intervention:
     assert isinstance(inputs.concept, LinearProbe)
     return probe_intervention(model, inputs.concept, cfg.site, cfg.scale)
@@ -243,7 +237,7 @@ def _fit_sae(model: HookedTransformer, cfg: SaeConfig, inputs: FitInputs) -> Int
 
 
 def _fit_caa(model: HookedTransformer, cfg: CaaConfig, inputs: FitInputs) -> Intervention:
-    layer = _check_layer("CAA", cfg.layer)
+    layer = one_layer("CAA", cfg.layer)
     return caa_intervention(model, inputs.pairs, layer, position=cfg.position, scale=cfg.scale)
 
 
@@ -257,7 +251,7 @@ def _fit_actadd(model: HookedTransformer, cfg: ActAddConfig, inputs: FitInputs) 
     pair = inputs.pairs
     if not (isinstance(pair, tuple) and len(pair) == 2):
         raise InputError(f"actadd needs pairs= one (plus, minus) prompt pair, got {pair!r}")
-    layer = _check_layer("ActAdd", cfg.layer)
+    layer = one_layer("ActAdd", cfg.layer)
     return actadd_intervention(
         model, pair[0], pair[1], layer, scale=cfg.scale, pad_token=cfg.pad_token
     )

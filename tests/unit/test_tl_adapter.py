@@ -245,6 +245,32 @@ def test_is_plain_prenorm_block(model, tokens):
     assert _tl.is_plain_prenorm_block(local, 0, 4)  # the window covers the prompt
 
 
+def test_normalizes_block_outputs(model, tokens):
+    fields = _tl.config_to_dict(tiny_config("llama")) | {"use_normalization_before_and_after": True}
+    post = _tl.HookedTransformer(_tl.config_from_dict(fields))
+    assert not _tl.normalizes_block_outputs(model)
+    assert _tl.normalizes_block_outputs(post)
+    assert _tl.normalizes_block_outputs(_variant(original_architecture="Olmo2ForCausalLM"))
+    # what it means: the attn / mlp modules' outputs are what hook_attn_out / hook_mlp_out read
+    # exactly when the block does not normalise them again
+    for m, renormalised in ((model, False), (post, True)):
+        outputs: dict[str, torch.Tensor] = {}
+        handles = [
+            getattr(m.blocks[0], name).register_forward_hook(
+                lambda module, args, out, name=name, seen=outputs: seen.__setitem__(name, out)
+            )
+            for name in ("attn", "mlp")
+        ]
+        try:
+            acts = _run(m, tokens)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name in ("attn", "mlp"):
+            same = _close(outputs[name], acts[f"blocks.0.hook_{name}_out"])
+            assert same != renormalised, name
+
+
 def test_attention_weights(model, tokens):
     cfg = model.cfg
     n_kv = cfg.n_key_value_heads or cfg.n_heads

@@ -115,9 +115,8 @@ def path_length(
     # path starts at δ = 0, the clean model
     with LocalPath(model, tokens, site) as local, torch.no_grad():
         x0 = local.x0
-        return fisher_length(
-            outcome_distribution(local.logits(x0 + v.to(x0)), off_target) for v in samples
-        )
+        logits = local.batched(local.logits, x0 + torch.stack(samples).to(x0))
+        return fisher_length(outcome_distribution(row, off_target) for row in logits)
 
 
 def _recorded_site(intervention: Intervention, recorded: Tensor) -> tuple[str, Tensor]:

@@ -19,6 +19,7 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -27,8 +28,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from steerlens.errors import NonFiniteError, SiteError
-from steerlens.metric.blockmap import BlockFn, block_map
+from steerlens.errors import InputError, NonFiniteError, SiteError
+from steerlens.metric.blockmap import BlockFn, block_map, fast_supported
 from steerlens.metric.core import Metric
 from steerlens.metric.precision import compute_model
 from steerlens.metric.pullback import MetricOptions, lens_logits, lens_rows
@@ -77,6 +78,12 @@ class LocalPath:
         self.x0: Float[Tensor, " d_model"] = self.state.resid[self.entry].clone()
         self._stack: ExitStack | None = None
         self._blocks: list[BlockFn] = []
+        #: every block after the site is a plain tensor function (the fast block map), so a
+        #: batch of points runs as one vmapped call
+        self.vectorized = all(
+            fast_supported(self.model, layer, self.state.n_pos)
+            for layer in range(self.entry, model.cfg.n_layers)
+        )
 
     def __enter__(self) -> LocalPath:
         stack = ExitStack()
@@ -112,6 +119,19 @@ class LocalPath:
     def logits(self, x: Float[Tensor, " d_model"]) -> Float[Tensor, " d_vocab"]:
         """Next-token logits with the residual at the site set to ``x`` (differentiable)."""
         return lens_logits(self.model, self.residuals(x)[-1])
+
+    def batched(self, fn: Callable[[Tensor], Tensor], xs: Float[Tensor, "n d_model"]) -> Tensor:
+        """``fn`` (a function of one point x, e.g. ``lambda x: concept.value(x, path.logits(x))``)
+        at every row of ``xs``, stacked: one vmapped call where every block after the site is
+        a fast block map (the rows share each weight read), a loop over the rows otherwise."""
+        self._need_open()
+        if xs.ndim != 2 or xs.shape[1] != self.x0.shape[0]:
+            raise InputError(
+                f"points must be [n, {self.x0.shape[0]}] at {self.site.name}, got {tuple(xs.shape)}"
+            )
+        if self.vectorized:
+            return torch.vmap(fn)(xs)
+        return torch.stack([fn(x) for x in xs])
 
     def metric(
         self,

@@ -96,6 +96,30 @@ def test_local_path_gradient_equals_whole_model(model, tokens):
     assert torch.allclose(g, full_grad(model, tokens, SITE, concept), atol=1e-10)
 
 
+def _qk_norm_model():
+    """A block only the hooked map fits (QK-norm): LocalPath loops instead of vmapping."""
+    from steerlens import _tl
+    from steerlens.testing import tiny_config
+
+    fields = _tl.config_to_dict(tiny_config("llama", n_layers=2)) | {"use_qk_norm": True}
+    return _tl.HookedTransformer(_tl.config_from_dict(fields)).eval()
+
+
+@pytest.mark.parametrize("flavour", ["plain", "qk_norm"])
+def test_local_path_batched_equals_one_point_at_a_time(model, tokens, flavour):
+    net = model if flavour == "plain" else _qk_norm_model()
+    concept = concept_for(net)
+    with LocalPath(net, tokens, SITE) as path:
+        assert path.vectorized == (flavour == "plain")
+        gen = torch.Generator().manual_seed(3)
+        xs = path.x0 + torch.randn(5, net.cfg.d_model, generator=gen, dtype=path.x0.dtype)
+        one = torch.stack([concept.value(x, path.logits(x)) for x in xs])
+        many = path.batched(lambda x: concept.value(x, path.logits(x)), xs)
+        assert torch.allclose(one, many, atol=1e-12, rtol=0)
+        with pytest.raises(errors.InputError, match=r"points must be \[n, "):
+            path.batched(path.logits, path.x0)
+
+
 @pytest.mark.parametrize("off_target", [True, False])
 def test_fishback_first_step_is_damped_natural_gradient(model, tokens, off_target):
     """Reference: u = (G + λI)⁻¹g with G by jacrev of the full logits (exact vocabulary)."""

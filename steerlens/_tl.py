@@ -58,6 +58,7 @@ __all__ = [
     "mlp_weights",
     "model_from_state_dict",
     "new_kv_cache",
+    "repeat_kv_cache",
     "normalizes_block_outputs",
     "official_model_name",
     "official_model_names",
@@ -121,6 +122,15 @@ def forward_hooks(
 def new_kv_cache(model: HookedTransformer, batch_size: int = 1) -> KeyValueCache:
     """An empty key-value cache for ``batch_size`` sequences, one entry per layer."""
     return KeyValueCache.init_cache(model.cfg, model.cfg.device, batch_size=batch_size)
+
+
+def repeat_kv_cache(cache: KeyValueCache, n: int) -> None:
+    """Make a cache of one sequence the cache of ``n`` copies of it (in place; the copies share
+    memory until the next append concatenates new positions to each)."""
+    for entry in cache.entries:
+        entry.past_keys = entry.past_keys.expand(n, -1, -1, -1)
+        entry.past_values = entry.past_values.expand(n, -1, -1, -1)
+    cache.previous_attention_mask = cache.previous_attention_mask.expand(n, -1)
 
 
 def forward_filling_cache(model: HookedTransformer, batch: Tensor, cache: KeyValueCache) -> Tensor:

@@ -4,7 +4,7 @@ intervention, and the unsteered model's perplexity of them (fluency).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -35,35 +35,41 @@ def _prompt_with_room(model: HookedTransformer, tokens: Tensor, n_tokens: int) -
 @torch.no_grad()
 def _continue(
     model: HookedTransformer,
-    seq: Tensor,
+    prompt: Tensor,
     n_tokens: int,
     intervention: Intervention | None,
-    sampled_from: int | None = None,
+    rows: int = 1,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """``seq`` [batch, pos] extended by ``n_tokens``, generated with ``intervention`` applied:
-    rows before ``sampled_from`` greedily (argmax), the rest (if ``sampled_from`` is not None)
-    sampled from the softmax with ``generator``.
+    """``rows`` continuations [rows, pos + n_tokens] of ``prompt`` [1, pos], generated with
+    ``intervention`` applied: row 0 greedily (argmax), the others (if any) sampled from the
+    softmax with ``generator``.
 
     The prompt runs once and each new token once, with a key-value cache (TransformerLens's
-    own). The intervention is applied to every pass with the prompt's attention mask, so a
-    one-token pass counts as a generation step (:func:`steerlens.hooks.edit_at`): ``@last`` and
-    ``@all`` edit each new token and ``@p`` only the prompt's p-th, as a full forward of the
-    whole sequence at every step would (the edit at earlier positions is in their cached keys
-    and values)."""
-    cache = _tl.new_kv_cache(model, seq.shape[0])
-    mask = torch.ones_like(seq)
-    split = seq.shape[0] if sampled_from is None else sampled_from
-    out = [seq]
-    with intervention.apply(model, attention_mask=mask) if intervention else nullcontext():
-        logits = _tl.forward_filling_cache(model, seq, cache)[:, -1]
+    own) that the rows share for the prompt. The intervention is applied to every pass with the
+    prompt's attention mask, so a one-token pass counts as a generation step
+    (:func:`steerlens.hooks.edit_at`): ``@last`` and ``@all`` edit each new token and ``@p``
+    only the prompt's p-th, as a full forward of the whole sequence at every step would (the
+    edit at earlier positions is in their cached keys and values)."""
+
+    def steered(n: int) -> AbstractContextManager[object]:
+        if intervention is None:
+            return nullcontext()
+        return intervention.apply(model, attention_mask=torch.ones_like(prompt).expand(n, -1))
+
+    cache = _tl.new_kv_cache(model, 1)
+    with steered(1):
+        logits = _tl.forward_filling_cache(model, prompt, cache)[:, -1].expand(rows, -1)
+    _tl.repeat_kv_cache(cache, rows)
+    out = [prompt.expand(rows, -1)]
+    with steered(rows):
         for i in range(n_tokens):
-            nxt = logits.argmax(-1, keepdim=True)
-            if split < seq.shape[0]:
-                probs = torch.softmax(logits[split:].double(), -1)
+            nxt = logits[:1].argmax(-1, keepdim=True)
+            if rows > 1:
+                probs = torch.softmax(logits[1:].double(), -1)
                 picked = torch.multinomial(probs, 1, generator=generator)
-                nxt = torch.cat([nxt[:split], picked.to(nxt.dtype)], 0)
-            out.append(nxt.to(seq.dtype))
+                nxt = torch.cat([nxt, picked.to(nxt.dtype)], 0)
+            out.append(nxt.to(prompt.dtype))
             if i + 1 < n_tokens:
                 logits = _tl.forward_filling_cache(model, out[-1], cache)[:, -1]
     return torch.cat(out, 1)
@@ -141,7 +147,7 @@ def generation_measures(
     seq = _prompt_with_room(model, tokens, n_tokens)
     start = seq.shape[1]
     generator = torch.Generator(device=seq.device).manual_seed(seed)
-    both = _continue(model, seq.expand(1 + samples, -1), n_tokens, intervention, 1, generator)
+    both = _continue(model, seq, n_tokens, intervention, 1 + samples, generator)
     greedy, sampled = both[:1], both[1:]
     return Generation(
         target_first_greedy=float(greedy[0, start] == target),

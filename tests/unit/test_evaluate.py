@@ -189,7 +189,7 @@ def test_cached_generation_edits_each_token_once_as_it_is_run(model, tokens, pos
     iv = Intervention("push", {f"blocks.0.hook_resid_post@{position}": vec})
     want = _generated_by_full_passes(model, tokens, vec, edited, 6, 3, seed=4)
     gen = torch.Generator().manual_seed(4)
-    got = _continue(model, tokens.view(1, -1).expand(4, -1), 6, iv, 1, gen)
+    got = _continue(model, tokens.view(1, -1), 6, iv, 4, gen)
     assert torch.equal(got, want)
     assert hook_count(model) == 0
 

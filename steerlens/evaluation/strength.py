@@ -57,6 +57,7 @@ def strength_search(
     per_octave: int = 4,
     tol: float = 1e-4,
     iters: int = 30,
+    many: Callable[[Sequence[float]], Sequence[float]] | None = None,
 ) -> dict[float, StrengthMatch]:
     """For each target, the smallest scale on a fine grid (:func:`strength_grid`) whose
     ``probability`` reaches it, bisected against the grid point before it until the upper end is
@@ -64,7 +65,8 @@ def strength_search(
     with the scale (CAA's does not), so the grid is walked in full instead of doubling until a
     first success; where no grid point reaches a target, the interval around the grid's peak is
     refined (golden section) in case a narrow window lies between grid points. Every scale is
-    evaluated at most once for all targets together.
+    evaluated at most once for all targets together. ``many``, if given, evaluates
+    ``probability`` at many scales in one call (e.g. batched); the grid is walked with it.
 
     >>> out = strength_search(lambda s: s / 10, [0.5])
     >>> m = out[0.5]
@@ -84,6 +86,8 @@ def strength_search(
             seen[scale] = float(probability(scale))
         return seen[scale]
 
+    if many is not None:
+        seen.update(zip(grid, (float(p) for p in many(grid)), strict=True))
     shares = [at(s) for s in grid]
     peak = int(np.argmax(shares))
     lo_i, hi_i = max(peak - 1, 0), min(peak + 1, len(grid) - 1)

@@ -22,7 +22,8 @@ FishBack's is ρ along the method's own path (``rho_own``, every method); and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,10 +46,10 @@ from steerlens.methods.intervention import Intervention
 from steerlens.methods.iterative import Compared, steer_iteratively
 from steerlens.methods.registry import method_config, method_spec
 from steerlens.metric.core import Metric
-from steerlens.metric.local import LocalPath
+from steerlens.metric.local import LOCAL_KINDS, LocalPath
 from steerlens.metric.outcomes import OffTarget
 from steerlens.metric.pullback import MetricOptions
-from steerlens.sites import Site
+from steerlens.sites import Site, as_site
 
 if TYPE_CHECKING:
     from steerlens._tl import HookedTransformer
@@ -273,7 +274,8 @@ def context_records(
     for e in runs:
         records.append(record(e.method, e.target, e.intervention, e.fields(), e.path))
     for name, iv in fixed.items():
-        found = strength_search(share_at(model, tokens, ctx, iv), settings.targets)
+        with shares_of(model, tokens, ctx, iv) as (one, many):
+            found = strength_search(one, settings.targets, many=many)
         for target in settings.targets:
             m = found[target]
             extra = {
@@ -294,6 +296,48 @@ def share_at(
         return float(pair_share(next_logprobs(model, tokens, iv.scaled(scale)), ctx))
 
     return prob
+
+
+def local_vector(iv: Intervention, model: HookedTransformer) -> tuple[Site, Tensor] | None:
+    """The site and vector of ``iv`` if all it does is add one vector to the residual stream at
+    the prediction position (``@last``), where the blocks after the site at that position
+    (:class:`~steerlens.metric.local.LocalPath`) give its outcome exactly; else None."""
+    if len(iv.vectors) != 1 or iv.multipliers or iv.clamps or iv.weight_updates:
+        return None
+    spec, vector = next(iter(iv.vectors.items()))
+    site = as_site(spec, model)
+    if site.kind not in LOCAL_KINDS or site.position != "last":
+        return None
+    return site, vector
+
+
+@contextmanager
+def shares_of(
+    model: HookedTransformer, tokens: Tensor, ctx: VerbContext, iv: Intervention
+) -> Iterator[tuple[Callable[[float], float], Callable[[Sequence[float]], list[float]] | None]]:
+    """The pair share of ``iv.scaled(s)`` as a function of s and, where ``iv`` is one
+    ``@last`` residual vector (:func:`local_vector`), the shares at many scales in one batched
+    call through the blocks after its site (the scalar one through them too); otherwise the
+    scalar one is :func:`share_at` (a forward of the whole prompt) and the batched one None."""
+    found = local_vector(iv, model)
+    if found is None:
+        yield share_at(model, tokens, ctx, iv), None
+        return
+    site, vector = found
+    with LocalPath(model, tokens, site) as path, torch.no_grad():
+        v = vector.to(path.x0)  # iv.scaled(s) applies s · vector
+
+        def share(x: Tensor) -> Tensor:
+            return pair_share(torch.log_softmax(path.logits(x).double(), -1), ctx)
+
+        def one(scale: float) -> float:
+            return float(share(path.x0 + scale * v))
+
+        def many(scales: Sequence[float]) -> list[float]:
+            t = torch.tensor(list(scales), dtype=v.dtype, device=v.device)
+            return path.batched(share, path.x0 + t[:, None] * v).tolist()
+
+        yield one, many
 
 
 def along_directions(

@@ -344,3 +344,28 @@ def test_transfer_vector_is_the_expected_natural_gradient(model):
     assert float(single.vector() @ v) < 1 - 1e-6  # the average, not one context's
     with pytest.raises(errors.InputError, match="training contexts"):
         fit_transfer(model, 1, [])
+
+
+@pytest.mark.parametrize("position", ["last", "all"])
+def test_shares_of_a_last_position_vector_run_through_the_blocks_after_it(model, position):
+    """One ``@last`` residual vector: the shares at many scales in one batched call through the
+    blocks after the site equal full forwards of the prompt; ``@all`` keeps full forwards."""
+    from steerlens.experiments.matched import share_at, shares_of
+
+    ctx = _ctx(0, "walk", model)
+    tokens = torch.tensor(ctx.token_ids)
+    v = (model.W_U[:, ctx.target_id] - model.W_U[:, ctx.base_id]).detach()
+    iv = Intervention("v", {f"resid_post.0@{position}": v / v.norm()}, scale=0.5)
+    full = share_at(model, tokens, ctx, iv)
+    scales = [0.0, 0.7, 2.0, 9.0]
+    with shares_of(model, tokens, ctx, iv) as (one, many):
+        assert (many is None) == (position == "all")
+        for s in scales:
+            assert one(s) == pytest.approx(full(s), rel=1e-10, abs=1e-14)
+        if many is not None:
+            assert many(scales) == pytest.approx([full(s) for s in scales], rel=1e-10, abs=1e-14)
+            batched = strength_search(one, [0.5, 0.9], many=many)
+            plain = strength_search(one, [0.5, 0.9])
+            for target in (0.5, 0.9):
+                assert batched[target].reached and plain[target].reached
+                assert batched[target].scale == pytest.approx(plain[target].scale, rel=1e-9)

@@ -219,10 +219,12 @@ class Study:
         self._sentences: list[str] | None = None
         self._concepts: dict[str, _Concept] = {}
         self._fixed: dict[tuple[str, int], Any] = {}
+        # context-major: a run stopped part-way holds the first contexts of every concept at
+        # every layer, not every context of the first concept
         self.units = [
             f"{kind}/{i:03d}/{layer}"
-            for kind in cfg.concepts
             for i in range(cfg.contexts)
+            for kind in cfg.concepts
             for layer in cfg.layers
         ]
 

@@ -3,6 +3,13 @@ config, fit function, inputs, implicit metric) in :mod:`steerlens.methods.regist
 fits to an :class:`Intervention` that applies as a context manager, saves and loads, and exposes
 its vectors for diagnosis. Iterative runs return a typed :class:`SteeringRun`."""
 
+from steerlens.methods.equivalence import (
+    ShiftFit,
+    UpdateShift,
+    apply_shift,
+    shift_from_weight_update,
+    weight_update_from_shift,
+)
 from steerlens.methods.intervention import Intervention, load_intervention
 from steerlens.methods.iterative import (
     DualConfig,
@@ -13,6 +20,7 @@ from steerlens.methods.iterative import (
     steer_iteratively,
 )
 from steerlens.methods.iti import ItiConfig, iti_intervention
+from steerlens.methods.lowrank import LowRankUpdate, OutputProjection, apply_update
 from steerlens.methods.multisite import MultisiteConfig
 from steerlens.methods.postblock import PostblockConfig, bias_edit, postblock_intervention
 from steerlens.methods.registry import (
@@ -67,17 +75,23 @@ __all__ = [
     "Intervention",
     "ItiConfig",
     "IterativeConfig",
+    "LowRankUpdate",
     "MethodSpec",
     "MultisiteConfig",
+    "OutputProjection",
     "PostblockConfig",
     "ProbeConfig",
     "RepeConfig",
     "SaeConfig",
     "ScalingConfig",
+    "ShiftFit",
     "SteeringRun",
     "Step",
     "TruncatedFisherConfig",
+    "UpdateShift",
     "actadd_intervention",
+    "apply_shift",
+    "apply_update",
     "bias_edit",
     "caa_intervention",
     "fit",
@@ -91,5 +105,7 @@ __all__ = [
     "register_method",
     "repe_intervention",
     "sae_intervention",
+    "shift_from_weight_update",
     "steer_iteratively",
+    "weight_update_from_shift",
 ]

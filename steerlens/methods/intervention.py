@@ -5,8 +5,10 @@ An intervention is a set of vectors, one per site (the site string carries its p
 ``@all`` every position; ``@5`` one position), times a ``scale``; and/or a set of
 ``multipliers`` (activation scaling: the activation at a site, e.g. one head's ``hook_z`` or an
 MLP's output, times 1 + scale·m); and/or a set of ``clamps`` (an SAE feature's activation set to
-scale·value, :mod:`steerlens.methods.clamp`). It saves to safetensors + JSON (a clamped SAE in
-sae-lens's own safetensors format beside them) and loads without unpickling anything.
+scale·value, :mod:`steerlens.methods.clamp`); and/or a set of ``weight_updates`` (a low-rank
+ΔW of a block's output projection, times scale, applied through hooks:
+:mod:`steerlens.methods.lowrank`). It saves to safetensors + JSON (a clamped SAE in sae-lens's
+own safetensors format beside them) and loads without unpickling anything.
 
 >>> import torch
 >>> from steerlens.testing import tiny_model
@@ -39,6 +41,7 @@ from steerlens.artifacts import check_dtype, load_artifact, save_artifact
 from steerlens.errors import ArtifactError, InputError, NonFiniteError
 from steerlens.hooks import add_vector, check_vector, scale_activation
 from steerlens.methods.clamp import SaeClamp, clamp_feature, load_clamps, save_clamps
+from steerlens.methods.lowrank import LowRankUpdate, OutputProjection, apply_update
 from steerlens.sites import Site, as_site
 
 if TYPE_CHECKING:
@@ -61,12 +64,22 @@ class Intervention:
     info: dict[str, Any] = field(default_factory=dict)
     multipliers: Mapping[str, float] = field(default_factory=dict)
     clamps: Mapping[str, SaeClamp] = field(default_factory=dict)
+    weight_updates: Mapping[str, LowRankUpdate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.vectors and not self.multipliers and not self.clamps:
+        if not (self.vectors or self.multipliers or self.clamps or self.weight_updates):
             raise InputError(
-                f"intervention {self.method!r} has no vectors, no multipliers and no clamps"
+                f"intervention {self.method!r} has no vectors, no multipliers, no clamps and no "
+                "weight updates"
             )
+        updates = {}
+        for spec, update in self.weight_updates.items():
+            if not isinstance(update, LowRankUpdate):
+                raise InputError(
+                    f"weight update of {spec} must be a LowRankUpdate, got {type(update).__name__}"
+                )
+            updates[OutputProjection.parse(spec).name] = update
+        object.__setattr__(self, "weight_updates", updates)
         clamped = {}
         for spec, clamp in self.clamps.items():
             if not isinstance(clamp, SaeClamp):
@@ -95,14 +108,16 @@ class Intervention:
         sites = ", ".join(self.vectors)
         scaled = f", {len(self.multipliers)} scaled sites" if self.multipliers else ""
         clamped = f", clamps at [{', '.join(self.clamps)}]" if self.clamps else ""
+        updated = f", updates of [{', '.join(self.weight_updates)}]" if self.weight_updates else ""
         return (
-            f"Intervention({self.method!r}, sites=[{sites}]{scaled}{clamped}, "
+            f"Intervention({self.method!r}, sites=[{sites}]{scaled}{clamped}{updated}, "
             f"scale={self.scale:.4g})"
         )
 
     def table(self) -> pd.DataFrame:
         """One row per site: its width and the norm of its vector, raw and scaled; or, for a
-        scaled site, its multiplier m and the factor 1 + scale·m it applies."""
+        scaled site, its multiplier m and the factor 1 + scale·m it applies; or, for a weight
+        update, its projection, rank and Frobenius norm ‖ΔW‖."""
         rows: list[dict[str, Any]] = [
             {
                 "site": spec,
@@ -125,6 +140,10 @@ class Intervention:
             }
             for spec, c in self.clamps.items()
         ]
+        rows += [
+            {"site": name, "rank": u.rank, "norm": float(u.delta().detach().norm())}
+            for name, u in self.weight_updates.items()
+        ]
         return pd.DataFrame(rows)
 
     def _repr_html_(self) -> str:
@@ -145,9 +164,9 @@ class Intervention:
         """The scaled vector at ``site`` (the only site if None)."""
         if not self.vectors:
             raise InputError(
-                f"intervention {self.method!r} scales or clamps activations; it has no vector "
-                "(see .multipliers, or .clamps[site].feature.direction for a clamped feature's "
-                "decoder row)"
+                f"intervention {self.method!r} scales or clamps activations or updates weights; "
+                "it has no vector (see .multipliers, .weight_updates, or "
+                ".clamps[site].feature.direction for a clamped feature's decoder row)"
             )
         if site is None:
             if len(self.vectors) != 1:
@@ -170,6 +189,8 @@ class Intervention:
             as_site(spec, model)
         for spec, clamp in self.clamps.items():
             clamp.check(as_site(spec, model), model)
+        for name, update in self.weight_updates.items():
+            update.check(OutputProjection.parse(name).validate(model), model)
 
     @contextmanager
     def apply(
@@ -183,7 +204,8 @@ class Intervention:
         hook is removed on exit, exceptions included. For a padded batch pass its
         ``attention_mask`` ([batch, pos], 1 on real tokens, either padding side): ``@last``
         then steers each row's last real token, ``@all`` skips padding, ``@p`` is each row's
-        p-th real token (:func:`steerlens.hooks.edit_at`)."""
+        p-th real token (:func:`steerlens.hooks.edit_at`); a weight update acts at every
+        position, as the edited weight would."""
         self.check(model)
         factor = self.scale if scale is None else float(scale)
         with ExitStack() as stack:
@@ -199,6 +221,8 @@ class Intervention:
                 stack.enter_context(
                     clamp_feature(model, spec, clamp, factor, attention_mask=attention_mask)
                 )
+            for name, update in self.weight_updates.items():
+                stack.enter_context(apply_update(model, name, update, factor))
             yield model
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -209,12 +233,18 @@ class Intervention:
         if self.multipliers:
             values = list(self.multipliers.values())
             tensors["multipliers"] = torch.tensor(values, dtype=torch.float64)
+        updates = {f"u{i}": name for i, name in enumerate(self.weight_updates)}
+        for key, name in updates.items():
+            update = self.weight_updates[name]
+            tensors[f"{key}.a"], tensors[f"{key}.b"] = update.a.detach(), update.b.detach()
+            dtypes[key] = str(update.a.dtype)
         meta = {
             "method": self.method,
             "scale": self.scale,
             "sites": names,
             "dtypes": dtypes,
             "multiplier_sites": list(self.multipliers),
+            "weight_updates": updates,
             "info": self.info,
         }
         clamps = dict(self.clamps)
@@ -232,7 +262,9 @@ def load_intervention(path: str | os.PathLike[str]) -> Intervention:
     try:
         sites: dict[str, str] = dict(meta["sites"])
         scaled: list[str] = list(meta.get("multiplier_sites", []))
+        updates: dict[str, str] = dict(meta.get("weight_updates", {}))
         expected = set(sites) | ({"multipliers"} if scaled else set())
+        expected |= {f"{k}.{part}" for k in updates for part in ("a", "b")}
         if expected != set(tensors):
             raise ArtifactError(f"{path}: the tensors do not match the sites listed in meta.json")
         vectors = {sites[k]: tensors[k].to(check_dtype(meta["dtypes"][k])) for k in sites}
@@ -243,6 +275,13 @@ def load_intervention(path: str | os.PathLike[str]) -> Intervention:
                 raise ArtifactError(f"{path}: {len(scaled)} scaled sites but {values.shape} values")
             multipliers = dict(zip(scaled, values.tolist(), strict=True))
         clamps = load_clamps(Path(path), list(meta.get("clamps", [])))
+        weight_updates = {
+            name: LowRankUpdate(
+                tensors[f"{k}.a"].to(check_dtype(meta["dtypes"][k])),
+                tensors[f"{k}.b"].to(check_dtype(meta["dtypes"][k])),
+            )
+            for k, name in updates.items()
+        }
         return Intervention(
             str(meta["method"]),
             vectors,
@@ -250,6 +289,7 @@ def load_intervention(path: str | os.PathLike[str]) -> Intervention:
             dict(meta.get("info", {})),
             multipliers,
             clamps,
+            weight_updates,
         )
     except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, ArtifactError):

@@ -20,6 +20,7 @@ from steerlens.methods.iterative import (
     steer_iteratively,
 )
 from steerlens.methods.iti import ItiConfig, iti_intervention
+from steerlens.methods.joint import JointConfig, answer_accuracy, joint_intervention
 from steerlens.methods.lowrank import LowRankUpdate, OutputProjection, apply_update
 from steerlens.methods.multisite import MultisiteConfig
 from steerlens.methods.postblock import PostblockConfig, bias_edit, postblock_intervention
@@ -75,6 +76,7 @@ __all__ = [
     "Intervention",
     "ItiConfig",
     "IterativeConfig",
+    "JointConfig",
     "LowRankUpdate",
     "MethodSpec",
     "MultisiteConfig",
@@ -90,12 +92,14 @@ __all__ = [
     "TruncatedFisherConfig",
     "UpdateShift",
     "actadd_intervention",
+    "answer_accuracy",
     "apply_shift",
     "apply_update",
     "bias_edit",
     "caa_intervention",
     "fit",
     "iti_intervention",
+    "joint_intervention",
     "list_methods",
     "load_intervention",
     "method_config",

@@ -15,8 +15,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steerlens.errors import InputError
-from steerlens.metric.local import LocalPath
+from steerlens.metric.local import LOCAL_KINDS, LocalPath
 from steerlens.metric.outcomes import OffTarget, outcome_distribution
+from steerlens.sites import Site, as_site
 
 if TYPE_CHECKING:
     from steerlens._tl import HookedTransformer
@@ -96,13 +97,18 @@ def path_length(
     >>> v = torch.ones(model.cfg.d_model, dtype=torch.float64)
     >>> iv = Intervention("v", {"blocks.1.hook_resid_pre": v})
     >>> tokens = torch.tensor([1, 2, 3])
-    >>> path_length(model, tokens, iv.scaled(0.0))
+    >>> round(path_length(model, tokens, iv.scaled(0.0)), 12)  # float noise at most
     0.0
     >>> path_length(model, tokens, iv) >= path_length(model, tokens, iv, points=1)  # chord
     True
     """
     if points < 1 or sub < 1:
         raise InputError(f"points and sub must be >= 1, got points={points}, sub={sub}")
+    if path is None and local_vector(intervention, model) is not None:
+        # one @last residual vector: its ray is a path through the blocks after the site
+        applied = intervention.vector()  # scale × vector
+        ts = torch.linspace(0, 1, points + 1, dtype=applied.dtype, device=applied.device)
+        path, sub = ts[:, None] * applied, 1
     if path is None:  # from the unsteered model: a clamp at scale 0 is not clean
         scales = [intervention.scale * k / points for k in range(points + 1)]
         logps = [next_logprobs(model, tokens)]
@@ -117,6 +123,19 @@ def path_length(
         x0 = local.x0
         logits = local.batched(local.logits, x0 + torch.stack(samples).to(x0))
         return fisher_length(outcome_distribution(row, off_target) for row in logits)
+
+
+def local_vector(iv: Intervention, model: HookedTransformer) -> tuple[Site, Tensor] | None:
+    """The site and vector of ``iv`` if all it does is add one vector to the residual stream at
+    the prediction position (``@last``), where the blocks after the site at that position
+    (:class:`~steerlens.metric.local.LocalPath`) give its outcome exactly; else None."""
+    if len(iv.vectors) != 1 or iv.multipliers or iv.clamps or iv.weight_updates:
+        return None
+    spec, vector = next(iter(iv.vectors.items()))
+    site = as_site(spec, model)
+    if site.kind not in LOCAL_KINDS or site.position != "last":
+        return None
+    return site, vector
 
 
 def _recorded_site(intervention: Intervention, recorded: Tensor) -> tuple[str, Tensor]:

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from steerlens.datasets import VerbContext
 from steerlens.diagnostics import path_length, spectral_cost_ratio
+from steerlens.diagnostics.path import local_vector
 from steerlens.errors import InputError
 from steerlens.evaluation import (
     continuation_perplexity,
@@ -46,10 +47,10 @@ from steerlens.methods.intervention import Intervention
 from steerlens.methods.iterative import Compared, steer_iteratively
 from steerlens.methods.registry import method_config, method_spec
 from steerlens.metric.core import Metric
-from steerlens.metric.local import LOCAL_KINDS, LocalPath
+from steerlens.metric.local import LocalPath
 from steerlens.metric.outcomes import OffTarget
 from steerlens.metric.pullback import MetricOptions
-from steerlens.sites import Site, as_site
+from steerlens.sites import Site
 
 if TYPE_CHECKING:
     from steerlens._tl import HookedTransformer
@@ -296,19 +297,6 @@ def share_at(
         return float(pair_share(next_logprobs(model, tokens, iv.scaled(scale)), ctx))
 
     return prob
-
-
-def local_vector(iv: Intervention, model: HookedTransformer) -> tuple[Site, Tensor] | None:
-    """The site and vector of ``iv`` if all it does is add one vector to the residual stream at
-    the prediction position (``@last``), where the blocks after the site at that position
-    (:class:`~steerlens.metric.local.LocalPath`) give its outcome exactly; else None."""
-    if len(iv.vectors) != 1 or iv.multipliers or iv.clamps or iv.weight_updates:
-        return None
-    spec, vector = next(iter(iv.vectors.items()))
-    site = as_site(spec, model)
-    if site.kind not in LOCAL_KINDS or site.position != "last":
-        return None
-    return site, vector
 
 
 @contextmanager

@@ -235,6 +235,10 @@ def test_path_length_is_the_fisher_length_by_jacrev(gpt2_model, tokens):
     assert got == pytest.approx(want, rel=1e-4)
     assert got > 1.05 * fisher_rao(*ends)  # the path is not a geodesic: length is not distance
     assert path_length(model, tokens, iv.scaled(0.5), off, points=200) < got
+    # the same edit named by its absolute position walks full forwards instead: same length
+    at_last = Intervention("ray", {f"blocks.0.hook_resid_post@{len(tokens) - 1}": v}, scale=0.5)
+    full = path_length(model, tokens, at_last, off, points=16)
+    assert full == pytest.approx(path_length(model, tokens, iv.scaled(0.5), off, points=16))
     with pytest.raises(errors.InputError, match="points and sub"):
         path_length(model, tokens, iv, off, points=0)
 

@@ -1,5 +1,6 @@
 """The result of :func:`steerlens.audit`: per-component tables, and the ways to read them
-(a layer × head grid per measure, methods side by side, the most-moved components).
+(a layer × head grid per measure, methods side by side, the most-moved components, and
+:meth:`Audit.plot`, the heatmap of :mod:`steerlens.plot`).
 
 >>> import pandas as pd
 >>> rows = pd.DataFrame(dict(method="m", component=["L1H0", "L1MLP"], layer=1,
@@ -14,11 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from steerlens.errors import InputError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: what each per-component column measures (figure labels use these)
 MEASURES: dict[str, str] = {
@@ -72,6 +76,19 @@ class Audit:
         frame: Any = self.components
         rows = frame[frame["method"] == self._method(method)]
         return rows.reindex(rows[measure].abs().sort_values(ascending=False).index).head(n)
+
+    def plot(
+        self,
+        measure: str = "change_norm",
+        methods: Sequence[str] | None = None,
+        *,
+        log: bool | None = None,
+    ) -> Figure:
+        """The layer × head heatmap of ``measure`` (an MLP column at the right), one panel per
+        method on one colour scale: :func:`steerlens.plot.audit_heatmap` of this audit."""
+        from steerlens.plot import audit_heatmap
+
+        return audit_heatmap(self, measure, methods, log=log)
 
     def _method(self, method: str | None) -> str:
         if method is None:

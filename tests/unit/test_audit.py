@@ -174,6 +174,32 @@ def test_figures(gpt2_model):
     assert "cosine" in fig.axes[0].get_legend().get_texts()[0].get_text()
 
 
+def test_one_call_heatmap_is_the_plot_modules(gpt2_model):
+    v = torch.randn(16, dtype=torch.float64)
+    result = sl.audit(
+        gpt2_model,
+        {"fishback": v, "caa": -v},
+        torch.tensor([1, 2, 3]),
+        site="resid_pre.0",
+        concept=CONCEPT,
+    )
+    for measure, methods in [("change_norm", None), ("dla_concept", ["caa"])]:
+        fig = result.plot(measure, methods)
+        same = plot.audit_heatmap(result, measure, methods)
+        panels, bar = fig.axes[:-1], fig.axes[-1]
+        assert [ax.get_title() for ax in panels] == (methods or ["fishback", "caa"])
+        for ax, ref in zip(panels, same.axes[:-1], strict=True):
+            # the image is the audit's own grid (the blank column between heads and MLP aside)
+            shown = ax.get_images()[0].get_array()
+            grid = result.grid(measure, ax.get_title()).to_numpy()
+            assert shown[:, :-2].tolist() == grid[:, :-1].tolist()
+            assert shown[:, -1].tolist() == grid[:, -1].tolist()
+            assert shown.tolist() == ref.get_images()[0].get_array().tolist()
+        assert bar.get_ylabel() == plot.AUDIT_LABELS[measure]
+    with pytest.raises(InputError, match="unknown audit measure"):
+        result.plot("no_such_measure")
+
+
 def test_bad_inputs_leave_the_model_untouched(gpt2_model):
     model = gpt2_model
     toks = torch.tensor([1, 2, 3])

@@ -78,8 +78,20 @@ def _continue(
 @torch.no_grad()
 def _perplexity(model: HookedTransformer, seqs: Tensor, start: int) -> Tensor:
     """The unsteered model's perplexity of each row of ``seqs`` [batch, pos] from position
-    ``start`` on: exp of the mean negative log-likelihood per token, [batch]."""
-    logp = torch.log_softmax(model(seqs)[:, start - 1 : -1].double(), -1)
+    ``start`` on: exp of the mean negative log-likelihood per token, [batch]. The rows share
+    their first ``start`` tokens (one prompt): it runs once, into a key-value cache the rows
+    then share for their own tokens."""
+    prompt = seqs[:1, :start]
+    if not torch.equal(seqs[:, :start], prompt.expand_as(seqs[:, :start])):
+        raise InputError("the continuations scored together must share their prompt")
+    cache = _tl.new_kv_cache(model, 1)
+    first = _tl.forward_filling_cache(model, prompt, cache)[:, -1:]
+    logits = first.expand(seqs.shape[0], -1, -1)
+    if seqs.shape[1] - start > 1:
+        _tl.repeat_kv_cache(cache, seqs.shape[0])
+        rest = _tl.forward_filling_cache(model, seqs[:, start:-1], cache)
+        logits = torch.cat([logits, rest], 1)
+    logp = torch.log_softmax(logits.double(), -1)
     return (-logp.gather(2, seqs[:, start:, None]).mean((1, 2))).exp()
 
 
@@ -149,9 +161,10 @@ def generation_measures(
     generator = torch.Generator(device=seq.device).manual_seed(seed)
     both = _continue(model, seq, n_tokens, intervention, 1 + samples, generator)
     greedy, sampled = both[:1], both[1:]
+    perplexity = _perplexity(model, both, start)
     return Generation(
         target_first_greedy=float(greedy[0, start] == target),
         target_first_sampled=float((sampled[:, start] == target).double().mean()),
-        perplexity_greedy=float(_perplexity(model, greedy, start)[0]),
-        perplexity_sampled=float(_perplexity(model, sampled, start).mean()),
+        perplexity_greedy=float(perplexity[0]),
+        perplexity_sampled=float(perplexity[1:].mean()),
     )

@@ -194,6 +194,26 @@ def test_cached_generation_edits_each_token_once_as_it_is_run(model, tokens, pos
     assert hook_count(model) == 0
 
 
+def test_perplexity_of_rows_sharing_a_prompt_equals_full_forwards(model, tokens):
+    from steerlens.evaluation.generation import _perplexity
+
+    gen = torch.Generator().manual_seed(6)
+    tail = torch.randint(0, model.cfg.d_vocab, (3, 5), generator=gen)
+    seqs = torch.cat([tokens.view(1, -1).expand(3, -1), tail], 1)
+    logp = torch.log_softmax(model(seqs).double(), -1)
+    n = len(tokens)
+    nll = -logp[:, n - 1 : -1].gather(2, seqs[:, n:, None]).mean((1, 2))
+    assert torch.allclose(_perplexity(model, seqs, n), nll.exp(), rtol=1e-10, atol=0)
+    assert torch.allclose(
+        _perplexity(model, seqs[:, : n + 1], n),
+        logp[:, n - 1].gather(1, seqs[:, n, None]).neg().exp().view(-1),
+        rtol=1e-10,
+        atol=0,
+    )
+    with pytest.raises(errors.InputError, match="share their prompt"):
+        _perplexity(model, torch.cat([seqs[:1], seqs[1:].flip(1)]), n)
+
+
 def test_continuation_checks_its_length(gpt2_model, tokens):
     with pytest.raises(errors.InputError, match="n_tokens"):
         greedy_continuation(gpt2_model, tokens, None, 0)

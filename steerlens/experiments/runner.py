@@ -77,14 +77,15 @@ def check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
         )
 
 
-def read_done(path: Path) -> dict[str, list[dict[str, Any]]]:
+def read_done(path: Path, *, repair: bool = True) -> dict[str, list[dict[str, Any]]]:
     """The finished units of one rank file, key → records. An unfinished last line (a kill
-    mid-append) is cut off the file; a bad line before the last is an error."""
+    mid-append) is cut off the file (``repair``, for the rank's own file) or ignored (another
+    rank's, which that rank repairs); a bad line before the last is an error."""
     if not path.exists():
         return {}
     data = path.read_bytes()
     keep = data.rfind(b"\n") + 1
-    if keep < len(data):
+    if repair and keep < len(data):
         with path.open("r+b") as f:
             f.truncate(keep)
             f.flush()
@@ -97,6 +98,25 @@ def read_done(path: Path) -> dict[str, list[dict[str, Any]]]:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise InputError(f"{path} line {number} is not a finished unit: {exc}") from exc
     return done
+
+
+def read_all_done(
+    folder: Path, units: Sequence[str], own: Path | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """The finished units of every rank file in ``folder`` (whatever world size wrote them),
+    key → records; :class:`InputError` for a unit that is not one of ``units`` or that two
+    files both hold. Only ``own`` is repaired (:func:`read_done`)."""
+    known = set(units)
+    found: dict[str, list[dict[str, Any]]] = {}
+    where: dict[str, Path] = {}
+    for path in sorted(folder.glob("records.rank*.jsonl")):
+        for key, records in read_done(path, repair=path == own).items():
+            if key not in known:
+                raise InputError(f"{path} holds unit {key!r}, which is not a unit of this run")
+            if key in found:
+                raise InputError(f"unit {key!r} is in both {where[key]} and {path}")
+            found[key], where[key] = records, path
+    return found
 
 
 def _append(path: Path, key: str, records: list[dict[str, Any]]) -> None:
@@ -118,8 +138,8 @@ def run_units(
     progress: Callable[[str], None] | None = None,
 ) -> pd.DataFrame | None:
     """Run ``work(key)`` for every unit key this rank owns (every ``world``-th from ``rank``)
-    that its records file does not already hold, appending each unit's records as it finishes;
-    then (after a barrier under ``torch.distributed``) rank 0 merges every rank's records in
+    that no rank file of the folder already holds (so a run resumes under another world size),
+    appending each unit's records to this rank's file as it finishes; then (after a barrier under ``torch.distributed``) rank 0 merges every rank's records in
     unit order into ``records.csv`` and returns them (other ranks return None). ``rank`` and
     ``world`` default to the ``torch.distributed`` group's (else 0 and 1). ``progress`` is
     called with each finished key."""
@@ -141,12 +161,11 @@ def run_units(
     if rank != 0:
         check_manifest(folder, {**manifest, "units": list(units)})
     path = _rank_file(folder, rank)
-    done = read_done(path)
-    mine = list(units)[rank::world]
-    stray = set(done) - set(mine)
-    if stray:
-        raise InputError(f"{path} holds units {sorted(stray)[:3]} that rank {rank} does not own")
-    for key in mine:
+    read_done(path)  # repair this rank's own file before any rank reads it
+    _barrier()
+    done = read_all_done(folder, units, own=path)
+    _barrier()  # every rank has read the files before any appends
+    for key in list(units)[rank::world]:
         if key in done:
             continue
         _append(path, key, work(key))
@@ -155,15 +174,13 @@ def run_units(
     _barrier()
     if rank != 0:
         return None
-    return merge_records(folder, units, world)
+    return merge_records(folder, units)
 
 
-def merge_records(folder: Path, units: Sequence[str], world: int) -> pd.DataFrame:
-    """Every rank file's records in unit order, written to ``records.csv``; an
-    :class:`InputError` if a unit is missing (a rank did not finish)."""
-    found: dict[str, list[dict[str, Any]]] = {}
-    for r in range(world):
-        found |= read_done(_rank_file(folder, r))
+def merge_records(folder: Path, units: Sequence[str]) -> pd.DataFrame:
+    """Every rank file's records (whatever world size wrote them) in unit order, written to
+    ``records.csv``; an :class:`InputError` if a unit is missing (a rank did not finish)."""
+    found = read_all_done(folder, units)
     missing = [k for k in units if k not in found]
     if missing:
         raise InputError(f"{len(missing)} units unfinished (first: {missing[0]!r}): run again")

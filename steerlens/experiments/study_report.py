@@ -142,9 +142,10 @@ def study_report(records: pd.DataFrame, manifest: dict[str, Any], *, partial: bo
 def write_study_report(folder: str | Path, figures: str | Path | None = None) -> list[Path]:
     """``study.md`` (and ``kl_ratio_by_layer.png`` under ``figures``, default the folder)
     from a run folder's merged ``records.csv``, or, while units are still running, from the
-    finished units of every rank file (the report then says it is partial)."""
+    finished units of every rank file, in unit order, without touching them (the report then
+    says it is partial)."""
     from steerlens import plot
-    from steerlens.experiments.runner import read_done
+    from steerlens.experiments.runner import read_all_done
 
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
@@ -152,12 +153,9 @@ def write_study_report(folder: str | Path, figures: str | Path | None = None) ->
     manifest = json.loads((folder / MANIFEST).read_text())
     partial = not (folder / MERGED).is_file()
     if partial:
-        rows = [
-            r
-            for f in sorted(folder.glob("records.rank*.jsonl"))
-            for v in read_done(f).values()
-            for r in v
-        ]
+        units = manifest.get("units", [])
+        done = read_all_done(folder, units)  # read only: a running rank may be appending
+        rows = [r for key in units if key in done for r in done[key]]
         if not rows:
             raise InputError(f"{folder} has no finished unit yet")
         records = pd.DataFrame(rows)

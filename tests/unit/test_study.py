@@ -233,6 +233,38 @@ def test_shards_give_the_records_of_one(tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "two" / "records.csv"), single)
 
 
+def test_a_run_resumes_under_another_world_size(tmp_path):
+    """Units finished by two ranks are not redone by one process resuming the folder (nor the
+    other way round), and the merge holds every unit once, in unit order."""
+    units = [f"{i}/{layer}" for i in range(5) for layer in (0, 1)]
+    calls: list[str] = []
+
+    def work(key):
+        calls.append(key)
+        return [{"unit": key, "value": sum(map(ord, key))}]
+
+    single = run_units(tmp_path / "one", {"job": 1}, units, work)
+    calls.clear()
+    folder = tmp_path / "grow"
+    assert run_units(folder, {"job": 1}, units, work, rank=1, world=2) is None  # half, then stop
+    with (folder / "records.rank1.jsonl").open("a") as f:
+        f.write('{"unit": "0/0", "rec')  # a kill mid-append: ignored, not repaired, by rank 0
+    calls.clear()
+    resumed = run_units(folder, {"job": 1}, units, work, rank=0, world=1)
+    assert sorted(calls) == sorted(units[0::2])  # only what no rank file holds
+    assert resumed is not None and single is not None
+    pd.testing.assert_frame_equal(resumed, single)
+    calls.clear()
+    again = run_units(tmp_path / "grow", {"job": 1}, units, work, rank=1, world=3)
+    assert calls == [] and again is None
+    (folder / "records.rank2.jsonl").write_text(json.dumps({"unit": "1/0", "records": []}) + "\n")
+    with pytest.raises(errors.InputError, match="unit '1/0' is in both"):
+        run_units(folder, {"job": 1}, units, work, rank=0, world=1)
+    (folder / "records.rank2.jsonl").write_text(json.dumps({"unit": "9/9", "records": []}) + "\n")
+    with pytest.raises(errors.InputError, match="not a unit of this run"):
+        run_units(folder, {"job": 1}, units, work, rank=0, world=1)
+
+
 def test_runner_runs_under_a_process_group(tmp_path):
     """The torchrun path in process: rank and world from an initialized (one-rank gloo) group,
     and both barriers."""

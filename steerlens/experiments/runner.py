@@ -139,10 +139,11 @@ def run_units(
 ) -> pd.DataFrame | None:
     """Run ``work(key)`` for every unit key this rank owns (every ``world``-th from ``rank``)
     that no rank file of the folder already holds (so a run resumes under another world size),
-    appending each unit's records to this rank's file as it finishes; then (after a barrier under ``torch.distributed``) rank 0 merges every rank's records in
-    unit order into ``records.csv`` and returns them (other ranks return None). ``rank`` and
-    ``world`` default to the ``torch.distributed`` group's (else 0 and 1). ``progress`` is
-    called with each finished key."""
+    appending each unit's records to this rank's file as it finishes; then (after a barrier
+    under ``torch.distributed``) rank 0 merges every rank's records in unit order into
+    ``records.csv`` and returns them (other ranks return None). ``rank`` and ``world`` default
+    to the ``torch.distributed`` group's (else 0 and 1). ``progress`` is called with each
+    finished key."""
     folder = Path(folder)
     if rank is None or world is None:
         rank, world = distributed_rank()

@@ -137,7 +137,7 @@ def write(args, rows: list[dict[str, float]], metric=None) -> None:
     ]
     if metric is not None:
         lines.append(
-            f"- the metric averages {int(metric.info['n_prompts']):,} prompts, trace "
+            f"- the metric averages {metric.info.n_prompts:,} prompts, trace "
             f"{float(metric.trace()):.4g}"
         )
     else:

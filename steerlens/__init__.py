@@ -26,6 +26,7 @@ from steerlens.hooks import add_vector, record
 from steerlens.methods import Intervention, bias_edit, fit, list_methods, load_intervention
 from steerlens.metric import (
     Metric,
+    MetricInfo,
     MetricOptions,
     OffTarget,
     Sweep,
@@ -77,6 +78,7 @@ __all__ = [
     "train_probe",
     "Metric",
     "MetricDiagnostics",
+    "MetricInfo",
     "OffTarget",
     "Site",
     "Sweep",

@@ -209,8 +209,8 @@ def cmd_metric(args: argparse.Namespace) -> None:
     summary = {
         "model": model.cfg.model_name,
         "prompts": len(prompts),
-        "vocab": sweep.info["vocab"],
-        "dropped_mass (max over prompts)": sweep.info["dropped_mass"],
+        "vocab": sweep.info.vocab,
+        "dropped_mass (max over prompts)": sweep.info.dropped_mass,
         "definitions": "participation_ratio=(trG)^2/tr(G^2); rank_q=fewest eigen-directions "
         "holding q of trG; deviation_from_euclidean=||G-(trG/d)I||_2/||G||_2",
     }

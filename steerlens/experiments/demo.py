@@ -80,7 +80,7 @@ def run_demo(model_name: str | None, prompt: str, top: int = 5) -> DemoResult:
         "prompt": prompt,
         "load seconds": round(loaded, 1),
         "metric sweep seconds (all layers)": round(swept, 2),
-        "vocab": f"top-{sweep.info['top_k']} + rest, dropped mass {sweep.info['dropped_mass']:.1e}",
+        "vocab": f"top-{sweep.info.top_k} + rest, dropped mass {sweep.info.dropped_mass:.1e}",
     }
     return DemoResult(
         summary,

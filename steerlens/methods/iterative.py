@@ -240,17 +240,9 @@ def direction_fn(cfg: IterativeConfig, concept: Concept, stop: Concept) -> Direc
 
 
 def _step(step: int, value: float, stop_value: float, norm: float, metric: Metric | None) -> Step:
-    if metric is None:
+    if metric is None or metric.info is None:
         return Step(step, value, stop_value, norm)
-    dropped, top_k = metric.info.get("dropped_mass"), metric.info.get("top_k")
-    return Step(
-        step,
-        value,
-        stop_value,
-        norm,
-        None if dropped is None else float(dropped),
-        None if top_k is None else int(top_k),
-    )
+    return Step(step, value, stop_value, norm, metric.info.dropped_mass, metric.info.top_k)
 
 
 def _evaluate(

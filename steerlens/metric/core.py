@@ -6,9 +6,8 @@ a metric accumulated over a large dataset may hold only its Gram matrix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from html import escape
-from typing import Any
 
 import pandas as pd
 import torch
@@ -16,6 +15,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steerlens.errors import InputError, MetricError, NonFiniteError
+from steerlens.metric.info import MetricInfo
 from steerlens.metric.spectrum import spectral_summary
 
 
@@ -27,13 +27,14 @@ class Metric:
         factor: ``[n_rows, d]`` with G = factorᵀ factor (None if only the Gram is kept).
         gram: ``[d, d]`` G itself, when accumulated rather than factored.
         site: the site's canonical name.
-        info: how it was computed: vocabulary mode, dropped mass, top-K size, number of
-            prompts, depth, off-target transform.
+        info: how it was computed (a :class:`~steerlens.metric.info.MetricInfo`: vocabulary
+            mode, dropped mass, top-K size, number of prompts, depth, off-target transform, ...);
+            None for a metric built from a given factor or Gram.
     """
 
     factor: Float[Tensor, "n_rows d"] | None
     site: str
-    info: dict[str, Any] = field(default_factory=dict)
+    info: MetricInfo | None = None
     gram: Float[Tensor, "d d"] | None = None
 
     def __post_init__(self) -> None:
@@ -54,13 +55,12 @@ class Metric:
 
     def __repr__(self) -> str:
         rows = "gram" if self.factor is None else f"{self.factor.shape[0]} rows"
-        keys = ("vocab", "dropped_mass", "n_prompts", "depth", "off_target")
-        extra = ", ".join(f"{k}={self.info[k]!r}" for k in keys if k in self.info)
+        extra = ", ".join(f"{k}={v!r}" for k, v in self._shown().items())
         return f"Metric({self.site!r}, d={self.dim}, {rows}{', ' + extra if extra else ''})"
 
     def _repr_html_(self) -> str:
         diag = {"site": self.site, **spectral_summary(self.spectrum().double())}
-        info = {k: v for k, v in self.info.items() if isinstance(v, str | int | float)}
+        info = self.info.recorded() if self.info is not None else {}
         values = {
             k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in {**diag, **info}.items()
         }
@@ -161,9 +161,17 @@ class Metric:
         if not 1 <= rank <= self.dim:
             raise InputError(f"rank must be in 1..{self.dim}, got {rank}")
         factor = evals[:rank].sqrt().unsqueeze(1) * evecs[:, :rank].T
-        return replace(
-            self, factor=factor.contiguous(), gram=None, info={**self.info, "rank": rank}
-        )
+        info = replace(self.info, rank=rank) if self.info is not None else None
+        return replace(self, factor=factor.contiguous(), gram=None, info=info)
+
+    def _shown(self) -> dict[str, object]:
+        """The info fields the repr shows: five that say what G is, and how it was sampled or
+        truncated where it was (the HTML table shows every field that applies)."""
+        if self.info is None:
+            return {}
+        every = asdict(self.info)
+        shown = {k: every[k] for k in ("vocab", "dropped_mass", "n_prompts", "depth", "off_target")}
+        return shown | {k: every[k] for k in ("samples", "seed", "rank") if every[k] is not None}
 
     def _check_vec(self, v: Tensor) -> Tensor:
         if not isinstance(v, Tensor):
@@ -180,7 +188,7 @@ class Metric:
         return v.to(dtype=t.dtype, device=t.device)
 
 
-def stack_metrics(metrics: list[Metric], site: str, info: dict[str, Any]) -> Metric:
+def stack_metrics(metrics: list[Metric], site: str, info: MetricInfo | None) -> Metric:
     """The mean of several metrics at one site (factor rows stacked, scaled by 1/√n)."""
     if not metrics:
         raise InputError("cannot average an empty list of metrics")

@@ -16,7 +16,7 @@ up to d, unbiased for the exact (full-vocabulary) E[G]. Prompt i draws from a ge
 >>> prompts = [torch.tensor([3, 1, 4]), torch.tensor([1, 5, 9, 2])]
 >>> exact = expected_metric(model, prompts, "resid_post.0", vocab="full", progress=False)
 >>> sampled = expected_metric(model, prompts, "resid_post.0", samples=8, progress=False)
->>> sampled["blocks.0.hook_resid_post"].info["samples"]
+>>> sampled["blocks.0.hook_resid_post"].info.samples
 8
 >>> exact["blocks.0.hook_resid_post"].matrix().shape == (16, 16)
 True
@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from steerlens.errors import InputError
 from steerlens.metric.core import Metric
+from steerlens.metric.info import MetricInfo
 from steerlens.metric.outcomes import DEFAULT_DROPPED_MASS, OffTarget
 from steerlens.metric.precision import compute_model
 from steerlens.metric.pullback import MetricOptions, _prompt_rows, lens_layer
@@ -76,7 +77,8 @@ def expected_metric(
     ``samples`` (None: exact) draws that many outcomes per prompt from the model's own
     (off-target-transformed) next-token distribution, seeded by ``seed`` and the prompt's index:
     the sampled Fisher, unbiased for the full-vocabulary metric, at k rows a prompt. ``vocab``
-    and ``dropped_mass`` do not apply to it. ``info`` records ``samples`` (and ``seed``).
+    and ``dropped_mass`` do not apply to it. ``info`` (a :class:`~steerlens.metric.info.MetricInfo`)
+    records ``samples`` and ``seed``.
     """
     _check_sampling(samples, seed, vocab, dropped_mass)
     if attention_mask is not None:
@@ -118,7 +120,7 @@ def expected_metric(
             r = r.double()
             grams[name] += r.T @ r
         count += 1
-        max_dropped = max_dropped.clamp_min(float(info["dropped_mass"]))
+        max_dropped = max_dropped.clamp_min(info.dropped_mass)
     if use_dist:
         for g in grams.values():
             dist.all_reduce(g)
@@ -126,22 +128,18 @@ def expected_metric(
         dist.all_reduce(max_dropped, op=dist.ReduceOp.MAX)
     if count == 0:
         raise InputError("the dataset is empty: no prompts were given")
-    info = {
-        "vocab": vocab if samples is None else "sampled",
-        "dropped_mass": float(max_dropped),
-        "n_prompts": int(count),
-        "depth": depth,
-        "off_target": off_target.name if off_target else None,
-        "world_size": world,
-        "samples": samples,
-    }
-    if samples is not None:
-        info["seed"] = seed
+    info = MetricInfo(
+        vocab if samples is None else "sampled",
+        float(max_dropped),
+        n_prompts=int(count),
+        depth=depth,
+        off_target=off_target.name if off_target else None,
+        samples=samples,
+        seed=None if samples is None else seed,
+        world_size=world,
+    )
     dtype = model.cfg.dtype
-    return {
-        name: Metric(None, name, dict(info), gram=(g / count).to(dtype))
-        for name, g in grams.items()
-    }
+    return {name: Metric(None, name, info, gram=(g / count).to(dtype)) for name, g in grams.items()}
 
 
 def prompt_seed(seed: int, index: int) -> int:

@@ -155,5 +155,5 @@ class LocalPath:
         rows, info = lens_rows(self.model, state.resid[top], options)
         for layer in range(top - 1, self.entry - 1, -1):
             rows = pull_block(self.model, state, layer, rows, set()).rows["resid_pre"]
-        metric = Metric(rows.contiguous(), self.site.name, {**info, "depth": depth})
+        metric = Metric(rows.contiguous(), self.site.name, replace(info, depth=depth))
         return metric.compressed()

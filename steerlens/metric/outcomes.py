@@ -34,6 +34,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from steerlens.errors import ConceptError, InputError
+from steerlens.metric.info import MetricInfo
 
 VOCAB_MODES = ("auto", "full")
 #: dtypes the top-K Gram can be formed in (``precision`` of :func:`unembed_factor`)
@@ -166,9 +167,10 @@ def unembed_factor(
     off_target: OffTarget | None = None,
     softcap: float | None = None,
     precision: str = "float64",
-) -> tuple[Float[Tensor, "n_rows d_model"], dict[str, Any]]:
+) -> tuple[Float[Tensor, "n_rows d_model"], MetricInfo]:
     """Fisher factor rows of the (transformed) next-token distribution w.r.t. the unembedding
-    input u, in float64, and what was kept (``dropped_mass``, ``top_k``, ``vocab``).
+    input u, in float64, and what was kept (``vocab``, ``dropped_mass``, ``top_k``,
+    ``off_target``).
 
     ``precision="float32"`` forms the top-K columns and their d×d Gram in float32 (cheaper;
     timings in ``bench/results/fishback_floor.md``): its absolute error, ~1e-7 of the top
@@ -179,6 +181,7 @@ def unembed_factor(
     check_precision(precision)
     if not 0 <= dropped_mass < 1:
         raise InputError(f"dropped_mass must be in [0, 1), got {dropped_mass}")
+    named = off_target.name if off_target else None
     logits = logits.double()
     # By default everything in float64: the metric's spectrum spans ~12 decades and some sites
     # (single heads) live in its small directions, where a float32 Gram's absolute error (~1e-7
@@ -199,7 +202,7 @@ def unembed_factor(
     q = mass / total
     if vocab == "full":
         rows = _full_factor(w, sp, s, in_u, merged, mass, total, mu_u)
-        return rows, {"vocab": "full", "dropped_mass": 0.0, "top_k": int((mass > 0).sum())}
+        return rows, MetricInfo("full", 0.0, int((mass > 0).sum()), off_target=named)
     order = torch.argsort(q, descending=True)
     cum = torch.cumsum(q[order], 0)
     k = int(torch.searchsorted(cum, cum.new_tensor(1 - dropped_mass)).item()) + 1
@@ -208,7 +211,7 @@ def unembed_factor(
     p_top = mass[top]
     p_rest = total - p_top.sum()
     rest_q = float(p_rest / total)
-    info = {"vocab": "auto", "dropped_mass": max(rest_q, 0.0), "top_k": k}
+    info = MetricInfo("auto", max(rest_q, 0.0), k, off_target=named)
     gram = k + 1 > w.shape[0]  # then the same metric from at most d rows, via the d×d Gram
     if gram:
         top = top.sort().values  # the Gram ignores order; sorted columns gather faster
@@ -357,7 +360,7 @@ def sampled_factor(
     *,
     off_target: OffTarget | None = None,
     softcap: float | None = None,
-) -> tuple[Float[Tensor, "n_rows d_model"], dict[str, Any]]:
+) -> tuple[Float[Tensor, "n_rows d_model"], MetricInfo]:
     """The sampled Fisher factor: ``samples`` outcomes drawn i.i.d. from the model's own
     (transformed) next-token distribution q with ``generator``, one score row per distinct
     outcome weighted by its count / ``samples``. Its Gram is unbiased for the exact Fisher
@@ -368,4 +371,6 @@ def sampled_factor(
     rows = outcome_factor(
         logits, w_u, outcomes, counts.double() / samples, off_target=off_target, softcap=softcap
     )
-    return rows, {"vocab": "sampled", "dropped_mass": 0.0, "top_k": int(outcomes.numel())}
+    named = off_target.name if off_target else None
+    info = MetricInfo("sampled", 0.0, int(outcomes.numel()), off_target=named, samples=samples)
+    return rows, info

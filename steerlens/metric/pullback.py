@@ -15,7 +15,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -28,6 +28,7 @@ from steerlens.errors import InputError, SiteError
 from steerlens.metric.autodiff import pullback_rows
 from steerlens.metric.core import Metric
 from steerlens.metric.direct import direct_rows
+from steerlens.metric.info import MetricInfo
 from steerlens.metric.outcomes import (
     DEFAULT_DROPPED_MASS,
     OffTarget,
@@ -90,7 +91,7 @@ def lens_logits(
 @torch.no_grad()  # no graph w.r.t. the weights; torch.func still differentiates
 def lens_rows(
     model: HookedTransformer, resid: Float[Tensor, " d_model"], options: MetricOptions
-) -> tuple[Float[Tensor, "n_rows d_model"], dict[str, Any]]:
+) -> tuple[Float[Tensor, "n_rows d_model"], MetricInfo]:
     """Factor rows at a residual stream state read straight into ln_final and the unembedding:
     at the final residual the model's own output metric, earlier the logit-lens metric."""
     dtype = resid.dtype
@@ -108,6 +109,7 @@ def lens_rows(
             off_target=options.off_target,
             softcap=softcap,
         )
+        info = replace(info, seed=options.seed)
     else:
         rows_u, info = unembed_factor(
             logits,
@@ -161,7 +163,7 @@ def _prompt_rows(
     top: int,
     options: MetricOptions,
     decompose: bool,
-) -> tuple[dict[str, Tensor], dict[str, Any], list[dict[str, Any]]]:
+) -> tuple[dict[str, Tensor], MetricInfo, list[dict[str, Any]]]:
     """Factor rows of one prompt at every site (all pulled back from lens layer ``top``)."""
     b, info = lens_rows(model, state.resid[top], options)
     b_lens = b
@@ -193,23 +195,24 @@ def _prompt_rows(
     return out, info, shares
 
 
-def _finish(rows_per_prompt: list[Tensor], name: str, info: dict[str, Any]) -> Metric:
+def _finish(rows_per_prompt: list[Tensor], name: str, info: MetricInfo) -> Metric:
     n = len(rows_per_prompt)
     rows = torch.cat(rows_per_prompt, 0) / n**0.5 if n > 1 else rows_per_prompt[0]
     return Metric(rows.contiguous(), name, info).compressed()
 
 
-def _summarize(infos: list[dict[str, Any]], options: MetricOptions, **extra: Any) -> dict[str, Any]:
-    drops = [i["dropped_mass"] for i in infos]
-    return {
-        "vocab": options.vocab,
-        "dropped_mass": max(drops),
-        "mean_dropped_mass": sum(drops) / len(drops),
-        "top_k": max(i["top_k"] for i in infos),
-        "n_prompts": len(infos),
-        "off_target": options.off_target.name if options.off_target else None,
-        **extra,
-    }
+def _summarize(infos: list[MetricInfo], depth: int | None = None) -> MetricInfo:
+    """One record for a metric averaged over prompts: the largest and the mean dropped mass,
+    the largest top K."""
+    drops = [i.dropped_mass for i in infos]
+    return replace(
+        infos[0],
+        dropped_mass=max(drops),
+        mean_dropped_mass=sum(drops) / len(drops),
+        top_k=max(i.top_k or 0 for i in infos),
+        n_prompts=len(infos),
+        depth=depth,
+    )
 
 
 def pullback_metric(
@@ -252,19 +255,20 @@ def pullback_metric(
         out, info, _ = _prompt_rows(model, state, [site], top, options, decompose=False)
         rows.append(out[site.name])
         infos.append(info)
-    return _finish(rows, site.name, _summarize(infos, options, depth=depth))
+    return _finish(rows, site.name, _summarize(infos, depth))
 
 
 @dataclass(frozen=True)
 class Sweep(Mapping[str, Metric]):
     """Metrics at many sites from one recursive sweep, indexable by site name or :class:`Site`,
-    with the block decomposition (``shares``: one row per layer and path; ``head_shares``)."""
+    with the block decomposition (``shares``: one row per layer and path; ``head_shares``) and
+    ``info``, the :class:`~steerlens.metric.info.MetricInfo` its metrics share."""
 
     metrics: dict[str, Metric]
     n_layers: int
     shares: pd.DataFrame = field(default_factory=pd.DataFrame)
     head_shares: pd.DataFrame = field(default_factory=pd.DataFrame)
-    info: dict[str, Any] = field(default_factory=dict)
+    info: MetricInfo = field(kw_only=True)
 
     def _key(self, key: str | Site) -> str:
         site = Site.parse(key)
@@ -288,7 +292,8 @@ class Sweep(Mapping[str, Metric]):
         return len(self.metrics)
 
     def __repr__(self) -> str:
-        return f"Sweep({len(self.metrics)} sites, {self.n_layers} layers, {self.info})"
+        info = ", ".join(f"{k}={v!r}" for k, v in self.info.recorded().items())
+        return f"Sweep({len(self.metrics)} sites, {self.n_layers} layers, {info})"
 
     def traces(self) -> pd.DataFrame:
         """tr G per site, as a layer × site-kind table (per-head sites summed over heads)."""
@@ -300,7 +305,7 @@ class Sweep(Mapping[str, Metric]):
         return frame.pivot_table(index="layer", columns="kind", values="trace", aggfunc="sum")
 
     def _repr_html_(self) -> str:
-        info = ", ".join(f"{k}={v}" for k, v in self.info.items())
+        info = ", ".join(f"{k}={v}" for k, v in self.info.recorded().items())
         return (
             f"<p><b>Sweep</b>: {len(self.metrics)} sites over {self.n_layers} layers"
             f"{' (' + info + ')' if info else ''}. tr G per layer and site kind:</p>"
@@ -346,10 +351,10 @@ def pullback_sweep(
             rows[name].append(r)
         infos.append(info)
         share_rows += [{"prompt": p_index, **row} for row in shares]
-    summary = _summarize(infos, options)
+    summary = _summarize(infos)
     metrics = {name: _finish(r, name, summary) for name, r in rows.items()}
     shares_df, heads_df = _share_frames(share_rows)
-    return Sweep(metrics, n, shares_df, heads_df, summary)
+    return Sweep(metrics, n, shares_df, heads_df, info=summary)
 
 
 def _share_frames(share_rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:

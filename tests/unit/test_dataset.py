@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 
@@ -27,7 +28,8 @@ def test_expected_equals_mean_of_per_prompt(model):
         each = [pullback_metric(model, p, site, vocab="full").matrix() for p in PROMPTS]
         want = sum(each) / len(each)
         assert float((got[site_name(site)].matrix() - want).norm() / want.norm()) < 1e-10
-    assert got[site_name(SITES[0])].info["n_prompts"] == len(PROMPTS)
+    info = got[site_name(SITES[0])].info
+    assert info is not None and info.n_prompts == len(PROMPTS) and info.world_size == 1
 
 
 def site_name(spec: str) -> str:
@@ -58,7 +60,7 @@ def _worker(rank: int, world: int, port: int, flavour: str, out_dir: str) -> Non
         got = expected_metric(model, PROMPTS, SITES, vocab="full", progress=False)
         torch.save(
             {k: m.matrix() for k, m in got.items()}
-            | {"n": got[site_name(SITES[0])].info["n_prompts"]},
+            | {"info": dataclasses.asdict(got[site_name(SITES[0])].info)},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -73,7 +75,7 @@ def test_sharded_equals_single_process(tmp_path, flavour):
     single = expected_metric(tiny_model(flavour), PROMPTS, SITES, vocab="full", progress=False)
     for rank in range(2):
         shard = torch.load(tmp_path / f"rank{rank}.pt")
-        assert shard["n"] == len(PROMPTS)
+        assert shard["info"]["n_prompts"] == len(PROMPTS) and shard["info"]["world_size"] == 2
         for name, metric in single.items():
             want = metric.matrix()
             assert float((shard[name] - want).norm() / want.norm()) < 1e-10

@@ -78,7 +78,7 @@ def test_coarse_grained_is_lower_bound_and_converges(model, tokens):
     errs = []
     for eps in [0.2, 0.05, 1e-2, 1e-3, 1e-6]:
         m = pullback_metric(model, tokens, "resid_pre.1", dropped_mass=eps)
-        assert m.info["dropped_mass"] <= eps
+        assert m.info is not None and m.info.dropped_mass <= eps
         gap = torch.linalg.eigvalsh(full - m.matrix())
         assert gap.min() > -1e-10 * full.norm()  # G_coarse ⪯ G
         errs.append(rel_err(m.matrix(), full))
@@ -127,7 +127,7 @@ def test_off_target_complement_matches_brute_force(model, tokens, vocab):
     )
     want = oracle_metric(model, tokens, site, exclude=exclude)
     assert rel_err(got.matrix(), want) < 1e-8
-    assert got.info["off_target"] == "complement of 3 tokens"
+    assert got.info is not None and got.info.off_target == "complement of 3 tokens"
 
 
 @pytest.mark.parametrize("vocab", ["full", "auto"])
@@ -163,7 +163,8 @@ def test_batch_is_mean_of_prompts(model):
     mean = pullback_metric(model, batch, "resid_post.0", vocab="full").matrix()
     each = [pullback_metric(model, t, "resid_post.0", vocab="full").matrix() for t in batch]
     assert rel_err(mean, (each[0] + each[1]) / 2) < 1e-10
-    assert pullback_metric(model, batch, "resid_post.0").info["n_prompts"] == 2
+    info = pullback_metric(model, batch, "resid_post.0").info
+    assert info is not None and info.n_prompts == 2
 
 
 def test_block_shares_sum_to_one(model, tokens):
@@ -305,9 +306,10 @@ def test_unembed_factor_precisions_and_layouts_agree(off, low):
         rows, info = unembed_factor(
             logits, weights, dropped_mass=1e-5, off_target=off, precision=precision
         )
-        assert info["top_k"] + 1 > 24 and info["dropped_mass"] > 0  # Gram path, with a rest row
+        assert info.top_k is not None and info.top_k + 1 > 24  # the Gram path
+        assert info.dropped_mass > 0  # with a rest row
         if low:
-            kept = torch.argsort(logits, descending=True)[: info["top_k"]].tolist()
+            kept = torch.argsort(logits, descending=True)[: info.top_k].tolist()
             assert not set(low) & set(kept)
         grams[name] = rows.T @ rows
     full, _ = unembed_factor(logits, w, vocab="full", off_target=off)
@@ -323,7 +325,8 @@ def test_unembed_factor_precisions_and_layouts_agree(off, low):
         rows, info = unembed_factor(
             sharp, weights, dropped_mass=0.05, off_target=off, precision=precision
         )
-        assert info["top_k"] + 1 <= 24 and rows.shape[0] == info["top_k"] + 1
+        assert info.top_k is not None and info.top_k + 1 <= 24
+        assert rows.shape[0] == info.top_k + 1
         few[precision] = rows.T @ rows
     assert rel_err(few["float32"], few["float64"]) < 2e-6  # float32 rows, no cancellation
     with pytest.raises(errors.InputError, match="precision"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from steerlens import errors
-from steerlens.metric import OffTarget
+from steerlens.metric import MetricInfo, OffTarget
 from steerlens.metric import pullback as pullback_module
 from steerlens.metric.dataset import expected_metric
 from steerlens.metric.outcomes import (
@@ -51,7 +51,7 @@ def _enumerated(logits, w_u, samples, generator, *, off_target=None, softcap=Non
     rows = outcome_factor(
         logits, w_u, outcomes, q[outcomes], off_target=off_target, softcap=softcap
     )
-    return rows, {"vocab": "sampled", "dropped_mass": 0.0, "top_k": int(outcomes.numel())}
+    return rows, MetricInfo("sampled", 0.0, int(outcomes.numel()), samples=samples)
 
 
 @pytest.mark.parametrize("transform", list(TRANSFORMS))
@@ -113,7 +113,8 @@ def test_sampled_factor_draws_only_kept_outcomes(llama_model):
     off = OffTarget.pair_merge({5: 6, 7: 8})
     gen = torch.Generator().manual_seed(0)
     rows, info = sampled_factor(logits, llama_model.W_U.detach(), 500, gen, off_target=off)
-    assert rows.shape[0] == info["top_k"] <= 500
+    assert rows.shape[0] == info.top_k <= 500
+    assert info.samples == 500 and info.off_target == off.name
     for token in (5, 7):  # merged-away bases are not outcomes
         with pytest.raises(errors.InputError, match="not outcomes"):
             outcome_factor(
@@ -150,15 +151,17 @@ def test_prompt_draws_do_not_depend_on_the_rest_of_the_dataset(model):
 def test_info_carries_samples_and_seed(model):
     sampled = expected_metric(model, PROMPTS, SITES, samples=7, seed=2, progress=False)
     for metric in sampled.values():
-        assert metric.info["samples"] == 7
-        assert metric.info["seed"] == 2
-        assert metric.info["vocab"] == "sampled"
-        assert metric.info["dropped_mass"] == 0.0
-        assert metric.info["n_prompts"] == len(PROMPTS)
+        assert metric.info is not None
+        assert metric.info.samples == 7
+        assert metric.info.seed == 2
+        assert metric.info.vocab == "sampled"
+        assert metric.info.dropped_mass == 0.0
+        assert metric.info.n_prompts == len(PROMPTS)
+        assert metric.info.world_size == 1
     exact = expected_metric(model, PROMPTS, "resid_pre.0", progress=False)[NAMES[0]]
-    assert exact.info["samples"] is None
-    assert "seed" not in exact.info
-    assert exact.info["vocab"] == "auto"
+    assert exact.info is not None
+    assert exact.info.samples is None and exact.info.seed is None
+    assert exact.info.vocab == "auto"
 
 
 @pytest.mark.parametrize("samples", [0, -3, 2.5, True, "4"])

@@ -9,14 +9,15 @@ update ΔW = A B of the output projection(s) ``lora_on`` ("mlp": W_out, "attn": 
 answer token each (``targets``), the loss of a minibatch is
 
     mean over its prompts of −log p(target | prompt) at the last position
-    + ``orthogonality`` · Σ_L Σ_k cos²(δ_L, b_{L,k})
+    + ``orthogonality`` · mean over (L, k) of cos²(δ_L, b_{L,k})
 
-the second sum over the layers that have both a shift and an update, b_{L,k} the rows of B (the
-residual directions the update writes): zero when the shift is orthogonal to everything the
-weight update can write, so the constant shift and the input-dependent update take separate
-directions. Adam (``lr_shift`` for the δ, ``lr_lora`` for A and B) for ``steps`` minibatches of
-``batch_size`` prompts (:func:`minibatches`: epoch by epoch, each a seeded permutation of the
-prompts, from a generator of their own, so every run of one seed sees the same minibatches).
+the mean over the layers that have both a shift and an update and over the rows b_{L,k} of B
+(the residual directions the update writes), in [0, 1] whatever the number of layers: zero when
+the shift is orthogonal to everything the weight update can write, so the constant shift and the
+input-dependent update take separate directions. Adam (``lr_shift`` for the δ, ``lr_lora`` for A
+and B) for ``steps`` minibatches of ``batch_size`` prompts (:func:`minibatches`: epoch by epoch,
+each a seeded permutation of the prompts, from a generator of their own, so every run of one
+seed sees the same minibatches).
 Post-block alone is ``lora_layers=()``, LoRA alone ``shift_layers=()``: the same loop on the same
 minibatches.
 
@@ -112,11 +113,11 @@ def minibatches(n: int, batch_size: int, steps: int, seed: int = 0) -> list[list
 
 
 def orthogonality_penalty(delta: Tensor, b: Tensor) -> Tensor:
-    """Σ_k cos²(δ, b_k) over the rows b_k of ``b`` (0 where a row or δ is zero)."""
+    """The mean over the rows b_k of ``b`` of cos²(δ, b_k) (0 where a row or δ is zero)."""
     eps = torch.finfo(delta.dtype).eps
     d_hat = delta / delta.norm().clamp_min(eps)
     b_hat = b / b.norm(dim=-1, keepdim=True).clamp_min(eps)
-    return (b_hat @ d_hat).pow(2).sum()
+    return (b_hat @ d_hat).pow(2).mean()
 
 
 def joint_intervention(
@@ -138,8 +139,9 @@ def joint_intervention(
 ) -> Intervention:
     """Train post-block shifts at ``shift_layers`` and rank-``rank`` updates of the ``lora_on``
     projections of ``lora_layers`` to predict ``targets[i]`` after ``prompts[i]`` (module
-    docstring). ``info`` records the loss at the start and the end, the parameters trained and
-    the model's parameter count."""
+    docstring). ``info`` records the loss at the start and the end (the mean of the last ten
+    steps; ``end_cross_entropy`` without the penalty), the parameters trained and the model's
+    parameter count."""
     tokens = as_prompts(model, prompts)
     target_t = _checked_targets(model, targets, len(tokens))
     shift_at = _layers(model, shift_layers, "shift_layers")
@@ -190,7 +192,7 @@ def joint_intervention(
     def shift_hook(delta: Tensor) -> Any:
         return lambda act, hook: act + delta.to(act.dtype)
 
-    history: list[float] = []
+    history: list[tuple[float, float]] = []
     with ExitStack() as stack, torch.enable_grad():
         stack.enter_context(
             hooked(
@@ -211,8 +213,10 @@ def joint_intervention(
                     logits = model(torch.stack([tokens[i] for i in idx]))[:, -1]
                     ce = F.cross_entropy(logits.double(), target_t[idx], reduction="sum")
                     loss = loss + ce / len(batch)
-                for delta, b in paired:
-                    loss = loss + orthogonality * orthogonality_penalty(delta, b).double()
+                ce = loss.detach()
+                if paired:
+                    penalty = torch.stack([orthogonality_penalty(d, b) for d, b in paired]).mean()
+                    loss = loss + orthogonality * penalty.double()
                 if not torch.isfinite(loss):
                     raise NonFiniteError(
                         f"joint adaptation: the loss is not finite at step {len(history)}; "
@@ -220,7 +224,7 @@ def joint_intervention(
                     )
                 loss.backward()
                 opt.step()
-                history.append(float(loss.detach()))
+                history.append((float(loss.detach()), float(ce)))
         finally:
             for p, g in zip(model.parameters(), grads, strict=True):
                 p.requires_grad_(g)
@@ -246,8 +250,9 @@ def joint_intervention(
         "lr_lora": lr_lora,
         "orthogonality": orthogonality,
         "seed": seed,
-        "start_loss": history[0],
-        "end_loss": sum(tail) / len(tail),
+        "start_loss": history[0][0],
+        "end_loss": sum(h[0] for h in tail) / len(tail),
+        "end_cross_entropy": sum(h[1] for h in tail) / len(tail),
         "trained_parameters": n_trained,
         "model_parameters": sum(p.numel() for p in model.parameters()),
     }

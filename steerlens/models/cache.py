@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -178,9 +180,34 @@ def load_cached(
     directory = model_cache_dir(root, source)
     meta = None if rebuild else read_valid_cache(directory, source)
     if meta is None:
-        logger.info("converting %s from GGUF into %s", source.name, directory)
-        directory = build_cache(source, root)
-        meta = read_valid_cache(directory, source)
-        if meta is None:
-            raise ModelLoadError(f"the freshly written cache {directory} does not validate")
+        with build_lock(root, source):
+            # another process (a torchrun rank) may have built it while this one waited
+            meta = None if rebuild else read_valid_cache(directory, source)
+            if meta is None:
+                logger.info("converting %s from GGUF into %s", source.name, directory)
+                directory = build_cache(source, root)
+                meta = read_valid_cache(directory, source)
+                if meta is None:
+                    raise ModelLoadError(f"the freshly written cache {directory} does not validate")
     return _model_from_cache(directory, meta, source, device=device, dtype=dtype, n_ctx=n_ctx)
+
+
+@contextmanager
+def build_lock(root: Path, source: GgufSource) -> Iterator[None]:
+    """An exclusive lock on building ``source``'s cache under ``root`` (``fcntl.flock`` on a lock
+    file beside it; held by one process at a time, released on exit or when the process dies),
+    so processes started together convert the GGUF once and read the result, instead of
+    replacing each other's copy while the other validates it. Where ``fcntl`` does not exist
+    the build is not locked (the atomic publish still keeps every copy complete)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / f".{source.name}.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

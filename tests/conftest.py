@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from jaxtyping import config as jaxtyping_config
 
+from steerlens.errors import SteerlensError
 from steerlens.testing import tiny_model
 
 FLAVOURS = ["gpt2", "llama"]
@@ -88,3 +91,30 @@ def unchecked() -> Iterator[None]:
         yield
     finally:
         jaxtyping_config.update("jaxtyping_disable", before)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A bad-input case: ``run(model, tmp_path)`` must raise ``error`` with ``message`` in it."""
+
+    id: str
+    run: Callable[..., object]
+    error: type[SteerlensError]
+    message: str
+
+
+def raises_and_leaves_untouched(case: Case, model, tmp_path: Path) -> None:
+    before = weights_snapshot(model)
+    with pytest.raises(case.error) as info:
+        case.run(model, tmp_path)
+    assert case.message in str(info.value), str(info.value)
+    assert_untouched(model, before)
+
+
+def tiny_sae(width: int, hook: str):
+    """A random 8-feature float64 sae-lens SAE reading ``hook``."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    sae = StandardSAE(StandardSAEConfig(d_in=width, d_sae=8, dtype="float64"))
+    sae.cfg.metadata.hook_name = hook
+    return sae

@@ -7,42 +7,16 @@ and a phrase of its message, and leaves the model with no hooks and bit-identica
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sae_lens import StandardSAE, StandardSAEConfig
 
 import steerlens as sl
 from steerlens import errors
 from steerlens.cli import main
 from steerlens.datasets import verb_concept
 from steerlens.methods.vector import sae_intervention
-from tests.conftest import assert_untouched, weights_snapshot
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    run: Callable[..., object]
-    error: type[errors.SteerlensError]
-    message: str
-
-
-def _sae(width: int, hook: str) -> StandardSAE:
-    sae = StandardSAE(StandardSAEConfig(d_in=width, d_sae=8, dtype="float64"))
-    sae.cfg.metadata.hook_name = hook
-    return sae
-
-
-def _raises_and_leaves_untouched(case: Case, model, tmp_path: Path) -> None:
-    before = weights_snapshot(model)
-    with pytest.raises(case.error) as info:
-        case.run(model, tmp_path)
-    assert case.message in str(info.value), str(info.value)
-    assert_untouched(model, before)
-
+from tests.conftest import Case, raises_and_leaves_untouched, tiny_sae
 
 REAL_CASES = [
     Case("multi-token target word",
@@ -54,8 +28,9 @@ REAL_CASES = [
     Case("unknown verb concept", lambda m, t: verb_concept(m, "future"),
          errors.InputError, "unknown verb kind 'future'"),
     Case("SAE hooked at another layer of the real model",
-         lambda m, t: sae_intervention(m, sl.sae_feature(_sae(576, "blocks.3.hook_resid_post"), 0),
-                                       site="resid_post.12"),
+         lambda m, t: sae_intervention(
+             m, sl.sae_feature(tiny_sae(576, "blocks.3.hook_resid_post"), 0), site="resid_post.12"
+         ),
          errors.ConceptError, "trained at"),
 ]  # fmt: skip
 
@@ -63,7 +38,7 @@ REAL_CASES = [
 @pytest.mark.integration
 @pytest.mark.parametrize("case", REAL_CASES, ids=lambda c: c.id)
 def test_default_model_bad_input(case, default_model, tmp_path):
-    _raises_and_leaves_untouched(case, default_model, tmp_path)
+    raises_and_leaves_untouched(case, default_model, tmp_path)
 
 
 def _concept_file(tmp_path: Path, content: str) -> str:

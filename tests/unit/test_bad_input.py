@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from sae_lens import StandardSAE, StandardSAEConfig
+from sae_lens import StandardSAE
 
 import steerlens as sl
 from steerlens import errors
@@ -26,18 +24,10 @@ from steerlens.concepts.pairs import ContrastPairs
 from steerlens.diagnostics import spectral_cost_ratio
 from steerlens.methods.vector import probe_intervention, sae_intervention
 from steerlens.metric.outcomes import OffTarget
-from tests.conftest import assert_untouched, unchecked, weights_snapshot
+from tests.conftest import Case, raises_and_leaves_untouched, tiny_sae, unchecked
 
 TOKENS = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
 D = 16  # the tiny model's d_model
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    run: Callable[..., object]
-    error: type[errors.SteerlensError]
-    message: str
 
 
 def _vec(*values: float) -> torch.Tensor:
@@ -62,9 +52,7 @@ def _probe(site: str = "resid_post.0", width: int = D, weight: float = 1.0) -> s
 
 
 def _sae(width: int = D, hook: str = "blocks.0.hook_resid_post") -> StandardSAE:
-    sae = StandardSAE(StandardSAEConfig(d_in=width, d_sae=8, dtype="float64"))
-    sae.cfg.metadata.hook_name = hook
-    return sae
+    return tiny_sae(width, hook)
 
 
 def _saved(tmp_path: Path) -> Path:
@@ -281,17 +269,9 @@ API_CASES = [
 ]  # fmt: skip
 
 
-def _raises_and_leaves_untouched(case: Case, model, tmp_path: Path) -> None:
-    before = weights_snapshot(model)
-    with pytest.raises(case.error) as info:
-        case.run(model, tmp_path)
-    assert case.message in str(info.value), str(info.value)
-    assert_untouched(model, before)
-
-
 @pytest.mark.parametrize("case", API_CASES, ids=lambda c: c.id)
 def test_api_bad_input(case, gpt2_model, tmp_path):
-    _raises_and_leaves_untouched(case, gpt2_model, tmp_path)
+    raises_and_leaves_untouched(case, gpt2_model, tmp_path)
 
 
 def test_every_error_is_a_steerlens_error_and_its_builtin():

@@ -240,7 +240,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     paths = save_reproduction(result, args.results, args.figures)
     summary = {
         "model": model.cfg.model_name,
-        "seconds": round(result.info["seconds"], 1),
+        "seconds": round(result.info.seconds, 1),
         "written": [str(p) for p in paths],
     }
     print_result(

@@ -129,7 +129,7 @@ def local_vector(iv: Intervention, model: HookedTransformer) -> tuple[Site, Tens
     """The site and vector of ``iv`` if all it does is add one vector to the residual stream at
     the prediction position (``@last``), where the blocks after the site at that position
     (:class:`~steerlens.metric.local.LocalPath`) give its outcome exactly; else None."""
-    if len(iv.vectors) != 1 or iv.multipliers or iv.clamps or iv.weight_updates:
+    if not _only_one_vector(iv):
         return None
     spec, vector = next(iter(iv.vectors.items()))
     site = as_site(spec, model)
@@ -138,15 +138,21 @@ def local_vector(iv: Intervention, model: HookedTransformer) -> tuple[Site, Tens
     return site, vector
 
 
+def _only_one_vector(iv: Intervention) -> bool:
+    """Whether all ``iv`` does is add one vector: no multipliers, clamps or weight updates."""
+    return len(iv.vectors) == 1 and not (iv.multipliers or iv.clamps or iv.weight_updates)
+
+
 def _recorded_site(intervention: Intervention, recorded: Tensor) -> tuple[str, Tensor]:
     """The one site of an intervention whose recorded path is walked, and the path, after
     checking that it starts clean and ends at the vector the intervention applies."""
     name = intervention.method
-    if len(intervention.vectors) != 1 or intervention.multipliers or intervention.clamps:
+    if not _only_one_vector(intervention):
         raise InputError(
             f"{name}: a recorded path walks one vector site; this intervention has "
-            f"{len(intervention.vectors)} vectors, {len(intervention.multipliers)} multipliers "
-            f"and {len(intervention.clamps)} clamps"
+            f"{len(intervention.vectors)} vectors, {len(intervention.multipliers)} multipliers, "
+            f"{len(intervention.clamps)} clamps and {len(intervention.weight_updates)} weight "
+            "updates"
         )
     site, vector = next(iter(intervention.vectors.items()))
     if recorded.ndim != 2 or recorded.shape[0] < 1 or recorded.shape[1] != vector.shape[0]:

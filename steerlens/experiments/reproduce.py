@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,6 +101,27 @@ class ReproduceConfig:
 
 
 @dataclass(frozen=True)
+class RunInfo:
+    """How a reproduction ran: its config (as a dict, as ``run.json`` stores it), its wall time
+    and the protocol version of its records (1 for records saved before versions were kept)."""
+
+    config: dict[str, Any]
+    seconds: float
+    protocol: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "run.json") -> RunInfo:
+        """The info ``to_json`` wrote; an InputError naming ``where`` if a field is missing."""
+        raw = json.loads(text)
+        if not isinstance(raw, dict) or "config" not in raw or "seconds" not in raw:
+            raise InputError(f"{where} must hold a config and seconds; got {str(raw)[:80]}")
+        return cls(dict(raw["config"]), float(raw["seconds"]), int(raw.get("protocol", 1)))
+
+
+@dataclass(frozen=True)
 class ReproduceResult:
     records: pd.DataFrame
     summary: pd.DataFrame
@@ -108,10 +129,10 @@ class ReproduceResult:
     shares: pd.DataFrame
     spectra: dict[int | str, Tensor]
     claims: pd.DataFrame
-    info: dict[str, Any] = field(default_factory=dict)
+    info: RunInfo
 
     def __repr__(self) -> str:
-        seconds = self.info.get("seconds", math.nan)
+        seconds = self.info.seconds
         return (
             f"ReproduceResult({len(self.records)} records, {len(self.geometry)} sites of "
             f"geometry, {seconds:.0f} s)"
@@ -178,11 +199,7 @@ def run_reproduction(
     geometry, shares, spectra = _geometry(model, geometry_prompts, cfg.layers)
     summary = summarize(frame)
     claims = _claims(geometry, paired_ratios(frame, by=("method", "layer")))
-    info = {
-        "config": asdict(cfg),
-        "seconds": time.perf_counter() - started,
-        "protocol": PROTOCOL,
-    }
+    info = RunInfo(asdict(cfg), time.perf_counter() - started, PROTOCOL)
     return ReproduceResult(frame, summary, geometry, shares, spectra, claims, info)
 
 
@@ -323,7 +340,7 @@ def save_reproduction(result: ReproduceResult, results_dir: Path, figures_dir: P
     from steerlens import plot
 
     records = with_kl_ratio(result.records)
-    info = json.dumps(result.info, indent=2, default=str)
+    info = result.info.to_json()
     paths = [
         _write(results_dir / "records.csv", lambda p: records.to_csv(p, index=False)),
         _write(results_dir / "geometry.csv", lambda p: result.geometry.to_csv(p, index=False)),
@@ -352,7 +369,7 @@ def rebuild_report(results_dir: Path, figures_dir: Path) -> list[Path]:
         )
     records = pd.read_csv(needed[0])
     geometry = pd.read_csv(needed[1])
-    info = json.loads(needed[2].read_text())
+    info = RunInfo.from_json(needed[2].read_text(), str(needed[2]))
     return write_report(records, geometry, info, results_dir, figures_dir)
 
 
@@ -363,7 +380,7 @@ def _save_figure(fig: Any, path: Path) -> Path:
 def write_report(
     records: pd.DataFrame,
     geometry: pd.DataFrame,
-    info: dict[str, Any],
+    info: RunInfo,
     results_dir: Path,
     figures_dir: Path,
 ) -> list[Path]:
@@ -383,9 +400,9 @@ def write_report(
         [
             "# FishBack reproduction on the default model",
             "",
-            f"Config: `{json.dumps(info['config'])}`; {info['seconds']:.0f} s on this machine.",
+            f"Config: `{json.dumps(info.config)}`; {info.seconds:.0f} s on this machine.",
             "",
-            *_read_first(records, ratios, pooled, int(info.get("protocol", 1))),
+            *_read_first(records, ratios, pooled, info.protocol),
             "## Off-target KL over FishBack's at matched share, on both measures",
             "",
             "Per (method, layer): the geometric mean over paired runs (same concept, context and "

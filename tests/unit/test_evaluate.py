@@ -28,6 +28,7 @@ from steerlens.evaluation import (
     summarize,
 )
 from steerlens.methods import EuclideanConfig, Intervention, steer_iteratively
+from steerlens.methods.lowrank import LowRankUpdate
 from steerlens.metric.local import LocalPath
 from steerlens.metric.outcomes import OffTarget, outcome_distribution
 from tests.conftest import hook_count
@@ -297,6 +298,11 @@ def test_iterative_path_is_recorded_and_walked(gpt2_model, tokens):
     two = Intervention("two", {"resid_post.0": iv.vector(), "resid_post.1": iv.vector()})
     with pytest.raises(errors.InputError, match="one vector site"):
         path_length(model, tokens, two, off, path=points)
+    d_mlp = model.cfg.d_mlp
+    update = LowRankUpdate(torch.ones(d_mlp, 1, dtype=torch.float64), iv.vector()[None] * 0.1)
+    with_update = Intervention("u", dict(iv.vectors), weight_updates={"W_out.1": update})
+    with pytest.raises(errors.InputError, match="and 1 weight updates"):
+        path_length(model, tokens, with_update, off, path=points)
     with pytest.raises(errors.InputError, match="must start at 0 and end at the vector"):
         path_length(model, tokens, iv.scaled(2.0), off, path=points)  # the path is for scale 1
     with pytest.raises(errors.InputError, match="a recorded path is"):

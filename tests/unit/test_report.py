@@ -134,6 +134,14 @@ def test_report_command(tmp_path, capsys):
     assert "missing" in err and "run.json" in err and "steerlens reproduce" in err
 
 
+def test_a_run_json_without_its_time_is_refused(tmp_path):
+    results = _saved(tmp_path)
+    (results / "run.json").write_text(json.dumps({"config": {"contexts": 2}}))
+    with pytest.raises(errors.InputError, match="run.json must hold a config and seconds"):
+        rebuild_report(results, tmp_path / "figures")
+    assert not (results / "reproduction.md").exists()
+
+
 def test_public_api_and_the_moved_tiny_model():
     import steerlens as sl
     from steerlens.testing import tiny_model

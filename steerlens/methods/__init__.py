@@ -3,6 +3,13 @@ config, fit function, inputs, implicit metric) in :mod:`steerlens.methods.regist
 fits to an :class:`Intervention` that applies as a context manager, saves and loads, and exposes
 its vectors for diagnosis. Iterative runs return a typed :class:`SteeringRun`."""
 
+from steerlens.methods.configs import (
+    DualConfig,
+    EuclideanConfig,
+    FishBackConfig,
+    IterativeConfig,
+    TruncatedFisherConfig,
+)
 from steerlens.methods.equivalence import (
     ShiftFit,
     UpdateShift,
@@ -11,14 +18,7 @@ from steerlens.methods.equivalence import (
     weight_update_from_shift,
 )
 from steerlens.methods.intervention import Intervention, load_intervention
-from steerlens.methods.iterative import (
-    DualConfig,
-    EuclideanConfig,
-    FishBackConfig,
-    IterativeConfig,
-    TruncatedFisherConfig,
-    steer_iteratively,
-)
+from steerlens.methods.iterative import steer_iteratively
 from steerlens.methods.iti import ItiConfig, iti_intervention
 from steerlens.methods.joint import JointConfig, answer_accuracy, joint_intervention
 from steerlens.methods.lowrank import LowRankUpdate, OutputProjection, apply_update

@@ -10,7 +10,7 @@ import torch
 
 import steerlens as sl
 from steerlens.errors import InputError
-from steerlens.metric.precision import compute_model
+from steerlens.metric.precision import FLOAT32_COPIES, Float32Copies, compute_model
 from steerlens.testing import tiny_model
 from tests.conftest import assert_untouched, hook_count, weights_snapshot
 
@@ -88,6 +88,26 @@ def test_the_float32_copy_is_reused_until_the_weights_change():
     third = compute_model(half)  # a replaced parameter is a change too
     assert third is not second
     assert torch.equal(third.blocks[0].mlp.b_out, torch.zeros_like(third.blocks[0].mlp.b_out))
+
+
+def test_the_copies_are_dropped_with_their_model_or_on_clear():
+    import gc
+
+    copies = Float32Copies()
+    half, other = tiny_model("gpt2", dtype=torch.float16), tiny_model("gpt2", dtype=torch.float16)
+    first = copies.get(half)
+    copies.get(other)
+    assert len(copies) == 2 and copies.get(half) is first
+    del other
+    gc.collect()
+    assert len(copies) == 1, "a copy must not keep a dead model's float32 twin alive"
+    copies.clear()
+    assert len(copies) == 0 and copies.get(half) is not first
+    before = len(FLOAT32_COPIES)
+    made = compute_model(tiny_model("gpt2", dtype=torch.bfloat16))
+    assert made.cfg.dtype == torch.float32
+    gc.collect()
+    assert len(FLOAT32_COPIES) == before, "the shared cache keeps no copy of a dead model"
 
 
 def test_hooks_on_the_half_model_stay_there_and_not_on_the_copy(tokens):

@@ -17,6 +17,7 @@ from steerlens.methods.equivalence import (
     shift_from_weight_update,
     weight_update_from_shift,
 )
+from steerlens.methods.fusion import FusionConfig, fusion_intervention
 from steerlens.methods.intervention import Intervention, load_intervention
 from steerlens.methods.iterative import steer_iteratively
 from steerlens.methods.iti import ItiConfig, iti_intervention
@@ -73,6 +74,7 @@ __all__ = [
     "EuclideanConfig",
     "FishBackConfig",
     "FitInputs",
+    "FusionConfig",
     "Intervention",
     "ItiConfig",
     "IterativeConfig",
@@ -98,6 +100,7 @@ __all__ = [
     "bias_edit",
     "caa_intervention",
     "fit",
+    "fusion_intervention",
     "iti_intervention",
     "joint_intervention",
     "list_methods",

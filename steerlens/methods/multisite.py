@@ -87,7 +87,11 @@ def contiguous_segments(layers: Sequence[int], n_segments: int) -> list[list[int
 
 
 def build(
-    deltas: dict[int, Tensor], segments: list[list[int]], weights: Sequence[float], info: dict
+    deltas: dict[int, Tensor],
+    segments: list[list[int]],
+    weights: Sequence[float],
+    info: dict,
+    method: str = "multisite",
 ) -> Intervention:
     """The intervention adding w_k · Δ_l at every position of each layer l of segment k."""
     vectors = {
@@ -98,7 +102,15 @@ def build(
     }
     if not vectors:
         vectors = {f"resid_post.{segments[0][0]}@all": 0.0 * deltas[segments[0][0]]}
-    return Intervention("multisite", vectors, 1.0, info)
+    return Intervention(method, vectors, 1.0, info)
+
+
+def tpe_study(seed: int) -> Any:
+    """A maximizing optuna study sampled by TPE seeded ``seed`` (optuna's logging quietened)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
 
 
 def objective(
@@ -137,8 +149,6 @@ def multisite_intervention(
     """Tune one weight per contiguous segment of ``layers`` (default: all) with optuna; see
     the module docstring. ``concepts[i]`` is the concept of ``prompts[i]`` (anything with
     ``value(act, logits)`` giving a log-probability and ``off_target()``, e.g. a PairConcept)."""
-    import optuna
-
     toks = as_prompts(model, prompts)
     if len(concepts) != len(toks):
         raise InputError(f"{len(toks)} prompts but {len(concepts)} concepts: give one each")
@@ -168,8 +178,7 @@ def multisite_intervention(
         trial.set_user_attr("off_target_kl", kl)
         return value
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study = tpe_study(seed)
     # the first trial is the unweighted injection (every weight 1), so tuning never ends worse
     study.enqueue_trial({f"w{k}": min(1.0, max_weight) for k in range(len(segs))})
     study.optimize(run, n_trials=trials)
@@ -232,7 +241,8 @@ register_method(
         needs=("pairs", "prompt", "concepts"),
         input_types={"pairs": ContrastPairs},
         implicit_metric="per-segment Euclidean, weights tuned by optuna",
-        description="per-layer mean differences at every layer, one optuna-tuned weight per "
-        "segment",
+        description="adapted from fusion steering: per-layer contrastive mean differences at "
+        "every layer, one optuna-tuned weight per segment, shared across prompts (the paper's "
+        "per-prompt method is `fusion`)",
     )
 )

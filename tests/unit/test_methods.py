@@ -295,6 +295,7 @@ def test_registry_lists_every_method():
         "postblock",
         "scaling",
         "multisite",
+        "fusion",
         "joint",
     }
 

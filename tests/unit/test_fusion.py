@@ -91,19 +91,16 @@ def objective_by_hand(model, hooks, reference, weight):
     return overlap - weight * float(nll), overlap, math.exp(float(nll))
 
 
+def tuned(model, **options):
+    """Fusion steering of PROMPT with ANSWER after REF_PROMPT, with ``options`` over these."""
+    args = dict(reference_prompt=REF_PROMPT, explanation_tokens=N_EXPL, completion_tokens=N_COMP)
+    prompt, answer = options.pop("prompt", PROMPT), options.pop("answer", ANSWER)
+    return fusion_intervention(model, prompt, answer, **{**args, **options})
+
+
 def test_segmented_fusion_is_the_papers_procedure(model):
     before = weights_snapshot(model)
-    iv = fusion_intervention(
-        model,
-        PROMPT,
-        ANSWER,
-        reference_prompt=REF_PROMPT,
-        explanation_tokens=N_EXPL,
-        completion_tokens=N_COMP,
-        segments=2,
-        trials=6,
-        perplexity_weight=0.2,
-    )
+    iv = tuned(model, segments=2, trials=6, perplexity_weight=0.2)
     assert_untouched(model, before)
     info = iv.info
     assert iv.method == "fusion" and info["segments"] == [[0], [1]]
@@ -176,15 +173,7 @@ def test_full_fusion_through_the_registry_saves_and_loads(llama_model, tmp_path)
 
 def test_qa_outcome_by_hand(gpt2_model):
     model = gpt2_model
-    iv = fusion_intervention(
-        model,
-        PROMPT,
-        ANSWER,
-        reference_prompt=REF_PROMPT,
-        explanation_tokens=N_EXPL,
-        completion_tokens=N_COMP,
-        trials=2,
-    )
+    iv = tuned(model, trials=2)
     reference, hooks = paper(model, iv.info["alpha"], iv.info["gamma"], iv.info["segments"])
     got = qa_outcome(model, PROMPT, ANSWER, iv, reference=reference, n_tokens=N_COMP)
     with torch.no_grad():
@@ -218,16 +207,9 @@ def test_token_overlap_and_eos():
     )
 
 
-def _fit(**kw):
-    def run(model, tmp_path):
-        args = dict(
-            reference_prompt=REF_PROMPT, explanation_tokens=2, completion_tokens=2, trials=1
-        )
-        return fusion_intervention(
-            model, kw.pop("prompt", PROMPT), kw.pop("answer", ANSWER), **{**args, **kw}
-        )
-
-    return run
+def _fit(**options):
+    quick = dict(explanation_tokens=2, completion_tokens=2, trials=1)
+    return lambda model, tmp_path: tuned(model, **{**quick, **options})
 
 
 BAD = [

@@ -6,7 +6,10 @@ at the block's output, one ``torch.func.vjp`` of that single-position map, vmapp
 B_post, gives the factor at every site inside the block at once: zero perturbations are added at
 each requested hook (``hook_resid_mid``, ``attn.hook_z``, ``mlp.hook_pre``...) and their
 cotangents are the rows B_s = B_post ∂(block output)/∂h_s. The rows at ``hook_resid_pre`` feed the
-next block down, so all sites of all layers cost one batched backward pass.
+next block down, so all sites of all layers cost one batched backward pass. On the fast block
+map the same rows come from its hand-written reverse pass
+(:meth:`~steerlens.metric.blockmap.FastBlock.pullback`: the primal once, each weight met by all
+rows in one matmul); the vmapped vjp stays for the hooked map and as the reference.
 
 The block decomposition splits ‖B_pre‖²_F = ⟨B_pre, B_pre⟩ exactly into the skip path ⟨B_post,
 B_pre⟩, the MLP path ⟨B_mid − B_post, B_pre⟩, attention ⟨B_post, J_A B_pre⟩ and attention-then-MLP
@@ -29,7 +32,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from steerlens.metric.autodiff import pullback_rows
-from steerlens.metric.blockmap import attention_pushforward, block_map
+from steerlens.metric.blockmap import (
+    FastBlock,
+    attention_pushforward,
+    block_map,
+    fast_supported,
+)
 from steerlens.metric.state import PromptState
 
 if TYPE_CHECKING:
@@ -69,19 +77,26 @@ def pull_block(
     *,
     decompose: bool = False,
     fast: bool | None = None,
+    vmap: bool = False,
 ) -> BlockPullback:
     """Factor rows at ``kinds`` of block ``layer`` (always including ``resid_pre`` and
-    ``resid_post``) from the rows ``b_post`` at its output."""
+    ``resid_post``) from the rows ``b_post`` at its output. On the fast block map the rows go
+    through its hand-written reverse pass (:meth:`~.blockmap.FastBlock.pullback`); ``vmap``
+    (and the hooked map always) pulls them back by a vmapped ``torch.func.vjp`` of the map."""
     need = set(kinds) & set(_DELTA_KINDS)
     if decompose:
         need |= {"resid_mid", "z"}
     delta_kinds = [k for k in _DELTA_KINDS if k in need]
     x = state.resid[layer].to(b_post.dtype)
-    zeros = [_zeros_for(model, k, x) for k in delta_kinds]
-    with block_map(model, layer, state, delta_kinds, dtype=x.dtype, fast=fast) as fn:
-        grads = pullback_rows(lambda x, *d: fn(x, *d)[0], (x, *zeros), b_post)
-    rows = {"resid_pre": grads[0], "resid_post": b_post}
-    rows.update(zip(delta_kinds, grads[1:], strict=True))
+    use_fast = fast_supported(model, layer, state.n_pos) if fast is None else fast
+    if use_fast and not vmap:
+        rows = FastBlock(model, layer, state, x.dtype).pullback(x, b_post, delta_kinds)
+    else:
+        zeros = [_zeros_for(model, k, x) for k in delta_kinds]
+        with block_map(model, layer, state, delta_kinds, dtype=x.dtype, fast=use_fast) as fn:
+            grads = pullback_rows(lambda x, *d: fn(x, *d)[0], (x, *zeros), b_post)
+        rows = dict(zip(("resid_pre", *delta_kinds), grads, strict=True))
+    rows["resid_post"] = b_post
     out = BlockPullback(rows)
     if decompose:
         _decompose(model, state, layer, out, fast)

@@ -146,3 +146,109 @@ def test_attention_pushforward_equals_jacobian(deep_model):
         assert t_attn.shape == (5, cfg.d_model) and t_z.shape == (5, cfg.n_heads, cfg.d_head)
         assert torch.allclose(t_attn, want_attn, rtol=0, atol=1e-12), fast
         assert torch.allclose(t_z, want_z, rtol=0, atol=1e-12), fast
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "llama-gqa2"])
+def reverse_model(request):
+    """Three-block tiny float64 models: GPT-2-like (LayerNorm, learned positions, GELU,
+    multi-head), Llama-like (RMSNorm, rotary, gated SiLU, one key-value head for four query
+    heads) and Llama-like with two key-value heads for eight query heads."""
+    if request.param != "llama-gqa2":
+        return tiny_model(request.param, n_layers=3)
+    fields = _tl.config_to_dict(tiny_config("llama", n_layers=3, n_heads=8, d_model=32))
+    fields |= dict(n_key_value_heads=2, rotary_dim=4, d_head=4)
+    model = _tl.HookedTransformer(_tl.config_from_dict(fields))
+    model.eval()
+    return model
+
+
+def _vjp_rows(model, state, layer, rows, kinds) -> dict:
+    """The reference: one ``torch.func.vjp`` of the fast block map, vmapped over the rows."""
+    from steerlens.metric.autodiff import pullback_rows
+    from steerlens.metric.recursion import _zeros_for
+
+    x = state.resid[layer]
+    zeros = [_zeros_for(model, k, x) for k in kinds]
+    with torch.no_grad(), block_map(model, layer, state, kinds, dtype=x.dtype, fast=True) as fn:
+        grads = pullback_rows(lambda x, *d: fn(x, *d)[0], (x, *zeros), rows)
+    return dict(zip(("resid_pre", *kinds), grads, strict=True))
+
+
+@pytest.mark.parametrize("n_pos", [1, 2, 10])
+def test_hand_pullback_equals_vmapped_vjp(reverse_model, n_pos):
+    """FastBlock.pullback against the vmapped vjp of the same block at every kind, every layer,
+    for the lens factor's rows and for random rows."""
+    from steerlens.metric.blockmap import FastBlock
+
+    model, kinds = reverse_model, list(_DELTA_KINDS)
+    state = prompt_state(model, TOKENS[:n_pos])
+    gen = torch.Generator().manual_seed(1)
+    for layer in range(model.cfg.n_layers):
+        assert fast_supported(model, layer, n_pos)
+        lens = lens_rows(model, state.resid[layer + 1], MetricOptions(vocab="full"))[0]
+        noise = torch.randn(5, model.cfg.d_model, dtype=torch.float64, generator=gen)
+        for rows in (lens, noise):
+            got = FastBlock(model, layer, state, torch.float64).pullback(
+                state.resid[layer], rows, kinds
+            )
+            want = _vjp_rows(model, state, layer, rows, kinds)
+            assert list(got) == list(want)
+            for kind, ref in want.items():
+                assert got[kind].shape == ref.shape, kind
+                err = float((got[kind] - ref).abs().max() / ref.abs().max())
+                assert err < 1e-10, (layer, kind, err)
+
+
+def test_pull_block_default_is_the_hand_pass(deep_model, monkeypatch):
+    """On a plain block, pull_block takes the hand-written pass (the vmapped vjp is never
+    called) and its rows and shares equal the ``vmap=True`` reference; the hooked map still
+    takes the vjp."""
+    from steerlens.metric import recursion
+
+    state = prompt_state(deep_model, TOKENS)
+    b = lens_rows(deep_model, state.resid[3], MetricOptions())[0]
+    kinds = set(_DELTA_KINDS)
+    ref = [pull_block(deep_model, state, 2, b, kinds, decompose=True, vmap=True)]
+    ref.append(pull_block(deep_model, state, 1, ref[0].rows["resid_pre"], set(), vmap=True))
+    real = recursion.pullback_rows
+    calls = []
+    monkeypatch.setattr(recursion, "pullback_rows", lambda *a, **k: calls.append(1) or real(*a))
+    got = [pull_block(deep_model, state, 2, b, kinds, decompose=True)]
+    got.append(pull_block(deep_model, state, 1, got[0].rows["resid_pre"], set()))
+    assert not calls
+    for g, r in zip(got, ref, strict=True):
+        assert set(g.rows) == set(r.rows)
+        for kind, rows in r.rows.items():
+            assert float((g.rows[kind] - rows).abs().max()) < 1e-12, kind
+        for path, share in r.shares.items():
+            assert abs(g.shares[path] - share) < 1e-12, path
+        assert g.head_shares == pytest.approx(r.head_shares, abs=1e-12)
+    pull_block(deep_model, state, 2, b, set(), fast=False)
+    assert calls
+
+
+def test_local_metric_and_fishback_unchanged_by_the_hand_pass(deep_model, monkeypatch):
+    """LocalPath.metric at a moved point and a whole FishBack run give the same numbers whether
+    the blocks pull back by hand or by the vmapped vjp."""
+    import functools
+
+    from steerlens.concepts import TokenSet
+    from steerlens.methods import FishBackConfig, steer_iteratively
+    from steerlens.metric import local
+
+    concept = TokenSet.from_ids([7], d_vocab=deep_model.cfg.d_vocab)
+    cfg = FishBackConfig("resid_post.0", 0.6, step=0.3, vocab="full")
+    moved = torch.randn(deep_model.cfg.d_model, dtype=torch.float64)
+
+    def both():
+        with local.LocalPath(deep_model, TOKENS, "resid_post.0") as path:
+            metric = path.metric(path.x0 + moved, MetricOptions(vocab="full"))
+        return metric.matrix(), steer_iteratively(deep_model, cfg, concept, TOKENS)
+
+    hand_matrix, hand_run = both()
+    monkeypatch.setattr(local, "pull_block", functools.partial(pull_block, vmap=True))
+    vjp_matrix, vjp_run = both()
+    assert float((hand_matrix - vjp_matrix).abs().max() / vjp_matrix.abs().max()) < 1e-10
+    assert hand_run.reached and vjp_run.reached and hand_run.steps == vjp_run.steps > 1
+    assert float((hand_run.path - vjp_run.path).abs().max()) < 1e-10
+    assert hand_run.final_value == pytest.approx(vjp_run.final_value, abs=1e-10)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from steerlens.datasets import VerbContext
-from steerlens.diagnostics import path_length, spectral_cost_ratio
+from steerlens.diagnostics import kantorovich_bound, path_length, spectral_cost_ratio
 from steerlens.diagnostics.path import local_vector
 from steerlens.errors import InputError
 from steerlens.evaluation import (
@@ -172,6 +172,19 @@ class CleanPoint:
         delta = iv.vector(site.name).to(self.g)
         return 0.5 * float(self.off_target.quad(delta))
 
+    def kantorovich(self, method: str, damping: float) -> float:
+        """The Kantorovich bound (κ+1)²/(4κ) on the off-target cost ratio of a method whose
+        implicit metric is known at this point (``euclidean``: I; ``depth0``: the damped depth-0
+        metric), a trivial predictor of its KL ratio; NaN for the others."""
+        if method == "euclidean":
+            return kantorovich_bound(self.off_target, None, damping)
+        if method == "depth0":
+            m = self.depth0.matrix().double()
+            lam = self.depth0.damping_value(damping)
+            implicit = m + lam * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+            return kantorovich_bound(self.off_target, implicit, damping)
+        return math.nan
+
     def rho(self, v: Tensor | None, damping: float) -> float:
         """ρ of ``v`` in the off-target metric (NaN if v is missing or lowers the concept)."""
         if v is None or float(v.to(self.g) @ self.g) <= 0:
@@ -215,6 +228,7 @@ def context_records(
         "target_word": ctx.target_word,
         "clean_probability": float(pair_share(clean, ctx)),
     }
+    grad_norm = float(point.g.norm())
     directions: dict[str, Tensor | None] = {
         "fishback": point.fishback(settings.damping),
         "fishback_merge": None,  # ρ is priced in the complement metric: see the record's KLs
@@ -251,6 +265,9 @@ def context_records(
                 path_length(model, tokens, iv, off, path=path) if extra["reached"] else math.nan
             ),
             "kl_quadratic": point.quadratic_kl(iv, site),
+            "grad_norm": grad_norm,
+            "edit_norm": edit_norm(iv),
+            "kantorovich": point.kantorovich(name, settings.damping),
             "implicit_metric": IMPLICIT_METRIC[name],
         }
         if settings.fluency_tokens:
@@ -288,6 +305,15 @@ def context_records(
             }
             records.append(record(name, target, iv.scaled(m.scale), extra))
     return records
+
+
+def edit_norm(iv: Intervention) -> float:
+    """The Euclidean size of what ``iv`` adds: the norm of its scaled vectors together (a vector
+    added at every position counted once); NaN for an intervention that scales, clamps or
+    updates weights."""
+    if iv.multipliers or iv.clamps or iv.weight_updates:
+        return math.nan
+    return math.sqrt(sum(float((iv.scale * v).double().pow(2).sum()) for v in iv.vectors.values()))
 
 
 def share_at(

@@ -349,6 +349,35 @@ def test_fishback_descends_a_given_off_target_geometry(model):
     assert all(r["reached"] and abs(r["probability"] - 0.6) < 1e-3 for r in records)
 
 
+def test_records_carry_the_trivial_predictors(model):
+    """Each record has ‖g‖ at the clean point, the Euclidean size of its edit and, where the
+    implicit metric is known, the Kantorovich bound, which bounds the clean-point ρ."""
+    from steerlens.experiments.matched import (
+        MatchedSettings,
+        clean_point,
+        context_records,
+        edit_norm,
+    )
+    from steerlens.experiments.verb_context import context_tokens
+    from steerlens.methods import Intervention
+    from steerlens.sites import Site
+
+    ctx = _ctx(0, "v", model)
+    settings = MatchedSettings(targets=(0.6,), methods=("fishback", "euclidean", "depth0"))
+    records = context_records(model, ctx, 1, settings, {}, {ctx.base_id: ctx.target_id})
+    point = clean_point(model, Site("resid_post", 1), context_tokens(model, ctx), ctx)
+    by = {r["method"]: r for r in records}
+    assert all(r["grad_norm"] == pytest.approx(float(point.g.norm()), rel=1e-12) for r in records)
+    assert all(r["edit_norm"] > 0 for r in records)
+    assert math.isnan(by["fishback"]["kantorovich"])
+    for name in ("euclidean", "depth0"):
+        assert 1 <= by[name]["rho"] <= by[name]["kantorovich"] * (1 + 1e-9), name
+    d = model.cfg.d_model
+    v = torch.ones(d, dtype=torch.float64)
+    iv = Intervention("two", {"resid_post.0": v, "resid_post.1@all": 2 * v}, scale=2.0)
+    assert edit_norm(iv) == pytest.approx(2.0 * math.sqrt(5 * d), rel=1e-12)
+
+
 def _concept(ctx: VerbContext):
     from steerlens.experiments.matched import pair_concept
 

@@ -39,6 +39,11 @@ EXAMPLES = {
         "  torchrun --nproc-per-node 2 -m steerlens.cli study --out results/study  # 2 ranks\n"
         "  steerlens study --out results/study --report   # rebuild study.md (partial runs too)"
     ),
+    "forecast": (
+        "examples:\n"
+        "  steerlens forecast                     # results/study -> results/forecast\n"
+        "  steerlens forecast --study results/study --second results/study_gemma"
+    ),
     "report": (
         "examples:\n"
         "  steerlens report                # rebuild results/reproduction.md and its figures\n"
@@ -106,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--report", action="store_true", help="only rebuild study.md from the folder's records"
     )
+
+    fc = add_command(
+        sub,
+        "forecast",
+        "score the cost-ratio forecast on a study's records (partial runs too)",
+        EXAMPLES["forecast"],
+    )
+    fc.add_argument("--study", type=Path, default=Path("results/study"), help="a study folder")
+    fc.add_argument("--second", type=Path, help="another model's study folder (held out)")
+    fc.add_argument("--out", type=Path, default=Path("results/forecast"), help="written here")
 
     report = add_command(
         sub,
@@ -285,6 +300,13 @@ def cmd_study(args: argparse.Namespace) -> None:
     print_result(summary | {"written": [str(p) for p in paths]}, {}, args.json)
 
 
+def cmd_forecast(args: argparse.Namespace) -> None:
+    from steerlens.experiments.forecast import write_forecast
+
+    paths = write_forecast(args.study, args.out, args.second)
+    print_result({"written": [str(p) for p in paths]}, {}, args.json)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from steerlens.experiments.reproduce import rebuild_report
 
@@ -315,6 +337,7 @@ def cmd_train_sae(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "demo": cmd_demo,
+    "forecast": cmd_forecast,
     "metric": cmd_metric,
     "reproduce": cmd_reproduce,
     "report": cmd_report,

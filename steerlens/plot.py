@@ -412,3 +412,39 @@ def ratio_by_layer(ratios: pd.DataFrame, *, baseline: str = "fishback") -> Figur
         handles, labels, loc="outside lower center", ncols=min(len(labels), 5), frameon=False
     )
     return fig
+
+
+@_styled
+def forecast_calibration(runs: pd.DataFrame, chosen: Mapping[str, tuple[str, str]]) -> Figure:
+    """The chosen forecast of each measure (``chosen``: measure → (predictor, variant), as
+    :class:`~steerlens.experiments.forecast.Forecast` has it) against the measured ratio to
+    FishBack, log–log, with the identity line and the band within 2×: development runs as
+    circles, held-out runs as crosses (``runs``' ``split``, its ``ratio_<measure>`` and
+    ``pred_<predictor>_<variant>_<measure>`` columns)."""
+    measures = list(chosen)
+    fig, axes = _figure(3.0 * max(len(measures), 1), 3.0, ncols=max(len(measures), 1))
+    for ax, measure in zip(axes, measures, strict=False):
+        predictor, variant = chosen[measure]
+        x_col, y_col = f"pred_{predictor}_{variant}_{measure}", f"ratio_{measure}"
+        frame: Any = runs
+        x, y = frame[x_col].astype(float), frame[y_col].astype(float)
+        ok = frame[np.isfinite(x) & np.isfinite(y) & x.gt(0) & y.gt(0)]
+        values = [*ok[x_col], *ok[y_col]]
+        lo, hi = (min(values) / 1.5, max(values) * 1.5) if values else (0.5, 2.0)
+        line = np.geomspace(lo, hi, 50)
+        ax.fill_between(line, line / 2, line * 2, color="0.85", lw=0, label="within 2×")
+        dev = ok["split"] == "dev"
+        ax.scatter(ok[dev][x_col], ok[dev][y_col], s=10, alpha=0.7, label="development")
+        ax.scatter(ok[~dev][x_col], ok[~dev][y_col], s=14, marker="x", alpha=0.7, label="held out")
+        ax.plot([lo, hi], [lo, hi], color="black", lw=0.7, ls="--", label="y = x")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_xlabel(f"{predictor} ({variant}), predicted")
+        ax.set_ylabel("KL / FishBack's, measured")
+        ax.set_title(KL_LABELS.get(measure, measure))
+        _style(ax)
+    handles, labels = _legend_entries(axes)
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
+    return fig

@@ -139,12 +139,10 @@ def study_report(records: pd.DataFrame, manifest: dict[str, Any], *, partial: bo
     return "\n".join(lines)
 
 
-def write_study_report(folder: str | Path, figures: str | Path | None = None) -> list[Path]:
-    """``study.md`` (and ``kl_ratio_by_layer.png`` under ``figures``, default the folder)
-    from a run folder's merged ``records.csv``, or, while units are still running, from the
-    finished units of every rank file, in unit order, without touching them (the report then
-    says it is partial)."""
-    from steerlens import plot
+def study_records(folder: str | Path) -> tuple[pd.DataFrame, dict[str, Any], bool]:
+    """A run folder's records, its manifest, and whether the run is partial: the merged
+    ``records.csv`` once the run has finished, else the finished units of every rank file in
+    unit order, read without touching them (a running rank may be appending)."""
     from steerlens.experiments.runner import read_all_done
 
     folder = Path(folder)
@@ -152,15 +150,25 @@ def write_study_report(folder: str | Path, figures: str | Path | None = None) ->
         raise InputError(f"{folder} is not a study folder: no {MANIFEST}")
     manifest = json.loads((folder / MANIFEST).read_text())
     partial = not (folder / MERGED).is_file()
-    if partial:
-        units = manifest.get("units", [])
-        done = read_all_done(folder, units)  # read only: a running rank may be appending
-        rows = [r for key in units if key in done for r in done[key]]
-        if not rows:
-            raise InputError(f"{folder} has no finished unit yet")
-        records = pd.DataFrame(rows)
-    else:
-        records = pd.read_csv(folder / MERGED)
+    if not partial:
+        return pd.read_csv(folder / MERGED), manifest, False
+    units = manifest.get("units", [])
+    done = read_all_done(folder, units)
+    rows = [r for key in units if key in done for r in done[key]]
+    if not rows:
+        raise InputError(f"{folder} has no finished unit yet")
+    return pd.DataFrame(rows), manifest, True
+
+
+def write_study_report(folder: str | Path, figures: str | Path | None = None) -> list[Path]:
+    """``study.md`` (and ``kl_ratio_by_layer.png`` under ``figures``, default the folder)
+    from a run folder's merged ``records.csv``, or, while units are still running, from the
+    finished units of every rank file, in unit order, without touching them (the report then
+    says it is partial)."""
+    from steerlens import plot
+
+    folder = Path(folder)
+    records, manifest, partial = study_records(folder)
     out = [atomic_write(folder / "study.md", study_report(records, manifest, partial=partial))]
     fig = plot.ratio_by_layer(paired_ratios(records, by=("method", "layer")))
     target = Path(figures or folder) / "kl_ratio_by_layer.png"

@@ -102,6 +102,12 @@ def _runs(
                     "activation, so it has no first-order tangent to audit; audit the added "
                     "decoder row instead (sae_intervention(..., mode='add'))"
                 )
+            if iv.scalar_functions:
+                raise MethodError(
+                    f"steering {iv.method!r} scales by learned functions of the activation "
+                    "(dynamic activation scaling), which the audit's tangents do not cover; "
+                    "audit static multipliers (the 'scaling' method) instead"
+                )
             still = all(not bool(v.any()) for v in iv.vectors.values())
             if iv.scale == 0 or (still and not any(iv.multipliers.values())):
                 raise InputError(f"steering {iv.method!r} is zero: nothing to audit")

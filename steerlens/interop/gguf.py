@@ -127,7 +127,9 @@ def to_gguf_control_vector(
     """
     # every edit an intervention can make besides adding its vectors
     others = [
-        k for k in ("multipliers", "clamps", "weight_updates") if getattr(intervention, k, None)
+        k
+        for k in ("multipliers", "clamps", "weight_updates", "scalar_functions")
+        if getattr(intervention, k, None)
     ]
     if others:
         raise InputError(

@@ -7,8 +7,11 @@ An intervention is a set of vectors, one per site (the site string carries its p
 MLP's output, times 1 + scale·m); and/or a set of ``clamps`` (an SAE feature's activation set to
 scale·value, :mod:`steerlens.methods.clamp`); and/or a set of ``weight_updates`` (a low-rank
 ΔW of a block's output projection, times scale, applied through hooks:
-:mod:`steerlens.methods.lowrank`). It saves to safetensors + JSON (a clamped SAE in sae-lens's
-own safetensors format beside them) and loads without unpickling anything.
+:mod:`steerlens.methods.lowrank`); and/or a set of ``scalar_functions`` (dynamic activation
+scaling: the activation at a site times 1 + scale·m(activation), m a learned
+:class:`~steerlens.methods.scalar_function.ScalarFunction`). It saves to safetensors + JSON (a
+clamped SAE in sae-lens's own safetensors format beside them) and loads without unpickling
+anything.
 
 >>> import torch
 >>> from steerlens.testing import tiny_model
@@ -42,6 +45,7 @@ from steerlens.errors import ArtifactError, InputError, NonFiniteError
 from steerlens.hooks import add_vector, check_vector, scale_activation
 from steerlens.methods.clamp import SaeClamp, clamp_feature, load_clamps, save_clamps
 from steerlens.methods.lowrank import LowRankUpdate, OutputProjection, apply_update
+from steerlens.methods.scalar_function import ScalarFunction, scale_by_function
 from steerlens.sites import Site, as_site
 
 if TYPE_CHECKING:
@@ -65,13 +69,28 @@ class Intervention:
     multipliers: Mapping[str, float] = field(default_factory=dict)
     clamps: Mapping[str, SaeClamp] = field(default_factory=dict)
     weight_updates: Mapping[str, LowRankUpdate] = field(default_factory=dict)
+    scalar_functions: Mapping[str, ScalarFunction] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not (self.vectors or self.multipliers or self.clamps or self.weight_updates):
+        if not (
+            self.vectors
+            or self.multipliers
+            or self.clamps
+            or self.weight_updates
+            or self.scalar_functions
+        ):
             raise InputError(
-                f"intervention {self.method!r} has no vectors, no multipliers, no clamps and no "
-                "weight updates"
+                f"intervention {self.method!r} has no vectors, no multipliers, no clamps, no "
+                "weight updates and no scalar functions"
             )
+        functions = {}
+        for spec, fn in self.scalar_functions.items():
+            if not isinstance(fn, ScalarFunction):
+                raise InputError(
+                    f"scalar function at {spec} must be a ScalarFunction, got {type(fn).__name__}"
+                )
+            functions[Site.parse(spec).name] = fn
+        object.__setattr__(self, "scalar_functions", functions)
         updates = {}
         for spec, update in self.weight_updates.items():
             if not isinstance(update, LowRankUpdate):
@@ -109,15 +128,18 @@ class Intervention:
         scaled = f", {len(self.multipliers)} scaled sites" if self.multipliers else ""
         clamped = f", clamps at [{', '.join(self.clamps)}]" if self.clamps else ""
         updated = f", updates of [{', '.join(self.weight_updates)}]" if self.weight_updates else ""
+        functions = self.scalar_functions
+        dynamic = f", {len(functions)} scalar functions" if functions else ""
         return (
-            f"Intervention({self.method!r}, sites=[{sites}]{scaled}{clamped}{updated}, "
+            f"Intervention({self.method!r}, sites=[{sites}]{scaled}{clamped}{updated}{dynamic}, "
             f"scale={self.scale:.4g})"
         )
 
     def table(self) -> pd.DataFrame:
         """One row per site: its width and the norm of its vector, raw and scaled; or, for a
         scaled site, its multiplier m and the factor 1 + scale·m it applies; or, for a weight
-        update, its projection, rank and Frobenius norm ‖ΔW‖."""
+        update, its projection, rank and Frobenius norm ‖ΔW‖; or, for a scalar function, its
+        width, bias b and ‖w‖."""
         rows: list[dict[str, Any]] = [
             {
                 "site": spec,
@@ -143,6 +165,15 @@ class Intervention:
         rows += [
             {"site": name, "rank": u.rank, "norm": float(u.delta().detach().norm())}
             for name, u in self.weight_updates.items()
+        ]
+        rows += [
+            {
+                "site": spec,
+                "dim": fn.dim,
+                "bias": float(fn.bias.detach()),
+                "weight_norm": float(fn.weight.detach().norm()),
+            }
+            for spec, fn in self.scalar_functions.items()
         ]
         return pd.DataFrame(rows)
 
@@ -191,6 +222,8 @@ class Intervention:
             clamp.check(as_site(spec, model), model)
         for name, update in self.weight_updates.items():
             update.check(OutputProjection.parse(name).validate(model), model)
+        for spec, fn in self.scalar_functions.items():
+            fn.check(as_site(spec, model), model)
 
     @contextmanager
     def apply(
@@ -223,6 +256,10 @@ class Intervention:
                 )
             for name, update in self.weight_updates.items():
                 stack.enter_context(apply_update(model, name, update, factor))
+            for spec, fn in self.scalar_functions.items():
+                stack.enter_context(
+                    scale_by_function(model, spec, fn, factor, attention_mask=attention_mask)
+                )
             yield model
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -238,6 +275,10 @@ class Intervention:
             update = self.weight_updates[name]
             tensors[f"{key}.a"], tensors[f"{key}.b"] = update.a.detach(), update.b.detach()
             dtypes[key] = str(update.a.dtype)
+        functions = {f"f{i}": spec for i, spec in enumerate(self.scalar_functions)}
+        for key, spec in functions.items():
+            tensors[key] = self.scalar_functions[spec].packed()
+            dtypes[key] = str(tensors[key].dtype)
         meta = {
             "method": self.method,
             "scale": self.scale,
@@ -245,6 +286,7 @@ class Intervention:
             "dtypes": dtypes,
             "multiplier_sites": list(self.multipliers),
             "weight_updates": updates,
+            "scalar_functions": functions,
             "info": self.info,
         }
         clamps = dict(self.clamps)
@@ -263,7 +305,8 @@ def load_intervention(path: str | os.PathLike[str]) -> Intervention:
         sites: dict[str, str] = dict(meta["sites"])
         scaled: list[str] = list(meta.get("multiplier_sites", []))
         updates: dict[str, str] = dict(meta.get("weight_updates", {}))
-        expected = set(sites) | ({"multipliers"} if scaled else set())
+        functions: dict[str, str] = dict(meta.get("scalar_functions", {}))
+        expected = set(sites) | ({"multipliers"} if scaled else set()) | set(functions)
         expected |= {f"{k}.{part}" for k in updates for part in ("a", "b")}
         if expected != set(tensors):
             raise ArtifactError(f"{path}: the tensors do not match the sites listed in meta.json")
@@ -282,6 +325,10 @@ def load_intervention(path: str | os.PathLike[str]) -> Intervention:
             )
             for k, name in updates.items()
         }
+        scalar_functions = {
+            spec: ScalarFunction.unpack(tensors[k].to(check_dtype(meta["dtypes"][k])))
+            for k, spec in functions.items()
+        }
         return Intervention(
             str(meta["method"]),
             vectors,
@@ -290,6 +337,7 @@ def load_intervention(path: str | os.PathLike[str]) -> Intervention:
             multipliers,
             clamps,
             weight_updates,
+            scalar_functions,
         )
     except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, ArtifactError):

@@ -138,7 +138,7 @@ def bias_edit(
     """A deep copy of ``model`` whose MLP output biases carry the intervention's vectors (each
     at ``resid_post.L@all`` or ``mlp_out.L@all``), checked to give the steered model's logits on
     ``check_tokens`` (default: a short fixed sequence)."""
-    if intervention.multipliers:
+    if intervention.multipliers or intervention.scalar_functions:
         raise MethodError(
             f"{intervention.method!r} scales activations: only additive vectors are bias edits"
         )

@@ -21,19 +21,23 @@ variant; a single prompt is a dataset of one). The result is an :class:`Interven
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from steerlens.errors import InputError, MethodError
+from steerlens.errors import InputError, MethodError, NonFiniteError
 from steerlens.hooks import _position_slice, hooked
 from steerlens.methods.intervention import Intervention
 from steerlens.methods.registry import FitInputs, MethodSpec, register_method
+from steerlens.methods.scalar_function import check_scalable
 from steerlens.prompts import PromptsLike, as_prompts
 from steerlens.sites import Site, as_site
 
@@ -102,6 +106,150 @@ def _losses(
     return F.softplus(margin - diff), kl, diff > 0
 
 
+@dataclass(frozen=True)
+class _Task:
+    """Prompts grouped by length (one batch each, no padding), their clean last-position logits,
+    and each prompt's target and source token."""
+
+    toks: list[Tensor]
+    groups: dict[int, list[int]]
+    clean: dict[int, Tensor]
+    targets: Tensor
+    sources: Tensor
+
+
+def _task(
+    model: HookedTransformer, prompts: PromptsLike, targets: Sequence[int], sources: Sequence[int]
+) -> _Task:
+    toks = as_prompts(model, prompts)
+    if len(targets) != len(toks) or len(sources) != len(toks):
+        raise InputError(
+            f"{len(toks)} prompts but {len(targets)} targets and {len(sources)} sources: "
+            "give one target and one source token per prompt"
+        )
+    vocab = model.cfg.d_vocab
+    for t, s in zip(targets, sources, strict=True):
+        if not (0 <= t < vocab and 0 <= s < vocab) or t == s:
+            raise InputError(f"target {t} / source {s}: two different token ids below {vocab}")
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(toks):
+        groups.setdefault(len(t), []).append(i)
+    device = model.cfg.device
+    with torch.no_grad():
+        clean = {n: model(torch.stack([toks[i] for i in idx]))[:, -1] for n, idx in groups.items()}
+    return _Task(
+        toks,
+        groups,
+        clean,
+        torch.tensor(list(targets), device=device),
+        torch.tensor(list(sources), device=device),
+    )
+
+
+def _check_options(steps: int, lr: float, l1: float, faithfulness: float, margin: float) -> None:
+    for name, value in (("steps", steps), ("lr", lr), ("margin", margin)):
+        if not value > 0:
+            raise InputError(f"{name} must be > 0, got {value}")
+    if l1 < 0 or faithfulness < 0:
+        raise InputError(f"l1 and faithfulness must be >= 0, got {l1} and {faithfulness}")
+
+
+def _sites(
+    model: HookedTransformer,
+    components: Sequence[str] | None,
+    layers: Sequence[int] | None,
+    position: str,
+) -> list[Site]:
+    """The components to scale, checked: scalable kinds, none listed twice."""
+    names = list(components) if components is not None else component_sites(model, layers, position)
+    if not names:
+        raise InputError("no components to scale")
+    sites = [as_site(s, model) for s in names]
+    for site in sites:
+        check_scalable(site)
+    if len({s.name for s in sites}) != len(sites):
+        raise InputError("a component is listed twice")
+    return sites
+
+
+def shrink_rows(x: Float[Tensor, "n_rows k"], threshold: float) -> None:
+    """The proximal step of ``threshold``·Σ‖row‖₂, in place: each row shrunk towards 0 by
+    ``threshold`` in norm, rows shorter than that set to exactly 0 (one-column rows: the L1's
+    soft-threshold)."""
+    norms = x.norm(dim=-1, keepdim=True)
+    x.mul_((1 - threshold / norms.clamp_min(torch.finfo(x.dtype).tiny)).clamp_min(0))
+
+
+def _optimize(
+    model: HookedTransformer,
+    task: _Task,
+    steer: Callable[[], AbstractContextManager[Any]],
+    params: Sequence[Tensor],
+    penalty: Callable[[], float],
+    *,
+    steps: int,
+    lr: float,
+    l1: float,
+    faithfulness: float,
+    margin: float,
+    progress: bool,
+    desc: str,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """ISTA on the mean flip + ``faithfulness``·KL over ``task``'s prompts: a gradient step on
+    ``params`` (each [n_rows, k], one row a component), then :func:`shrink_rows` by lr·l1.
+    ``steer()`` is the context of one steered forward pass; ``penalty()`` the L1 term now. The
+    loss terms before the first step and after the last, or a NonFiniteError if it diverges."""
+    opt = torch.optim.SGD(list(params), lr=lr)
+    n = len(task.toks)
+
+    def evaluate(train: bool, step: int) -> dict[str, float]:
+        flip = kl_sum = eff_sum = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=model.cfg.device)
+        for length, idx in task.groups.items():
+            batch = torch.stack([task.toks[i] for i in idx])
+            with steer():
+                steered = model(batch)[:, -1].double()
+            eff, kl, flipped = _losses(
+                steered,
+                task.clean[length].double(),
+                task.targets[idx],
+                task.sources[idx],
+                margin,
+            )
+            total = total + (eff.sum() + faithfulness * kl.sum()) / n
+            eff_sum += float(eff.sum().detach())
+            kl_sum += float(kl.sum().detach())
+            flip += float(flipped.sum())
+        if not math.isfinite(float(total.detach())):
+            raise NonFiniteError(
+                f"{desc} diverged at step {step} (loss {float(total.detach())}): lower lr={lr}"
+            )
+        if train:
+            # only the scalars' gradients: none computed for, or left on, the model's weights
+            for p, g in zip(params, torch.autograd.grad(total, list(params)), strict=True):
+                p.grad = g
+            opt.step()
+            with torch.no_grad():  # the proximal step of the L1 term: exact zeros
+                for p in params:
+                    shrink_rows(p, lr * l1)
+            if not all(bool(torch.isfinite(p.detach()).all()) for p in params):
+                raise NonFiniteError(f"{desc} diverged at step {step}: lower lr={lr}")
+        return {
+            "effectiveness": eff_sum / n,
+            "faithfulness": kl_sum / n,
+            "flip_rate": flip / n,
+            "l1": penalty(),
+        }
+
+    with torch.enable_grad():
+        start = evaluate(train=False, step=0)
+        for step in tqdm(range(steps), disable=not progress, desc=desc):
+            evaluate(train=True, step=step)
+    with torch.no_grad():
+        end = evaluate(train=False, step=steps)
+    return start, end
+
+
 def scaling_intervention(
     model: HookedTransformer,
     prompts: PromptsLike,
@@ -121,91 +269,37 @@ def scaling_intervention(
     """Learn signed scalars on component outputs that make each prompt's ``targets[i]`` beat
     ``sources[i]`` (see the module docstring). ``components``: site strings to scale (default
     :func:`component_sites` of ``layers`` at ``position``)."""
-    toks = as_prompts(model, prompts)
-    if len(targets) != len(toks) or len(sources) != len(toks):
-        raise InputError(
-            f"{len(toks)} prompts but {len(targets)} targets and {len(sources)} sources: "
-            "give one target and one source token per prompt"
-        )
-    vocab = model.cfg.d_vocab
-    for t, s in zip(targets, sources, strict=True):
-        if not (0 <= t < vocab and 0 <= s < vocab) or t == s:
-            raise InputError(f"target {t} / source {s}: two different token ids below {vocab}")
-    for name, value in (("steps", steps), ("lr", lr), ("margin", margin)):
-        if not value > 0:
-            raise InputError(f"{name} must be > 0, got {value}")
-    if l1 < 0 or faithfulness < 0:
-        raise InputError(f"l1 and faithfulness must be >= 0, got {l1} and {faithfulness}")
-    names = list(components) if components is not None else component_sites(model, layers, position)
-    if not names:
-        raise InputError("no components to scale")
-    sites = [as_site(s, model) for s in names]
-    for site in sites:
-        if site.kind not in ("z", "result", "mlp_out", "attn_out", "mlp_post") or (
-            site.kind in ("z", "result") and site.head is None
-        ):
-            raise InputError(
-                f"{site.name}: activation scaling acts on one head's z or result, attn_out, "
-                "mlp_out or mlp_post"
-            )
+    task = _task(model, prompts, targets, sources)
+    _check_options(steps, lr, l1, faithfulness, margin)
+    sites = _sites(model, components, layers, position)
     sites_named = [s.name for s in sites]
-    if len(set(sites_named)) != len(sites_named):
-        raise InputError("a component is listed twice")
-
-    groups: dict[int, list[int]] = {}
-    for i, t in enumerate(toks):
-        groups.setdefault(len(t), []).append(i)
-    device = model.cfg.device
-    target_t = torch.tensor(list(targets), device=device)
-    source_t = torch.tensor(list(sources), device=device)
-    with torch.no_grad():
-        clean = {n: model(torch.stack([toks[i] for i in idx]))[:, -1] for n, idx in groups.items()}
-
-    m = torch.zeros(len(sites), dtype=torch.float64, device=device, requires_grad=True)
-    opt = torch.optim.SGD([m], lr=lr)
+    m = torch.zeros(len(sites), 1, dtype=torch.float64, device=model.cfg.device)
+    m.requires_grad_(True)
     need_result = any(s.kind == "result" for s in sites)
-    history: list[dict[str, float]] = []
-
-    def evaluate(train: bool) -> dict[str, float]:
-        flip = kl_sum = eff_sum = 0.0
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for n, idx in groups.items():
-            batch = torch.stack([toks[i] for i in idx])
-            with hooked(model, _scaled_hooks(model, sites, m), need_result=need_result):
-                steered = model(batch)[:, -1].double()
-            eff, kl, flipped = _losses(
-                steered, clean[n].double(), target_t[idx], source_t[idx], margin
-            )
-            total = total + (eff.sum() + faithfulness * kl.sum()) / len(toks)
-            eff_sum += float(eff.sum().detach())
-            kl_sum += float(kl.sum().detach())
-            flip += float(flipped.sum())
-        if train:
-            opt.zero_grad()
-            total.backward()
-            opt.step()
-            with torch.no_grad():  # the proximal step of the L1 term: exact zeros
-                m.copy_(m.sign() * (m.abs() - lr * l1).clamp_min(0))
-        n = len(toks)
-        l1_term = l1 * float(m.detach().abs().sum())
-        return {
-            "effectiveness": eff_sum / n,
-            "faithfulness": kl_sum / n,
-            "flip_rate": flip / n,
-            "l1": l1_term,
-        }
-
-    with torch.enable_grad():
-        start = evaluate(train=False)
-        for _ in tqdm(range(steps), disable=not progress, desc="activation scaling"):
-            history.append(evaluate(train=True))
-    with torch.no_grad():
-        end = evaluate(train=False)
-    values = m.detach()
+    start, end = _optimize(
+        model,
+        task,
+        lambda: hooked(model, _scaled_hooks(model, sites, m[:, 0]), need_result=need_result),
+        [m],
+        lambda: l1 * float(m.detach().abs().sum()),
+        steps=steps,
+        lr=lr,
+        l1=l1,
+        faithfulness=faithfulness,
+        margin=margin,
+        progress=progress,
+        desc="activation scaling",
+    )
+    values = m.detach()[:, 0]
     order = values.abs().argsort(descending=True).tolist()
     kept = {sites_named[i]: float(values[i]) for i in order if float(values[i]) != 0.0}
+    if not kept:
+        raise MethodError(
+            f"activation scaling kept no component (l1={l1} zeroed all {len(sites)} scalars): "
+            "lower l1 or raise steps"
+        )
     info: dict[str, Any] = {
-        "prompts": len(toks),
+        "prompts": len(task.toks),
         "components": len(sites),
         "kept": [[k, v] for k, v in kept.items()],
         "steps": steps,
@@ -216,11 +310,6 @@ def scaling_intervention(
         "start": start,
         "end": end,
     }
-    if not kept:
-        raise MethodError(
-            f"activation scaling kept no component (l1={l1} zeroed all {len(sites)} scalars): "
-            "lower l1 or raise steps"
-        )
     return Intervention("scaling", {}, 1.0, info, multipliers=kept)
 
 
@@ -228,7 +317,8 @@ def scaling_intervention(
 class ScalingConfig:
     """``targets`` / ``sources``: one token id each per prompt, the answer to flip to and from;
     ``components`` (or the heads and MLPs of ``layers``, default all) scaled at ``position``;
-    Adam for ``steps`` at ``lr`` on flip + ``faithfulness``·KL + ``l1``·‖m‖₁."""
+    ``steps`` proximal gradient steps (ISTA) at ``lr`` on flip + ``faithfulness``·KL +
+    ``l1``·‖m‖₁."""
 
     targets: Sequence[int]
     sources: Sequence[int]

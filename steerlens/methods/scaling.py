@@ -15,7 +15,8 @@ and are dropped. The paper gives no
 code; where it leaves choices open this module states them: the multiplier is parametrized
 around 1 (1 + m, so L1 pulls towards "unchanged"), the logit-difference flip is a softplus with
 a margin, and one set of scalars is shared by all the prompts (the paper's dataset-level
-variant; a single prompt is a dataset of one). The result is an :class:`Intervention` whose
+variant; a single prompt is a dataset of one; the dynamic variant is
+:mod:`steerlens.methods.dynamic_scaling`). The result is an :class:`Intervention` whose
 ``multipliers`` are the kept components; ``info["kept"]`` lists them largest first.
 """
 

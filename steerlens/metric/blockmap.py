@@ -36,6 +36,7 @@ from torch import Tensor
 from steerlens import _tl
 from steerlens.hooks import hooked
 from steerlens.metric.autodiff import load_forward_ad
+from steerlens.metric.reverse import block_pullback
 from steerlens.metric.state import PromptState
 from steerlens.sites import HOOKS
 
@@ -153,77 +154,15 @@ class FastBlock:
         t_z = t_z.reshape(rows, self.n_heads, self.d_head)
         return t_z.flatten(1) @ self.w_o_flat, t_z
 
-    @torch.no_grad()  # no graph w.r.t. the weights; the norms' torch.func.vjp still runs
-    def pullback(self, x: Tensor, rows: Tensor, kinds: Sequence[str] = ()) -> dict[str, Tensor]:
+    def pullback(
+        self, x: Tensor, rows: Tensor, kinds: Sequence[str] = (), *, contract: bool | None = None
+    ) -> dict[str, Tensor]:
         """Each row g of ``rows`` ``[rows, d_model]`` (a cotangent at the block output) pulled
-        back through the block at ``x`` by a hand-written reverse pass: ``{"resid_pre": g ∂out/∂x,
-        kind: g ∂out/∂h_kind for each of kinds}`` (per-head kinds keep a head axis), the same
-        rows a vmapped ``torch.func.vjp`` of the block gives. The primal runs once; the rows
-        meet each weight and each cached key-value head in one matmul. The norms, the rotary
-        embedding and the activation are differentiated by one ``torch.func.vjp`` over all rows
-        (or over the single pre-activation vector), so every norm and activation TransformerLens
-        builds is exact; the softmax's transpose is g_s = p ⊙ (g_p − ⟨p, g_p⟩)."""
-        n_rows, n_past, group = rows.shape[0], self.k_past.shape[1], self.n_heads // self.n_kv
-        h = self.ln1(x.view(1, 1, -1)).view(1, -1)
-        q = self._rotate(h @ self.w_q + self.b_q, self.n_heads)[0]
-        k = self._rotate(h @ self.w_k + self.b_k, self.n_kv)[0]
-        v = (h @ self.w_v + self.b_v).view(self.n_kv, self.d_head)
-        qg = q.view(self.n_kv, group, self.d_head)
-        past = torch.einsum("kgd,ktd->kgt", qg, self.k_past)
-        new = torch.einsum("kgd,kd->kg", qg, k).unsqueeze(-1)
-        pattern = torch.softmax(torch.cat([past, new], -1) / self.scale, -1)
-        z = torch.einsum("kgt,ktd->kgd", pattern[..., :n_past], self.v_past)
-        z = z + pattern[..., n_past:] * v.unsqueeze(1)
-        mid = x + z.reshape(-1) @ self.w_o_flat + self.b_o
-        h2 = self.ln2(mid.view(1, 1, -1)).view(-1)
-        g_post = rows @ self.w_out.T
-        if self.gated:
-            assert self.w_gate is not None
-            pre = h2 @ self.w_gate
-            act, d_act = _act_and_derivative(self.act, pre)
-            g_pre = g_post * (d_act * (h2 @ self.w_in))
-            g_h2 = g_pre @ self.w_gate.T + (g_post * act) @ self.w_in.T
-        else:
-            g_pre = g_post * _act_and_derivative(self.act, h2 @ self.w_in + self.b_in)[1]
-            g_h2 = g_pre @ self.w_in.T
-        g_mid = rows + _norm_vjp(self.ln2, mid, g_h2)
-        g_z = (g_mid @ self.w_o_flat.T).view(n_rows, self.n_kv, group, self.d_head)
-        g_pattern = torch.cat(
-            [
-                torch.einsum("rkgd,ktd->rkgt", g_z, self.v_past),
-                torch.einsum("rkgd,kd->rkg", g_z, v).unsqueeze(-1),
-            ],
-            -1,
-        )
-        g_scores = pattern * (g_pattern - (g_pattern * pattern).sum(-1, keepdim=True))
-        g_scores = g_scores / self.scale
-        g_new = g_scores[..., n_past]
-        g_q = torch.einsum("rkgt,ktd->rkgd", g_scores[..., :n_past], self.k_past)
-        g_q = g_q + g_new.unsqueeze(-1) * k.unsqueeze(1)
-        g_k = torch.einsum("rkg,kgd->rkd", g_new, qg)
-        g_v = torch.einsum("kg,rkgd->rkd", pattern[..., n_past], g_z)
-        g_h = self._rotate_transpose(g_q.reshape(n_rows, -1), self.n_heads) @ self.w_q.T
-        g_h = g_h + self._rotate_transpose(g_k.reshape(n_rows, -1), self.n_kv) @ self.w_k.T
-        g_h = g_h + g_v.reshape(n_rows, -1) @ self.w_v.T
-        values = {
-            "resid_pre": g_mid + _norm_vjp(self.ln1, x, g_h),
-            "resid_mid": g_mid,
-            "attn_out": g_mid,
-            "mlp_out": rows,
-            "mlp_post": g_post,
-            "mlp_pre": g_pre,
-            "z": g_z.reshape(n_rows, self.n_heads, self.d_head),
-        }
-        if "result" in kinds:
-            values["result"] = g_mid.unsqueeze(1).expand(-1, self.n_heads, -1).contiguous()
-        return {kind: values[kind] for kind in ("resid_pre", *kinds)}
-
-    def _rotate_transpose(self, g: Tensor, n: int) -> Tensor:
-        """``g`` ``[rows, n * d_head]`` through the transpose of the (linear) rotary embedding."""
-        if not self.rotary:
-            return g
-        vjp_fn = torch.func.vjp(lambda y: self._rotate(y, n), torch.zeros_like(g))[1]
-        return vjp_fn(g.view(g.shape[0], n, self.d_head))[0]
+        back through the block at ``x`` by the hand-written reverse pass
+        (:func:`~steerlens.metric.reverse.block_pullback`): ``{"resid_pre": g ∂out/∂x, kind:
+        g ∂out/∂h_kind for each of kinds}``, the rows a vmapped ``torch.func.vjp`` of the block
+        gives. ``contract`` chooses whether weight products are formed once (None: by FLOPs)."""
+        return block_pullback(self, x, rows, kinds, contract=contract)
 
     def __call__(
         self,
@@ -270,21 +209,6 @@ class FastBlock:
         if "mlp_out" in deltas:
             mlp_out = mlp_out + deltas["mlp_out"]
         return (mid + mlp_out, *[values[c] for c in capture])
-
-
-def _norm_vjp(norm: Callable[[Tensor], Tensor], x: Tensor, rows: Tensor) -> Tensor:
-    """``rows`` ``[rows, d_model]`` pulled back through ``norm`` at ``x``: one vjp of the norm
-    applied to every row at once (it normalises each row on its own)."""
-    n_rows = rows.shape[0]
-    primal = x.view(1, 1, -1).expand(n_rows, 1, -1)
-    vjp_fn = torch.func.vjp(norm, primal)[1]
-    return vjp_fn(rows.view(n_rows, 1, -1))[0].view(n_rows, -1)
-
-
-def _act_and_derivative(act: Callable[[Tensor], Tensor], pre: Tensor) -> tuple[Tensor, Tensor]:
-    """An elementwise activation and its derivative at ``pre`` (its Jacobian's diagonal)."""
-    value, vjp_fn = torch.func.vjp(act, pre)[:2]
-    return value, vjp_fn(torch.ones_like(value))[0]
 
 
 @contextmanager

@@ -8,8 +8,8 @@ each requested hook (``hook_resid_mid``, ``attn.hook_z``, ``mlp.hook_pre``...) a
 cotangents are the rows B_s = B_post ∂(block output)/∂h_s. The rows at ``hook_resid_pre`` feed the
 next block down, so all sites of all layers cost one batched backward pass. On the fast block
 map the same rows come from its hand-written reverse pass
-(:meth:`~steerlens.metric.blockmap.FastBlock.pullback`: the primal once, each weight met by all
-rows in one matmul); the vmapped vjp stays for the hooked map and as the reference.
+(:mod:`steerlens.metric.reverse`: the primal once, weight products formed once where that saves
+FLOPs); the vmapped vjp stays for the hooked map and as the reference.
 
 The block decomposition splits ‖B_pre‖²_F = ⟨B_pre, B_pre⟩ exactly into the skip path ⟨B_post,
 B_pre⟩, the MLP path ⟨B_mid − B_post, B_pre⟩, attention ⟨B_post, J_A B_pre⟩ and attention-then-MLP

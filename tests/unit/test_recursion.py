@@ -174,13 +174,19 @@ def _vjp_rows(model, state, layer, rows, kinds) -> dict:
     return dict(zip(("resid_pre", *kinds), grads, strict=True))
 
 
+#: every kind (no contraction possible); resid_pre alone; kinds that allow both contractions
+KIND_SETS = {"all": list(_DELTA_KINDS), "none": [], "mid": ["resid_mid", "result", "mlp_out"]}
+
+
+@pytest.mark.parametrize("contract", [None, True, False], ids=["auto", "contract", "plain"])
+@pytest.mark.parametrize("kind_set", list(KIND_SETS))
 @pytest.mark.parametrize("n_pos", [1, 2, 10])
-def test_hand_pullback_equals_vmapped_vjp(reverse_model, n_pos):
-    """FastBlock.pullback against the vmapped vjp of the same block at every kind, every layer,
-    for the lens factor's rows and for random rows."""
+def test_hand_pullback_equals_vmapped_vjp(reverse_model, n_pos, kind_set, contract):
+    """FastBlock.pullback against the vmapped vjp of the same block at the kinds asked for,
+    every layer, for the lens factor's rows and for random rows, by either route."""
     from steerlens.metric.blockmap import FastBlock
 
-    model, kinds = reverse_model, list(_DELTA_KINDS)
+    model, kinds = reverse_model, KIND_SETS[kind_set]
     state = prompt_state(model, TOKENS[:n_pos])
     gen = torch.Generator().manual_seed(1)
     for layer in range(model.cfg.n_layers):
@@ -189,7 +195,7 @@ def test_hand_pullback_equals_vmapped_vjp(reverse_model, n_pos):
         noise = torch.randn(5, model.cfg.d_model, dtype=torch.float64, generator=gen)
         for rows in (lens, noise):
             got = FastBlock(model, layer, state, torch.float64).pullback(
-                state.resid[layer], rows, kinds
+                state.resid[layer], rows, kinds, contract=contract
             )
             want = _vjp_rows(model, state, layer, rows, kinds)
             assert list(got) == list(want)
@@ -252,3 +258,25 @@ def test_local_metric_and_fishback_unchanged_by_the_hand_pass(deep_model, monkey
     assert hand_run.reached and vjp_run.reached and hand_run.steps == vjp_run.steps > 1
     assert float((hand_run.path - vjp_run.path).abs().max()) < 1e-10
     assert hand_run.final_value == pytest.approx(vjp_run.final_value, abs=1e-10)
+
+
+@pytest.mark.parametrize(
+    "flavour,norm", [("gpt2", "LNPre"), ("llama", "RMSPre"), ("gpt2", None)], ids=str
+)
+def test_hand_pullback_other_norms(flavour, norm):
+    """The weightless norms (folded LayerNorm / RMSNorm), transposed by hand, and no norm at
+    all (the vjp fallback), against the vmapped vjp."""
+    from steerlens.metric.blockmap import FastBlock
+
+    fields = _tl.config_to_dict(tiny_config(flavour, n_layers=2))
+    fields |= dict(normalization_type=norm)
+    model = _tl.HookedTransformer(_tl.config_from_dict(fields))
+    model.eval()
+    state = prompt_state(model, TOKENS[:6])
+    rows = torch.randn(4, model.cfg.d_model, dtype=torch.float64)
+    for layer in range(2):
+        assert fast_supported(model, layer, 6)
+        got = FastBlock(model, layer, state, torch.float64).pullback(state.resid[layer], rows)
+        want = _vjp_rows(model, state, layer, rows, [])
+        err = (got["resid_pre"] - want["resid_pre"]).abs().max() / want["resid_pre"].abs().max()
+        assert float(err) < 1e-10, (layer, float(err))

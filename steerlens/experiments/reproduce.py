@@ -377,6 +377,15 @@ def _save_figure(fig: Any, path: Path) -> Path:
     return _write(path, lambda p: fig.savefig(p, format="png"))
 
 
+def _controls(results_dir: Path) -> list[str]:
+    """The controls for the geometry rows (``geometry_controls.md`` in ``results_dir``, written
+    by ``bench/geometry_controls.py``), or a line saying they have not been run."""
+    path = results_dir / "geometry_controls.md"
+    if path.is_file():
+        return [path.read_text().rstrip(), ""]
+    return ["Controls for the geometry rows: not run here (`bench/geometry_controls.py`).", ""]
+
+
 def write_report(
     records: pd.DataFrame,
     geometry: pd.DataFrame,
@@ -422,6 +431,7 @@ def write_report(
             "",
             _claims(geometry, ratios).to_markdown(index=False),
             "",
+            *_controls(results_dir),
             "## Off-target KL at matched concept probability (mean over reached contexts, "
             "bootstrap 95% CI; ratio to FishBack on the same contexts, complement KL)",
             "",

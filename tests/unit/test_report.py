@@ -134,6 +134,19 @@ def test_report_command(tmp_path, capsys):
     assert "missing" in err and "run.json" in err and "steerlens reproduce" in err
 
 
+def test_the_geometry_controls_are_kept_when_the_report_is_rebuilt(tmp_path):
+    results = _saved(tmp_path)
+    rebuild_report(results, tmp_path / "figures")
+    assert (
+        "Controls for the geometry rows: not run here" in (results / "reproduction.md").read_text()
+    )
+    (results / "geometry_controls.md").write_text("### Controls for the geometry rows\n\n| a |\n")
+    rebuild_report(results, tmp_path / "figures")
+    report = (results / "reproduction.md").read_text()
+    assert report.index("Paper claims") < report.index("| a |") < report.index("Off-target KL at")
+    assert "not run here" not in report
+
+
 def test_a_run_json_without_its_time_is_refused(tmp_path):
     results = _saved(tmp_path)
     (results / "run.json").write_text(json.dumps({"config": {"contexts": 2}}))

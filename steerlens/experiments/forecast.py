@@ -28,6 +28,10 @@ development layers, development contexts at new layers, new contexts at new laye
 second model's records when given. Every score: Spearman with a bootstrap interval over
 independent contexts (contexts resampled with all their runs), Pearson on the logs, the median
 predicted / measured, and the fraction within 2×.
+
+The site ranking of ``steerlens where`` is a forecast too (:func:`site_ranking`): its
+``kl_per_unit``·Δc² against FishBack's measured KL, run by run, and its ranking of the layers
+against the measured one.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ __all__ = [
     "is_development",
     "paired_runs",
     "score",
+    "site_ranking",
     "write_forecast",
 ]
 
@@ -226,11 +231,13 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
 class Forecast:
     """The scores of every candidate on every split and measure (``scores``), the forecast
     chosen per measure on the development runs (``chosen``: measure → (predictor, variant)),
-    and the paired runs with each candidate's prediction (``runs``)."""
+    the paired runs with each candidate's prediction (``runs``), and the first model's records
+    (``records``, for :func:`site_ranking`)."""
 
     scores: pd.DataFrame
     chosen: dict[str, tuple[str, str]]
     runs: pd.DataFrame
+    records: pd.DataFrame | None = None
 
     def held_out(self) -> pd.DataFrame:
         """The chosen forecast's rows of ``scores`` on every split, per measure."""
@@ -288,7 +295,42 @@ def forecast(
             if len(group):
                 best = group.sort_values(["within_2x", "spearman"], ascending=False).iloc[0]
                 chosen[measure] = (str(best["predictor"]), str(best["variant"]))
-    return Forecast(scores, chosen, runs)
+    return Forecast(scores, chosen, runs, records)
+
+
+def site_ranking(records: pd.DataFrame, method: str = "fishback") -> pd.DataFrame:
+    """The site ranking of ``steerlens where`` scored as a forecast on ``method``'s reached runs,
+    one row per KL measure and split: ``kl_per_unit``·Δc² (Δc the change in log pair share from
+    the clean context to the target) against each run's measured KL (:func:`score`), and
+    ``layer_spearman``: the mean over (concept, context, target) of the Spearman correlation,
+    across layers, of ``kl_per_unit`` with the measured KL (groups of ≥ 3 layers)."""
+    frame: Any = records
+    if "kl_per_unit" not in frame:
+        return pd.DataFrame()
+    runs = frame[(frame["method"] == method) & frame["reached"] & frame["kl_per_unit"].gt(0)]
+    runs = runs[np.isfinite(runs["kl_per_unit"].astype(float))].copy()
+    if runs.empty:
+        return pd.DataFrame()
+    delta = np.log(runs["target_probability"]) - np.log(runs["clean_probability"])
+    runs["predicted_kl"] = runs["kl_per_unit"] * delta**2
+    dev = runs["context"].map(is_development) & runs["layer"].isin(DEV_LAYERS)
+    runs["split"] = np.where(dev, "dev", "held out")
+    rows = []
+    for measure in [m for m in MEASURES if m in runs]:
+        for split, group in [("all", runs), *runs.groupby("split")]:
+            ok = group[group[measure].gt(0) & group["predicted_kl"].gt(0)]
+            row = {"measure": measure, "split": split}
+            row |= score(ok["predicted_kl"], ok[measure], ok["context"].astype(str))
+            per = []
+            for _, runs_of in ok.groupby(["concept", "context", "target_probability"]):
+                if runs_of["layer"].nunique() >= 3:
+                    per.append(
+                        _spearman(runs_of["kl_per_unit"].to_numpy(), runs_of[measure].to_numpy())
+                    )
+            row["layer_spearman"] = float(np.nanmean(per)) if per else math.nan
+            row["layer_groups"] = float(len(per))
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 _SHOWN = ["predictor", "kind", "variant", "split", "runs", "contexts", "spearman"]
@@ -325,6 +367,22 @@ def forecast_report(result: Forecast, manifest: dict[str, Any], *, partial: bool
         for measure, group in held.groupby("measure", sort=False):
             lines += [f"### {measure}", "", group[_SHOWN].to_markdown(index=False, floatfmt=".3g")]
             lines += [""]
+    lines += ["## The site ranking (`steerlens where`) as a forecast", ""]
+    ranking = site_ranking(result.records) if result.records is not None else pd.DataFrame()
+    if ranking.empty:
+        lines += [
+            "Not scored: these records carry no `kl_per_unit` (units run before it was recorded).",
+            "",
+        ]
+    else:
+        lines += [
+            "FishBack's reached runs: `kl_per_unit`·Δc² against the measured KL, and the mean "
+            "Spearman across layers of `kl_per_unit` with the measured KL per (concept, "
+            "context, target).",
+            "",
+            ranking.to_markdown(index=False, floatfmt=".3g"),
+            "",
+        ]
     lines += ["## Every candidate on every split", ""]
     for measure, group in result.scores.groupby("measure", sort=False):
         ordered = group.sort_values(["split", "kind", "predictor", "variant"])

@@ -229,6 +229,8 @@ def context_records(
         "clean_probability": float(pair_share(clean, ctx)),
     }
     grad_norm = float(point.g.norm())
+    best = float(point.g.double() @ point.fishback(settings.damping).double())
+    kl_per_unit = 0.5 / best if best > 0 else math.nan  # `steerlens where`'s site cost
     directions: dict[str, Tensor | None] = {
         "fishback": point.fishback(settings.damping),
         "fishback_merge": None,  # ρ is priced in the complement metric: see the record's KLs
@@ -266,6 +268,7 @@ def context_records(
             ),
             "kl_quadratic": point.quadratic_kl(iv, site),
             "grad_norm": grad_norm,
+            "kl_per_unit": kl_per_unit,
             "edit_norm": edit_norm(iv),
             "kantorovich": point.kantorovich(name, settings.damping),
             "implicit_metric": IMPLICIT_METRIC[name],

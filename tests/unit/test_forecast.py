@@ -17,6 +17,7 @@ from steerlens.experiments.forecast import (
     is_development,
     paired_runs,
     score,
+    site_ranking,
     write_forecast,
 )
 
@@ -171,3 +172,31 @@ def test_the_bootstrap_spearman_is_scipys_on_the_resampled_runs():
     got = _weighted_spearman(x, y, weights)
     want = [spearmanr(np.repeat(x, w.astype(int)), np.repeat(y, w.astype(int)))[0] for w in weights]
     assert np.allclose(got, want, atol=1e-12, equal_nan=True)
+
+
+def test_the_site_ranking_is_scored_on_fishbacks_runs():
+    rows = []
+    for ctx in _contexts(6):
+        for layer in (6, 12, 18, 24):
+            kpu = 1e-3 * (1 + layer)
+            rows.append(
+                dict(
+                    concept="past",
+                    layer=layer,
+                    context=ctx,
+                    target_probability=0.5,
+                    clean_probability=0.1,
+                    method="fishback",
+                    reached=True,
+                    kl_per_unit=kpu,
+                    off_target_kl=kpu * math.log(5.0) ** 2,  # exactly kl_per_unit·Δc²
+                    kl_full=1.0 / (1 + layer),  # ranks the layers the other way
+                )
+            )
+    table = site_ranking(pd.DataFrame(rows)).set_index(["measure", "split"])
+    exact = table.loc[("off_target_kl", "all")]
+    assert exact["within_2x"] == 1.0
+    assert exact["median_predicted_over_measured"] == pytest.approx(1.0)
+    assert exact["layer_spearman"] == pytest.approx(1.0) and exact["layer_groups"] == 6
+    assert table.loc[("kl_full", "all"), "layer_spearman"] == pytest.approx(-1.0)
+    assert site_ranking(pd.DataFrame(rows).drop(columns=["kl_per_unit"])).empty

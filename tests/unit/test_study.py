@@ -350,8 +350,9 @@ def test_fishback_descends_a_given_off_target_geometry(model):
 
 
 def test_records_carry_the_trivial_predictors(model):
-    """Each record has ‖g‖ at the clean point, the Euclidean size of its edit and, where the
-    implicit metric is known, the Kantorovich bound, which bounds the clean-point ρ."""
+    """Each record has ‖g‖ at the clean point, `steerlens where`'s site cost there, the
+    Euclidean size of its edit and, where the implicit metric is known, the Kantorovich bound,
+    which bounds the clean-point ρ."""
     from steerlens.experiments.matched import (
         MatchedSettings,
         clean_point,
@@ -369,6 +370,12 @@ def test_records_carry_the_trivial_predictors(model):
     by = {r["method"]: r for r in records}
     assert all(r["grad_norm"] == pytest.approx(float(point.g.norm()), rel=1e-12) for r in records)
     assert all(r["edit_norm"] > 0 for r in records)
+    from steerlens.diagnostics import site_costs
+
+    tokens = context_tokens(model, ctx)
+    where = site_costs(model, [(tokens, _concept(ctx))], ["resid_post.1"])
+    want = float(where["kl_per_unit"].iloc[0])
+    assert all(r["kl_per_unit"] == pytest.approx(want, rel=1e-6) for r in records)
     assert math.isnan(by["fishback"]["kantorovich"])
     for name in ("euclidean", "depth0"):
         assert 1 <= by[name]["rho"] <= by[name]["kantorovich"] * (1 + 1e-9), name

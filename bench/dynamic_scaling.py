@@ -2,7 +2,8 @@
 lengths never trained on (Stoehr et al., 2024, "Activation Scaling for Steering and Interpreting
 Language Models", its dynamic-scalar experiment in miniature).
 
-    .venv/bin/python bench/dynamic_scaling.py      # bench/results/dynamic_scaling.{md,csv,png}
+    .venv/bin/python bench/dynamic_scaling.py      # bench/results/dynamic_scaling.{md,csv,json,png}
+    .venv/bin/python bench/dynamic_scaling.py --render   # the .md and .png again from .csv, .json
 
 **Task.** The country of a city, on the default model: ``steerlens.datasets.countries
 .capital_facts(model, template)`` keeps, per template, the cities whose country the model
@@ -34,6 +35,7 @@ prompt, and the number of components with a non-zero scalar or function).
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import time
 from datetime import UTC, datetime
@@ -97,7 +99,12 @@ def main() -> None:
     parser.add_argument("--static-l1", type=float, default=0.05)
     parser.add_argument("--dynamic-lr", type=float, default=0.2)
     parser.add_argument("--dynamic-l1", type=float, default=0.2)
+    parser.add_argument("--render", action="store_true", help="re-render from the .csv/.json")
     args = parser.parse_args()
+    if args.render:
+        facts = json.loads((OUT / "dynamic_scaling.json").read_text())
+        render(pd.read_csv(OUT / "dynamic_scaling.csv"), facts)
+        return
     torch.manual_seed(0)
     started, cpu_start = time.perf_counter(), cpu_seconds()
     model = sl.load_model()
@@ -146,33 +153,51 @@ def main() -> None:
     table = pd.DataFrame(rows)
     wall_min = (time.perf_counter() - started) / 60
     cpu_min = (cpu_seconds() - cpu_start) / 60
-    render(table, args, train, heldout, wall_min, cpu_min)
-
-
-def render(table, args, train, heldout, wall_min: float, cpu_min: float) -> None:
+    lengths = {name: sorted({len(t) for t in frame["tokens"]}) for name, frame in sets.items()}
+    facts = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "command": header("")[-1].removeprefix("Command: `").removesuffix("`"),
+        "machine": f"{machine()}, torch {torch.__version__}",
+        "wall_min": round(wall_min, 1),
+        "cpu_min": round(cpu_min, 1),
+        "steps": args.steps,
+        "faithfulness": args.faithfulness,
+        **{
+            f"{key}_{name}": value
+            for name, frame in (("train", train), ("heldout", heldout))
+            for key, value in (
+                ("prompts", len(frame)),
+                ("templates", len(set(frame["template"]))),
+                ("min_len", lengths["train" if name == "train" else "held-out"][0]),
+                ("max_len", lengths["train" if name == "train" else "held-out"][-1]),
+            )
+        },
+    }
     OUT.mkdir(exist_ok=True)
     table.to_csv(OUT / "dynamic_scaling.csv", index=False)
+    (OUT / "dynamic_scaling.json").write_text(json.dumps(facts, indent=1) + "\n")
+    render(table, facts)
+
+
+def render(table: pd.DataFrame, facts: dict[str, Any]) -> None:
     figure = plot(table)
     figure.savefig(OUT / "dynamic_scaling.png", dpi=110, bbox_inches="tight")
-
-    def lengths(frame) -> str:
-        n = sorted({len(t) for t in frame["tokens"]})
-        return f"{n[0]}–{n[-1]}"
-
-    date = datetime.now(UTC).strftime("%Y-%m-%d")
+    f = facts
     lines = header("Dynamic vs static activation scaling on held-out templates and lengths")
+    lines[-1] = f"Command: `{f['command']}`"  # the run's, not a re-render's
     lines += [
         "",
-        f"{date}, {machine()}, torch {torch.__version__}; wall time {wall_min:.1f} min, "
-        f"CPU time {cpu_min:.1f} min (a machine shared with other developers' runs: the "
-        "seconds are not clean timings).",
+        f"{f['date']}, {f['machine']}; wall time {f['wall_min']:.1f} min, CPU time "
+        f"{f['cpu_min']:.1f} min (a machine shared with other developers' runs: the seconds "
+        "are not clean timings).",
         "",
         f"Default model, country of a city, flipped to the model's runner-up country. Train: "
-        f"{len(train)} prompts, {train['template'].nunique()} templates, lengths "
-        f"{lengths(train)} tokens; held-out: {len(heldout)} prompts, "
-        f"{heldout['template'].nunique()} other templates, lengths {lengths(heldout)} (none "
-        f"trained on). {args.steps} proximal gradient steps each, faithfulness weight "
-        f"{args.faithfulness}, over the 300 heads and MLP outputs of all 30 layers. "
+        f"{f['prompts_train']} prompts, {f['templates_train']} templates, lengths "
+        f"{f['min_len_train']}–{f['max_len_train']} tokens; held-out: {f['prompts_heldout']} "
+        f"prompts, {f['templates_heldout']} other templates, lengths "
+        f"{f['min_len_heldout']}–{f['max_len_heldout']} (none trained on). {f['steps']} "
+        f"proximal gradient steps each, faithfulness weight {f['faithfulness']}, over the 300 "
+        "heads and MLP outputs of all 30 layers. "
         "`logit_diff` = z_target − z_source at the last position (> 0: flipped); `flip_loss` = "
         "softplus(1 − logit_diff); `kl` = off-target KL from the clean distribution (nats); "
         "`scalar_l1` = Σ|m| over every activation vector scaled in a prompt; `components` = "
@@ -181,6 +206,19 @@ def render(table, args, train, heldout, wall_min: float, cpu_min: float) -> None
         + ".",
         "",
         table.to_markdown(index=False, floatfmt=".4g"),
+        "",
+        f"**Reading.** A miniature: {f['prompts_train']} training prompts, one seed, "
+        f"{f['steps']} steps, one learning rate and L1 weight per method, untuned; one "
+        f"held-out prompt is {100 / f['prompts_heldout']:.0f} points of flip rate. "
+        "Static scalars here are not the paper's per-position static scalars, which cannot be "
+        "applied to another length at all: steerlens's `scaling` scales a position *rule* "
+        "(`@last`), so it transfers to new lengths too and is the strong baseline. On the "
+        "held-out templates and lengths the dynamic functions flip about as many prompts as "
+        "`static@last` with fewer components but more off-target KL; `static@all` at the "
+        "static learning rate overshoots (its multipliers grow large at every position, hence "
+        "its KL and Σ|m|). None of this reproduces the paper's claim that dynamic scalars "
+        "generalize better; a run with more prompts, steps and a tuned grid is what would "
+        "test it.",
         "",
         "Figure: `bench/results/dynamic_scaling.png` (flip rate, KL and Σ|m| per method and set).",
     ]
@@ -202,6 +240,8 @@ def plot(table: pd.DataFrame):
             ax.bar([i + j * width for i in range(len(methods))], values, width, label=split)
         ax.set_xticks([i + width * (len(sets) - 1) / 2 for i in range(len(methods))], methods)
         ax.set_title(title)
+        if column == "scalar_l1":
+            ax.set_yscale("log")
         ax.spines[["top", "right"]].set_visible(False)
     axes[0].legend(frameon=False)
     fig.tight_layout()

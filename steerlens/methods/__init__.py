@@ -10,6 +10,12 @@ from steerlens.methods.configs import (
     IterativeConfig,
     TruncatedFisherConfig,
 )
+from steerlens.methods.dynamic_scaling import (
+    DynamicScalingConfig,
+    ScalingMeasures,
+    dynamic_scaling_intervention,
+    scaling_measures,
+)
 from steerlens.methods.equivalence import (
     ShiftFit,
     UpdateShift,
@@ -71,6 +77,7 @@ __all__ = [
     "CaaConfig",
     "Checkpoint",
     "DualConfig",
+    "DynamicScalingConfig",
     "EuclideanConfig",
     "FishBackConfig",
     "FitInputs",
@@ -88,6 +95,7 @@ __all__ = [
     "RepeConfig",
     "SaeConfig",
     "ScalingConfig",
+    "ScalingMeasures",
     "ShiftFit",
     "SteeringRun",
     "Step",
@@ -99,6 +107,7 @@ __all__ = [
     "apply_update",
     "bias_edit",
     "caa_intervention",
+    "dynamic_scaling_intervention",
     "fit",
     "fusion_intervention",
     "iti_intervention",
@@ -112,6 +121,7 @@ __all__ = [
     "register_method",
     "repe_intervention",
     "sae_intervention",
+    "scaling_measures",
     "shift_from_weight_update",
     "steer_iteratively",
     "weight_update_from_shift",

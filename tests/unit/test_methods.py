@@ -294,6 +294,7 @@ def test_registry_lists_every_method():
         "actadd",
         "postblock",
         "scaling",
+        "dynamic_scaling",
         "multisite",
         "fusion",
         "joint",

@@ -376,8 +376,9 @@ register_method(
         _fit_fusion,
         needs=("prompt",),
         implicit_metric="per-segment Euclidean, (α, γ) tuned per prompt by optuna",
-        description="fusion steering as the paper ran it: per prompt, the reference completion's "
-        "(answer + the model's explanation) activations minus the model's own at every layer, "
-        "full or segmented, (α, γ) tuned by optuna on token overlap and perplexity",
+        description="fusion steering's per-prompt method (the paper's steps; the objective's "
+        "exact form, the site and the budget are ours): the reference completion's (answer + "
+        "the model's explanation) activations minus the model's own at every layer, full or "
+        "segmented, (α, γ) tuned by optuna on token overlap and perplexity",
     )
 )

@@ -331,6 +331,7 @@ register_method(
         needs=("prompt",),
         implicit_metric="none (trained on the answer's cross-entropy)",
         description="post-block vectors and low-rank output-projection updates trained together "
-        "on a next-token task (Adila et al., joint adaptation)",
+        "on a next-token task (adapted from Adila et al.'s joint adaptation: the paper's exact "
+        "objective was not available, the orthogonality penalty is ours)",
     )
 )

@@ -40,7 +40,7 @@ from steerlens.hooks import _position_slice, record
 from steerlens.methods.intervention import Intervention
 from steerlens.methods.registry import FitInputs, MethodSpec, register_method
 from steerlens.methods.scalar_function import ScalarFunction, scale_by_function
-from steerlens.methods.scaling import _check_options, _losses, _optimize, _sites, _task
+from steerlens.methods.scaling import _check_options, _losses, _optimize, _options, _sites, _task
 from steerlens.prompts import PromptsLike
 from steerlens.sites import Site, as_site
 
@@ -254,19 +254,7 @@ def _fit_dynamic(
 ) -> Intervention:
     assert inputs.prompt is not None
     return dynamic_scaling_intervention(
-        model,
-        inputs.prompt,
-        cfg.targets,
-        cfg.sources,
-        components=cfg.components,
-        layers=cfg.layers,
-        position=cfg.position,
-        steps=cfg.steps,
-        lr=cfg.lr,
-        l1=cfg.l1,
-        faithfulness=cfg.faithfulness,
-        margin=cfg.margin,
-        progress=cfg.progress,
+        model, inputs.prompt, cfg.targets, cfg.sources, **_options(cfg)
     )
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -334,23 +334,16 @@ class ScalingConfig:
     progress: bool = False
 
 
+def _options(cfg: Any) -> dict[str, Any]:
+    """A scaling config's fields but ``targets`` and ``sources``: the fit's keyword options."""
+    return {
+        f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("targets", "sources")
+    }
+
+
 def _fit_scaling(model: HookedTransformer, cfg: ScalingConfig, inputs: FitInputs) -> Intervention:
     assert inputs.prompt is not None
-    return scaling_intervention(
-        model,
-        inputs.prompt,
-        cfg.targets,
-        cfg.sources,
-        components=cfg.components,
-        layers=cfg.layers,
-        position=cfg.position,
-        steps=cfg.steps,
-        lr=cfg.lr,
-        l1=cfg.l1,
-        faithfulness=cfg.faithfulness,
-        margin=cfg.margin,
-        progress=cfg.progress,
-    )
+    return scaling_intervention(model, inputs.prompt, cfg.targets, cfg.sources, **_options(cfg))
 
 
 register_method(

@@ -338,6 +338,18 @@ _SHOWN += ["spearman_ci_low", "spearman_ci_high", "pearson_log"]
 _SHOWN += ["median_predicted_over_measured", "within_2x"]
 
 
+def held_out_tables(result: Forecast) -> list[str]:
+    """The chosen forecast's scores on every split, one markdown table per measure."""
+    held = result.held_out()
+    if held.empty:
+        return ["No forecast could be chosen: too few development runs.", ""]
+    lines: list[str] = []
+    for measure, group in held.groupby("measure", sort=False):
+        lines += [f"### {measure}", "", group[_SHOWN].to_markdown(index=False, floatfmt=".3g")]
+        lines += [""]
+    return lines
+
+
 def forecast_report(result: Forecast, manifest: dict[str, Any], *, partial: bool) -> str:
     """The markdown page: the chosen forecast's held-out scores first, then every candidate."""
     title = "# The cost-ratio forecast" + (
@@ -360,13 +372,7 @@ def forecast_report(result: Forecast, manifest: dict[str, Any], *, partial: bool
         "read the method's own run: they are accounts of the outcome, not forecasts.",
         "",
     ]
-    held = result.held_out()
-    if held.empty:
-        lines += ["No forecast could be chosen: too few development runs.", ""]
-    else:
-        for measure, group in held.groupby("measure", sort=False):
-            lines += [f"### {measure}", "", group[_SHOWN].to_markdown(index=False, floatfmt=".3g")]
-            lines += [""]
+    lines += held_out_tables(result)
     lines += ["## The site ranking (`steerlens where`) as a forecast", ""]
     ranking = site_ranking(result.records) if result.records is not None else pd.DataFrame()
     if ranking.empty:
@@ -415,6 +421,20 @@ def write_forecast(
     with atomic_path(out / "forecast_calibration.png") as tmp:
         fig.savefig(tmp, format="png")
     paths.append(out / "forecast_calibration.png")
+    summary = [
+        "### The cost-ratio forecast"
+        + (" (partial: the study is still running)" if partial else ""),
+        "",
+        f"On the study's records (`{study}`"
+        + (f" and `{second}`" if second is not None else "")
+        + "): chosen and fitted on the development split alone, then scored once on the "
+        "held-out runs (`steerlens forecast`; every candidate, the trivial predictors and the "
+        f"accounts in `{out / 'forecast.md'}`; figure `{out / 'forecast_calibration.png'}`). `rho_own` "
+        "reads each method's own run: it is an account of the outcome, not a forecast.",
+        "",
+        *held_out_tables(result),
+    ]
+    paths.append(atomic_write(out / "held_out.md", "\n".join(summary)))
     chosen = {m: list(pv) for m, pv in result.chosen.items()}
     paths.append(atomic_write(out / "chosen.json", json.dumps(chosen, indent=2) + "\n"))
     return paths

@@ -377,6 +377,15 @@ def _save_figure(fig: Any, path: Path) -> Path:
     return _write(path, lambda p: fig.savefig(p, format="png"))
 
 
+def _forecast(results_dir: Path) -> list[str]:
+    """The forecast's held-out scores (``forecast/held_out.md`` in ``results_dir``, written by
+    ``steerlens forecast``), or a line saying it has not been run."""
+    path = results_dir / "forecast" / "held_out.md"
+    if path.is_file():
+        return [path.read_text().rstrip(), ""]
+    return ["The cost-ratio forecast: not run here (`steerlens forecast`).", ""]
+
+
 def _controls(results_dir: Path) -> list[str]:
     """The controls for the geometry rows (``geometry_controls.md`` in ``results_dir``, written
     by ``bench/geometry_controls.py``), or a line saying they have not been run."""
@@ -458,6 +467,7 @@ def write_report(
             "",
             predictor_agreement(records, by="layer").to_markdown(index=False, floatfmt=".3g"),
             "",
+            *_forecast(results_dir),
         ]
     )
     paths.append(_write(results_dir / "reproduction.md", lambda p: p.write_text(report)))

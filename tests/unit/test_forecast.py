@@ -155,7 +155,9 @@ def test_the_page_and_figure_are_written_from_a_study_folder(tmp_path):
     assert "accounts of the outcome, not forecasts" in page
     assert (tmp_path / "out" / "forecast_calibration.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "out" / "chosen.json").read_text())["off_target_kl"][0] == "rho"
-    assert len(paths) == 4
+    assert len(paths) == 5
+    held = (tmp_path / "out" / "held_out.md").read_text()
+    assert "not a forecast" in held and "| rho " in held and "new contexts" in held
     with pytest.raises(errors.InputError, match="not a study folder"):
         write_forecast(tmp_path / "nowhere", tmp_path / "out")
 

@@ -144,7 +144,13 @@ def test_the_geometry_controls_are_kept_when_the_report_is_rebuilt(tmp_path):
     rebuild_report(results, tmp_path / "figures")
     report = (results / "reproduction.md").read_text()
     assert report.index("Paper claims") < report.index("| a |") < report.index("Off-target KL at")
-    assert "not run here" not in report
+    assert "not run here" not in report.split("Predicting the measured")[0]
+    assert "The cost-ratio forecast: not run here" in report
+    (results / "forecast").mkdir()
+    (results / "forecast" / "held_out.md").write_text("### The cost-ratio forecast\n\n| f |\n")
+    rebuild_report(results, tmp_path / "figures")
+    report = (results / "reproduction.md").read_text()
+    assert report.index("Predicting the measured") < report.index("| f |")
 
 
 def test_a_run_json_without_its_time_is_refused(tmp_path):

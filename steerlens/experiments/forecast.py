@@ -429,8 +429,8 @@ def write_forecast(
         + (f" and `{second}`" if second is not None else "")
         + "): chosen and fitted on the development split alone, then scored once on the "
         "held-out runs (`steerlens forecast`; every candidate, the trivial predictors and the "
-        f"accounts in `{out / 'forecast.md'}`; figure `{out / 'forecast_calibration.png'}`). `rho_own` "
-        "reads each method's own run: it is an account of the outcome, not a forecast.",
+        f"accounts in `{out / 'forecast.md'}`; figure `{out / 'forecast_calibration.png'}`). "
+        "`rho_own` reads each method's own run: it is an account of the outcome, not a forecast.",
         "",
         *held_out_tables(result),
     ]

@@ -7,8 +7,8 @@ should predict after the prompt), a completion is the greedy continuation cut at
 end-of-sequence token (:func:`until_eos`), and the overlap is SQuAD's token F1 over token-id
 multisets (:func:`token_f1`).
 
->>> token_f1([5, 6, 7], [6, 7, 8, 9])
-0.5714285714285714
+>>> round(token_f1([5, 6, 7], [6, 7, 8, 9]), 12)  # 2 shared: 2·(2/3)(2/4) / (2/3 + 2/4) = 4/7
+0.571428571429
 """
 
 from __future__ import annotations

@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default="sweep_length", help="results file stem")
+    parser.add_argument("--note", default="", help="a line about the machine's state")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = sl.load_model(device=args.device)
@@ -191,9 +192,8 @@ def main() -> None:
         "seconds over its threads (median), which on shared cores also counts its threads' "
         "spin-waits.",
         "",
-        f"The machine was shared: other developers ran tests and benchmarks on the same 2 cores "
-        f"during the run, so every figure is inflated and noisy. Load average (1 / 5 / 15 min, "
-        f"as `uptime` shows it) before: {load_before}; after: {load_after}.",
+        f"{args.note + ' ' if args.note else ''}Load average (1 / 5 / 15 min, as `uptime` "
+        f"shows it) before: {load_before}; after: {load_after}.",
         "",
         "| tokens | variant | median wall (s) | fastest wall (s) | median CPU (s) |",
         "|---|---|---|---|---|",

@@ -14,7 +14,10 @@ measures are also given on the prompts the unsteered model fails (the paper kept
 **Methods.** No steering; fusion steering in full (one α, γ for all 30 layers) and segmented
 (``--segments`` contiguous segments, one α, γ each), each tuned per prompt by optuna
 (``--trials`` trials, seed 0) on token overlap with the reference − λ · ln perplexity of the
-steered greedy completion.
+steered greedy completion. The search starts from two trials (``fusion.WARM_START``): no
+injection (α = 0), so the tuned injection never scores below the unsteered completion on its
+own objective, and the smallest strength (α = 1, γ = 0.01); the rest are TPE's, past its
+random startup trials at the default budget.
 
 **What "held-out" means here.** Fusion steering is tuned per prompt and its tuning reads the
 answer: the reference completion starts with it and the objective rewards overlap with the
@@ -137,6 +140,8 @@ def run_prompt(model, item, args, configs: dict[str, list[float]], split_name: s
                     "weight": weight,
                     **out.row(),
                     "objective": info["objective"],
+                    "objective_unsteered": info["trials"][0]["objective"],
+                    "chose_no_injection": float(all(a == 0 for a in info["alpha"])),
                     "alpha": " ".join(f"{a:.3f}" for a in info["alpha"]),
                     "gamma": " ".join(f"{g:.3f}" for g in info["gamma"]),
                     "alpha_gamma_mean": sum(
@@ -170,30 +175,37 @@ def summary(frame: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
-def startup_note(trials: int) -> list[str]:
-    """A line on the search when the budget is within optuna's TPE startup trials."""
+def search_note(trials: int) -> list[str]:
+    """Lines on the search: the budget against optuna's TPE startup trials, and the warm start."""
     import inspect
 
     import optuna
 
+    from steerlens.methods.fusion import WARM_START
+
     startup = inspect.signature(optuna.samplers.TPESampler).parameters["n_startup_trials"].default
-    if trials > startup:
-        return []
-    return [
+    past = trials - len(WARM_START) - startup
+    lines = [
         "",
-        f"**The search.** {trials} trials are within TPE's {startup} startup trials, which it "
-        "draws at random: with one seed every prompt is tuned over the same seeded draws of "
-        "(α, γ), so the per-prompt tuning here picks one of those candidates per prompt (the "
-        "CSV's `alpha` and `gamma` columns show which). A budget past the startup trials lets "
-        "TPE search; it was not run here.",
+        f"**The search.** {trials} trials per prompt and configuration: the {len(WARM_START)} "
+        "warm-start trials first (no injection, α = 0; the smallest strength, α = 1, γ = 0.01), "
+        f"then TPE's {startup} random startup trials, then ",
     ]
+    if past > 0:
+        lines[-1] += f"{past} trials where TPE models the objective."
+    else:
+        lines[-1] += (
+            "none where TPE models it: this budget is within the startup trials, so the search "
+            "picks among seeded random draws."
+        )
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train", type=int, default=6)
     ap.add_argument("--heldout", type=int, default=12)
-    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--segments", type=int, default=3)
     ap.add_argument("--completion-tokens", type=int, default=8)
     ap.add_argument("--explanation-tokens", type=int, default=16)
@@ -246,7 +258,10 @@ def main() -> None:
         .reset_index()
     )
     tuned = picked[picked.method != "none"].groupby(["split", "method"], sort=False)
-    tuned_table = tuned[["alpha_gamma_mean", "objective", "fit_seconds"]].mean().reset_index()
+    tuned_cols = ["alpha_gamma_mean", "objective", "objective_unsteered", "chose_no_injection"]
+    tuned_table = tuned[[*tuned_cols, "fit_seconds"]].mean().reset_index()
+    tuned_rows = picked[picked.method != "none"]
+    below = int((tuned_rows.objective < tuned_rows.objective_unsteered - 1e-12).sum())
     audit_cols = ["method", "prompts", "agreement", "skip_share", "off_target_kl"]
     audit_cols += ["concept_clean", "concept_steered"]
     top = pd.concat([audit.top(5, method=m) for m in audit.methods])
@@ -269,7 +284,7 @@ def main() -> None:
         f"{args.explanation_tokens}-token explanations, {args.completion_tokens}-token greedy "
         f"completions. λ (the perplexity weight) chosen on the training prompts from "
         f"{args.weights}: {chosen}.",
-        *startup_note(args.trials),
+        *search_note(args.trials),
         "",
         "**Read this first.** The per-prompt tuning reads the answer (the reference completion "
         "starts with it; the objective rewards overlap with the reference). Held-out prompts are "
@@ -294,9 +309,15 @@ def main() -> None:
         "",
         "## The tuned injections",
         "",
-        "`alpha_gamma_mean`: the mean over segments of α·γ, the factor on h_l − μ_l.",
+        "`alpha_gamma_mean`: the mean over segments of α·γ, the factor on h_l − μ_l; "
+        "`objective` the tuned injection's, `objective_unsteered` the unsteered completion's "
+        "on the same objective (the first warm-start trial); `chose_no_injection` the fraction "
+        "of prompts where no injection scored best.",
         "",
         tuned_table.to_markdown(index=False, floatfmt=".4g"),
+        "",
+        f"Tuned objective below the unsteered one: {below} of {len(tuned_rows)} tuned "
+        "prompts and configurations.",
         "",
         "## Audit of each held-out prompt's tuned injection (at the answer position)",
         "",

@@ -39,9 +39,12 @@ not words; the perplexity is the unsteered model's, of the steered completion, a
 its logarithm (the mean negative log-likelihood per token) with weight ``perplexity_weight``;
 μ_l's positions (``baseline``); the explanation's decoding (greedy) and length; the prompt
 templates; the segments' boundaries (contiguous runs of near-equal length,
-:func:`~steerlens.methods.multisite.contiguous_segments`); the search budget (``trials``) and
-no warm-start trial. Since the fusion is linear, only the product α_k γ_k acts; both are drawn,
-as in the paper, so the search's prior over the product is the paper's.
+:func:`~steerlens.methods.multisite.contiguous_segments`); the search budget (``trials``); and,
+with ``warm_start`` (the default), the two trials the search starts from: α_k = 0 at every
+segment (the unsteered completion, so the tuned injection never scores below doing nothing on
+its own objective) and α_k = 1, γ_k = 0.01 (the smallest strength the ranges allow); the other
+trials are TPE's. Since the fusion is linear, only the product α_k γ_k acts; both are drawn, as
+in the paper, so the search's prior over the product is the paper's.
 
 A run returns only when every trial has finished with a finite objective; an interrupt or a
 non-finite objective raises, so no half-tuned intervention exists to be saved as if finished.
@@ -80,6 +83,8 @@ BASELINES = ("completion", "prompt")
 #: the paper's ranges: fusion weight α and steering strength γ
 ALPHA_RANGE = (0.0, 1.0)
 GAMMA_RANGE = (0.01, 1.0)
+#: the warm-start trials (α, γ) at every segment: no injection, and the smallest strength
+WARM_START = ((0.0, GAMMA_RANGE[0]), (1.0, GAMMA_RANGE[0]))
 
 TokensLike = str | Sequence[int] | Tensor
 
@@ -242,12 +247,14 @@ def fusion_intervention(
     perplexity_weight: float = 0.1,
     baseline: str = "completion",
     seed: int = 0,
+    warm_start: bool = True,
 ) -> Intervention:
     """Fusion steering tuned for one ``prompt`` with its ``answer`` (the module docstring).
     ``reference_prompt``: the enriched prompt (default: ``prompt`` itself); ``explanation``:
     the explanation's text or ids (default: the model's own, ``explanation_tokens`` long);
     ``layers``: default every layer; ``segments``: 1 for full-layer steering, more for
-    segmented."""
+    segmented; ``warm_start``: the first trials are :data:`WARM_START` (counted in
+    ``trials``)."""
     toks = as_prompts(model, prompt)
     if len(toks) != 1:
         raise InputError(
@@ -259,6 +266,11 @@ def fusion_intervention(
         raise InputError(
             f"trials >= 1, completion_tokens >= 1 and perplexity_weight >= 0 needed, got "
             f"{trials}, {completion_tokens}, {perplexity_weight}"
+        )
+    if warm_start and trials < len(WARM_START):
+        raise InputError(
+            f"warm_start runs {len(WARM_START)} trials first, so trials must be >= "
+            f"{len(WARM_START)}, got {trials}; raise trials or set warm_start=False"
         )
     layer_list = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     if not layer_list or len(set(layer_list)) != len(layer_list):
@@ -299,6 +311,12 @@ def fusion_intervention(
         return value
 
     study = tpe_study(seed)
+    if warm_start:
+        for alpha, gamma in WARM_START:
+            start: dict[str, float] = {}
+            for k in range(len(segs)):
+                start[f"alpha{k}"], start[f"gamma{k}"] = alpha, gamma
+            study.enqueue_trial(start)
     study.optimize(run, n_trials=trials)
     done = [t for t in study.trials if t.value is not None]
     if len(done) != trials:
@@ -318,6 +336,7 @@ def fusion_intervention(
         "perplexity": best.user_attrs["perplexity"],
         "perplexity_weight": perplexity_weight,
         "completion_tokens": completion_tokens,
+        "warm_start": warm_start,
         "trials": [
             {**{k: float(v) for k, v in t.params.items()}, "objective": t.value, **t.user_attrs}
             for t in study.trials
@@ -335,7 +354,8 @@ class FusionConfig:
     scores; ``layer``: one layer, a list, or None (every layer); ``segments``: 1 for full-layer
     steering, more for segmented (one α and γ each); ``trials`` optuna trials on token overlap −
     ``perplexity_weight`` · ln perplexity; ``baseline``: what μ averages over (``"completion"``
-    or ``"prompt"``)."""
+    or ``"prompt"``); ``warm_start``: the first trials are no injection and the smallest
+    strength (:data:`WARM_START`)."""
 
     answer: str | Sequence[int]
     reference_prompt: str | Sequence[int] | None = None
@@ -348,6 +368,7 @@ class FusionConfig:
     perplexity_weight: float = 0.1
     baseline: str = "completion"
     seed: int = 0
+    warm_start: bool = True
 
 
 def _fit_fusion(model: HookedTransformer, cfg: FusionConfig, inputs: FitInputs) -> Intervention:
@@ -366,6 +387,7 @@ def _fit_fusion(model: HookedTransformer, cfg: FusionConfig, inputs: FitInputs) 
         perplexity_weight=cfg.perplexity_weight,
         baseline=cfg.baseline,
         seed=cfg.seed,
+        warm_start=cfg.warm_start,
     )
 
 

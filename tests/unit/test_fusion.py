@@ -129,6 +129,21 @@ def test_segmented_fusion_is_the_papers_procedure(model):
     )
 
 
+def test_the_search_starts_from_no_injection_and_the_smallest_strength(gpt2_model):
+    model = gpt2_model
+    iv = tuned(model, segments=2, trials=3)
+    first, second, third = iv.info["trials"]
+    assert [first[k] for k in ("alpha0", "alpha1")] == [0.0, 0.0]
+    assert [second[k] for k in ("alpha0", "alpha1", "gamma0", "gamma1")] == [1.0, 1.0, 0.01, 0.01]
+    assert third["alpha0"] not in (0.0, 1.0)  # then TPE's own draws
+    reference, _ = paper(model, [0.0, 0.0], [0.01, 0.01], iv.info["segments"])
+    unsteered = objective_by_hand(model, [], reference, 0.1)[0]
+    assert first["objective"] == pytest.approx(unsteered, rel=1e-9, abs=1e-12)
+    assert iv.info["objective"] >= first["objective"] and iv.info["warm_start"]
+    plain = tuned(model, segments=2, trials=2, warm_start=False)
+    assert plain.info["trials"][0]["alpha0"] not in (0.0, 1.0)
+
+
 def test_deltas_over_the_prompt_alone_and_a_given_explanation(gpt2_model):
     model = gpt2_model
     ref = reference_completion(model, REF_PROMPT, ANSWER, explanation=[7, 7, 2])
@@ -208,7 +223,7 @@ def test_token_overlap_and_eos():
 
 
 def _fit(**options):
-    quick = dict(explanation_tokens=2, completion_tokens=2, trials=1)
+    quick = dict(explanation_tokens=2, completion_tokens=2, trials=2)
     return lambda model, tmp_path: tuned(model, **{**quick, **options})
 
 
@@ -228,7 +243,8 @@ BAD = [
     ),
     Case("text without a tokenizer", _fit(answer=" Rome"), InputError, "has no tokenizer"),
     Case("two prompts", _fit(prompt=[PROMPT, PROMPT]), InputError, "tuned per prompt"),
-    Case("no trials", _fit(trials=0), InputError, "trials >= 1"),
+    Case("no trials", _fit(trials=0, warm_start=False), InputError, "trials >= 1"),
+    Case("fewer trials than the warm start", _fit(trials=1), InputError, "trials must be >= 2"),
     Case("unknown baseline", _fit(baseline="mean"), InputError, "valid: ('completion', 'prompt')"),
     Case("too many segments", _fit(segments=3), InputError, "segments must be between 1 and 2"),
     Case("layer out of range", _fit(layers=[0, 7]), SiteError, "7"),

@@ -8,12 +8,42 @@ path, ρ along the method's own path, the finite-change quadratic) agrees with i
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from steerlens.errors import InputError
+
+#: what makes two records the same run of the matched-concept protocol
+RUN_KEYS = ("concept", "layer", "context", "target_probability")
+
+
+def pair_with_baseline(
+    records: pd.DataFrame, baseline: str, columns: Sequence[str], *, keep_all: bool = False
+) -> pd.DataFrame:
+    """Each run of ``records`` beside ``baseline``'s reached run of the same :data:`RUN_KEYS`,
+    whose ``columns`` it gains as ``<column>_baseline``: by default only the reached runs of
+    the other methods that have one; with ``keep_all`` every row, NaN where there is none.
+
+    >>> rows = [dict(concept="c", layer=1, context="a", target_probability=0.5, reached=True,
+    ...              method=m, off_target_kl=k) for m, k in [("fishback", 1.0), ("euclidean", 4.0)]]
+    >>> pair_with_baseline(pd.DataFrame(rows), "fishback", ["off_target_kl"])[
+    ...     ["method", "off_target_kl", "off_target_kl_baseline"]].to_dict("records")
+    [{'method': 'euclidean', 'off_target_kl': 4.0, 'off_target_kl_baseline': 1.0}]
+    """
+    frame: Any = records  # pandas' inline types defeat the checker here
+    missing = [c for c in [*RUN_KEYS, "method", "reached", *columns] if c not in frame]
+    if missing:
+        raise InputError(f"records have no column(s) {missing}; they have {list(frame.columns)}")
+    keys = list(RUN_KEYS)
+    base = frame[(frame["method"] == baseline) & frame["reached"]][keys + list(columns)]
+    base = base.rename(columns={c: f"{c}_baseline" for c in columns})
+    if keep_all:
+        return frame.merge(base, on=keys, how="left")
+    others = frame[(frame["method"] != baseline) & frame["reached"]]
+    return others.merge(base, on=keys)
 
 
 def with_kl_ratio(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataFrame:
@@ -23,25 +53,17 @@ def with_kl_ratio(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataF
     ``kl_ratio``); with ``path_length``, ``rho_own`` = (path_length / baseline's)², ρ along
     the method's own path (NaN where the baseline's path has length 0: it started at the
     target)."""
-    keys = ["concept", "layer", "context", "target_probability"]
-    frame: Any = records  # pandas' inline types defeat the checker here
-    is_base = (frame["method"] == baseline) & frame["reached"]
-    cols = {"off_target_kl": "_baseline_kl"}
+    frame: Any = records
+    cols = [c for c in ("off_target_kl", "kl_quadratic", "path_length") if c in frame]
+    out = pair_with_baseline(records, baseline, cols, keep_all=True)
+    out["kl_ratio"] = (out["off_target_kl"] / out["off_target_kl_baseline"]).where(out["reached"])
     if "kl_quadratic" in frame:
-        cols["kl_quadratic"] = "_baseline_quad"
-    if "path_length" in frame:
-        cols["path_length"] = "_baseline_length"
-    base = frame[is_base][keys + list(cols)].rename(columns=cols)
-    out = frame.merge(base, on=keys, how="left")
-    ratio = out["off_target_kl"] / out["_baseline_kl"]
-    out["kl_ratio"] = ratio.where(out["reached"])
-    if "kl_quadratic" in frame:
-        quad = out["kl_quadratic"] / out["_baseline_quad"]
+        quad = out["kl_quadratic"] / out["kl_quadratic_baseline"]
         out["kl_quadratic_ratio"] = quad.where(out["reached"])
     if "path_length" in frame:
-        own = (out["path_length"] / out["_baseline_length"]) ** 2
-        out["rho_own"] = own.where(out["reached"] & out["_baseline_length"].gt(0))
-    return out.drop(columns=list(cols.values()))
+        own = (out["path_length"] / out["path_length_baseline"]) ** 2
+        out["rho_own"] = own.where(out["reached"] & out["path_length_baseline"].gt(0))
+    return out.drop(columns=[f"{c}_baseline" for c in cols])
 
 
 def predictor_agreement(

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from steerlens.diagnostics.predictors import with_kl_ratio
+from steerlens.diagnostics.predictors import pair_with_baseline, with_kl_ratio
 from steerlens.errors import InputError
 from steerlens.evaluation.measures import KL_MEASURES
 
@@ -66,15 +66,12 @@ def paired_ratios(
     frame: Any = records
     if measures is None:
         measures = [m for m in KL_MEASURES if m in frame]
-    missing = [c for c in [*measures, *by] if c not in frame]
+    missing = [c for c in by if c not in frame]
     if missing:
         raise InputError(f"records have no column(s) {missing}; they have {list(frame.columns)}")
     if not 0 < level < 1:
         raise InputError(f"level must be in (0, 1), got {level}")
-    keys = ["concept", "layer", "context", "target_probability"]
-    base = frame[(frame["method"] == baseline) & frame["reached"]][keys + list(measures)]
-    others = frame[(frame["method"] != baseline) & frame["reached"]]
-    paired = others.merge(base, on=keys, suffixes=("", "_baseline"))
+    paired = pair_with_baseline(records, baseline, measures)
     rng = np.random.default_rng(seed)
     tail = (1 - level) / 2
     rows = []

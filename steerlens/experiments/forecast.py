@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from steerlens.atomic import atomic_path, atomic_write
+from steerlens.diagnostics.predictors import pair_with_baseline
 from steerlens.errors import InputError
 from steerlens.evaluation import KL_MEASURES
 
@@ -68,7 +69,6 @@ __all__ = [
 DEV_LAYERS: tuple[int, ...] = (6, 18)
 #: the measured ratios a forecast is scored against
 MEASURES: tuple[str, ...] = tuple(KL_MEASURES)
-_KEYS = ["concept", "layer", "context", "target_probability"]
 
 
 @dataclass(frozen=True)
@@ -105,14 +105,11 @@ def paired_runs(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataFra
     :data:`PREDICTORS` present, ``ratio_<measure>`` for every KL measure recorded, and
     ``split``: ``dev``, ``new contexts``, ``new layers`` or ``new both``."""
     frame: Any = records
-    missing = [c for c in [*_KEYS, "method", "reached", "off_target_kl"] if c not in frame]
-    if missing:
-        raise InputError(f"records have no column(s) {missing}; they have {list(frame.columns)}")
+    if "off_target_kl" not in frame:
+        raise InputError(f"records have no column off_target_kl; they have {list(frame.columns)}")
     measures = [m for m in MEASURES if m in frame]
     extra = [c for c in ("kl_quadratic", "path_length", "edit_norm") if c in frame]
-    base = frame[(frame["method"] == baseline) & frame["reached"]][_KEYS + measures + extra]
-    others = frame[(frame["method"] != baseline) & frame["reached"]]
-    out = others.merge(base, on=_KEYS, suffixes=("", "_baseline"))
+    out = pair_with_baseline(records, baseline, measures + extra)
     for m in measures:
         out[f"ratio_{m}"] = out[m] / out[f"{m}_baseline"]
     if "kl_quadratic" in extra:

@@ -301,7 +301,7 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_forecast(args: argparse.Namespace) -> None:
-    from steerlens.experiments.forecast import write_forecast
+    from steerlens.experiments.forecast_report import write_forecast
 
     paths = write_forecast(args.study, args.out, args.second)
     print_result({"written": [str(p) for p in paths]}, {}, args.json)

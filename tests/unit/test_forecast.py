@@ -18,8 +18,8 @@ from steerlens.experiments.forecast import (
     paired_runs,
     score,
     site_ranking,
-    write_forecast,
 )
+from steerlens.experiments.forecast_report import write_forecast
 
 
 def _contexts(n: int) -> list[str]:

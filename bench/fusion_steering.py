@@ -54,6 +54,7 @@ import torch
 from common import OUT, header, machine
 
 import steerlens as sl
+from steerlens.audit_result import Audit
 from steerlens.concepts import TokenSet
 from steerlens.concepts.tokenization import encode_word
 from steerlens.datasets.countries import CITIES
@@ -62,6 +63,7 @@ from steerlens.methods.fusion import qa_prompts, reference_completion
 from steerlens.prompts import as_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
+AUDIT_FRAMES = ("components", "per_prompt", "summary", "sae_features")
 FIGURE = ROOT / "figures/fusion_steering_audit.png"
 MEASURES = [
     "answer_first",
@@ -167,6 +169,29 @@ def choose(frame: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def audit_nonzero(model, ivs: dict[str, list], prompts: list, concepts: list) -> Audit:
+    """The audit of each configuration's tuned injections over the prompts where the search
+    kept one (where no injection scored best there is nothing to audit), as one :class:`Audit`."""
+    parts = []
+    for name, fitted in ivs.items():
+        keep = [i for i, iv in enumerate(fitted) if any(v.any() for v in iv.vectors.values())]
+        if keep:
+            parts.append(
+                sl.audit(
+                    model,
+                    {name: [fitted[i] for i in keep]},
+                    [prompts[i] for i in keep],
+                    concept=[concepts[i] for i in keep],
+                )
+            )
+    if not parts:
+        raise SystemExit("no configuration kept an injection on any held-out prompt")
+    return Audit(
+        *(pd.concat([getattr(p, f) for p in parts], ignore_index=True) for f in AUDIT_FRAMES),
+        n_heads=parts[0].n_heads,
+    )
+
+
 def summary(frame: pd.DataFrame) -> pd.DataFrame:
     grouped = frame.groupby(["split", "method"], sort=False)
     table = grouped[MEASURES].mean()
@@ -237,7 +262,9 @@ def main() -> None:
         prompts.append(prompt)
         concepts.append(TokenSet.from_ids([answer], d_vocab=model.cfg.d_vocab))
     frame = pd.DataFrame(rows)
-    audit = sl.audit(model, ivs, prompts, concept=concepts)
+    OUT.mkdir(exist_ok=True)
+    frame.to_csv(OUT / "fusion_steering.csv", index=False)
+    audit = audit_nonzero(model, ivs, prompts, concepts)
     figure = audit.plot("change_norm")
     FIGURE.parent.mkdir(exist_ok=True)
     figure.savefig(FIGURE, dpi=110, bbox_inches="tight")
@@ -321,7 +348,9 @@ def main() -> None:
         "",
         "## Audit of each held-out prompt's tuned injection (at the answer position)",
         "",
-        "Means over the held-out prompts (`steerlens.audit`, concept = the answer token): "
+        "Means over the held-out prompts where the search kept an injection (`prompts`; where "
+        "no injection scored best there is nothing to audit) (`steerlens.audit`, concept = the "
+        "answer token): "
         "`agreement` of the actual and first-order change, the `skip_share` of the metric cost, "
         "the off-target KL, the answer's log-probability before and after.",
         "",
@@ -338,8 +367,6 @@ def main() -> None:
         "",
         "Per-prompt rows (every λ of the training grid): `fusion_steering.csv`.",
     ]
-    OUT.mkdir(exist_ok=True)
-    frame.to_csv(OUT / "fusion_steering.csv", index=False)
     (OUT / "fusion_steering.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -55,6 +55,7 @@ from common import OUT, header, machine
 
 import steerlens as sl
 from steerlens.audit_result import Audit
+from steerlens.auditing import edits_nothing
 from steerlens.concepts import TokenSet
 from steerlens.concepts.tokenization import encode_word
 from steerlens.datasets.countries import CITIES
@@ -174,7 +175,7 @@ def audit_nonzero(model, ivs: dict[str, list], prompts: list, concepts: list) ->
     kept one (where no injection scored best there is nothing to audit), as one :class:`Audit`."""
     parts = []
     for name, fitted in ivs.items():
-        keep = [i for i, iv in enumerate(fitted) if any(v.any() for v in iv.vectors.values())]
+        keep = [i for i, iv in enumerate(fitted) if not edits_nothing(iv)]
         if keep:
             parts.append(
                 sl.audit(

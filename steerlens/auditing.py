@@ -61,11 +61,19 @@ from steerlens.sites import Site, as_site
 if TYPE_CHECKING:
     from steerlens._tl import HookedTransformer
 
-__all__ = ["MEASURES", "Audit", "SteeringLike", "audit"]
+__all__ = ["MEASURES", "Audit", "SteeringLike", "audit", "edits_nothing"]
 
 SteeringLike = Intervention | Tensor | Sequence[Intervention]
 
 # --------------------------------------------------------------------------- inputs
+
+
+def edits_nothing(iv: Intervention) -> bool:
+    """Whether ``iv``'s added vectors and multipliers change nothing (its scale is 0, or every
+    vector is zero and no multiplier is non-zero): an edit :func:`audit` refuses, since it has
+    nothing to audit. Clamps and scalar functions are refused by the audit on their own."""
+    still = all(not bool(v.any()) for v in iv.vectors.values())
+    return iv.scale == 0 or (still and not any(iv.multipliers.values()))
 
 
 def _runs(
@@ -108,8 +116,7 @@ def _runs(
                     "(dynamic activation scaling), which the audit's tangents do not cover; "
                     "audit static multipliers (the 'scaling' method) instead"
                 )
-            still = all(not bool(v.any()) for v in iv.vectors.values())
-            if iv.scale == 0 or (still and not any(iv.multipliers.values())):
+            if edits_nothing(iv):
                 raise InputError(f"steering {iv.method!r} is zero: nothing to audit")
         label = name or items[0].method
         out[label] = items

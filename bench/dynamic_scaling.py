@@ -190,18 +190,23 @@ def main() -> None:
     render(table, facts)
 
 
+def training_grid(table: pd.DataFrame, faithfulness: float) -> pd.DataFrame:
+    """The training rows of ``table`` with ``selection_score`` = flip loss + ``faithfulness`` ·
+    KL, what the learning rate is chosen by."""
+    train = table[table["set"] == "train"]
+    return train.assign(selection_score=train["flip_loss"] + faithfulness * train["kl"])
+
+
 def choose(table: pd.DataFrame, faithfulness: float) -> pd.DataFrame:
     """``table`` with ``chosen``: per method, the learning rate whose training rows have the
-    lowest flip loss + ``faithfulness`` · KL (held-out rows are never read)."""
-    train = table[table["set"] == "train"]
-    score = train["flip_loss"] + faithfulness * train["kl"]
-    best = train.assign(_score=score).sort_values("_score").groupby("method")["lr"].first()
+    lowest selection score (held-out rows are never read)."""
+    grid = training_grid(table, faithfulness)
+    best = grid.sort_values("selection_score").groupby("method")["lr"].first()
     return table.assign(chosen=table["lr"] == table["method"].map(best))
 
 
 def render(table: pd.DataFrame, facts: dict[str, Any]) -> None:
-    grid = table[table["set"] == "train"]
-    grid = grid.assign(selection_score=grid["flip_loss"] + facts["faithfulness"] * grid["kl"])
+    grid = training_grid(table, facts["faithfulness"])
     grid = grid[["method", "lr", "selection_score", "flip_rate", "kl", "scalar_l1", "chosen"]]
     table = table[table["chosen"]].drop(columns="chosen")
     figure = plot(table)

@@ -36,7 +36,7 @@ from steerlens.concepts import PairConcept
 from steerlens.datasets import load_corpus, train_test_contexts, verb_concept, verb_contexts
 from steerlens.evaluation import next_logprobs, outcome_measures
 from steerlens.methods import EuclideanConfig, FishBackConfig, steer_iteratively
-from steerlens.methods.iterative import _evaluate
+from steerlens.methods.loop import evaluate as _evaluate
 from steerlens.metric import local
 from steerlens.metric.core import Metric
 from steerlens.metric.local import LocalPath

@@ -25,7 +25,7 @@ from steerlens.methods.equivalence import (
 )
 from steerlens.methods.fusion import FusionConfig, fusion_intervention
 from steerlens.methods.intervention import Intervention, load_intervention
-from steerlens.methods.iterative import steer_iteratively
+from steerlens.methods.iterative import steer_batch, steer_iteratively
 from steerlens.methods.iti import ItiConfig, iti_intervention
 from steerlens.methods.joint import JointConfig, answer_accuracy, joint_intervention
 from steerlens.methods.lowrank import LowRankUpdate, OutputProjection, apply_update
@@ -123,6 +123,7 @@ __all__ = [
     "sae_intervention",
     "scaling_measures",
     "shift_from_weight_update",
+    "steer_batch",
     "steer_iteratively",
     "weight_update_from_shift",
 ]

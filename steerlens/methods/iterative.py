@@ -25,19 +25,17 @@ applied at the prediction position of every forward pass, generated tokens inclu
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, replace
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from steerlens.concepts.base import Concept
-from steerlens.diagnostics import PathRho, optimal_quad, spectral_cost_ratio
-from steerlens.errors import InputError, MethodError, NonFiniteError
+from steerlens.errors import InputError, MethodError
 from steerlens.methods.configs import (
     DualConfig,
     EuclideanConfig,
@@ -46,23 +44,28 @@ from steerlens.methods.configs import (
     TruncatedFisherConfig,
 )
 from steerlens.methods.intervention import Intervention
+from steerlens.methods.loop import (
+    Along,
+    Answer,
+    Compared,
+    Direction,
+    Request,
+    Walked,
+    drive_many,
+    drive_one,
+    walk,
+)
 from steerlens.methods.registry import FitInputs, MethodSpec, register_method
-from steerlens.methods.run import Checkpoint, SteeringRun, Step
+from steerlens.methods.run import SteeringRun
 from steerlens.metric.core import Metric
 from steerlens.metric.local import LocalPath
 from steerlens.metric.outcomes import OffTarget
 from steerlens.metric.pullback import MetricOptions
+from steerlens.metric.stacked import StackedPaths
 from steerlens.prompts import PromptsLike, as_prompts
 
 if TYPE_CHECKING:
     from steerlens._tl import HookedTransformer
-
-
-#: a method's update direction at a point of the path: (path, x, g) -> (u, the metric it solved
-#: with, or None)
-Direction = Callable[[LocalPath, Tensor, Tensor], tuple[Tensor, Metric | None]]
-#: another method's direction at a point of the path: (path, x, g) -> v
-Compared = Callable[[LocalPath, Tensor, Tensor], Tensor]
 
 
 def conjugate_gradient(
@@ -143,32 +146,6 @@ def direction_fn(cfg: IterativeConfig, concept: Concept, stop: Concept) -> Direc
     raise MethodError(f"no iterative method for config {type(cfg).__name__}")
 
 
-def _step(step: int, value: float, stop_value: float, norm: float, metric: Metric | None) -> Step:
-    if metric is None or metric.info is None:
-        return Step(step, value, stop_value, norm)
-    return Step(step, value, stop_value, norm, metric.info.dropped_mass, metric.info.top_k)
-
-
-def _evaluate(
-    path: LocalPath, concept: Concept, stop: Concept, x: Tensor
-) -> tuple[float, Tensor, float]:
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        logits = path.logits(xg)
-        c = concept.value(xg, logits)
-        (g,) = torch.autograd.grad(c, xg)
-    c = c.detach()
-    s = c if stop is concept else stop.value(xg.detach(), logits.detach()).detach()
-    if not (torch.isfinite(c) and torch.isfinite(g).all() and torch.isfinite(s)):
-        raise NonFiniteError(f"the concept or its gradient is not finite at {path.site.name}")
-    return float(c), g.detach(), float(s)
-
-
-@torch.no_grad()
-def _stop_value(path: LocalPath, stop: Concept, x: Tensor) -> float:
-    return float(stop.value(x, path.logits(x)))
-
-
 def steer_iteratively(
     model: HookedTransformer,
     cfg: IterativeConfig,
@@ -192,14 +169,95 @@ def steer_iteratively(
     directions v(path, x, g) at the points of this path. ``run.path_rho[name]`` is ρ
     integrated along the path (:class:`~steerlens.diagnostics.cost.PathRho`), the predictor of that
     method's off-target KL over this one's at matched concept change; each checkpoint's
-    ``path_rho`` the same up to the step that crosses it."""
+    ``path_rho`` the same up to the step that crosses it.
+
+    Many prompts at once: :func:`steer_batch`."""
+    started = time.perf_counter()
+    stop = _check_concepts(concept, stop_on)
+    target = _target(cfg, stop, checkpoints)
+    prompts = as_prompts(model, prompt)
+    if len(prompts) != 1:
+        raise InputError(
+            f"{cfg.name} steers one prompt at a time here, got {len(prompts)}; "
+            "steer_batch steers a batch"
+        )
+    with LocalPath(model, prompts[0], cfg.site) as path:
+        walker = _walker(cfg, path, concept, stop, target, checkpoints, compare, model)
+        walked = drive_one(walker, path, concept, stop)
+    return _run(cfg, concept, stop, target, path.site.name, walked, time.perf_counter() - started)
+
+
+def steer_batch(
+    model: HookedTransformer,
+    cfg: IterativeConfig,
+    concept: Concept | Sequence[Concept],
+    prompts: PromptsLike,
+    *,
+    attention_mask: Tensor | None = None,
+    stop_on: Concept | Sequence[Concept] | None = None,
+    checkpoints: Sequence[float] = (),
+    compare: Mapping[str, Compared] | None = None,
+) -> list[SteeringRun]:
+    """:func:`steer_iteratively` on every prompt of a batch at once: one run per prompt, each
+    with its own δ, step halving and stop, equal (to rounding) to the prompt steered alone.
+
+    ``prompts``: strings, token tensors of any lengths, or a padded ``[batch, pos]`` tensor with
+    its ``attention_mask`` (either padding side; each row's last real token is its prediction
+    position). ``concept`` and ``stop_on``: one concept for every prompt, or one per prompt (a
+    concept's target tokens often depend on its context). The model evaluations of every
+    unfinished run (the concept and its gradient at each step, the points of each last-step
+    bisection) go through the blocks after the site in one batched call, each row attending to
+    its own prompt's keys and values (:class:`~steerlens.metric.stacked.StackedPaths`); the
+    per-prompt work (the metric, its solve, ``compare``) runs prompt by prompt. Each run's
+    ``seconds`` is the whole batch's wall time; ``info["batch"]`` the batch size."""
+    started = time.perf_counter()
+    tokens = as_prompts(model, prompts, attention_mask)
+    n = len(tokens)
+    concepts = _per_prompt(concept, n, "concept")
+    stops_given = _per_prompt(stop_on, n, "stop_on") if stop_on is not None else [None] * n
+    stops = [_check_concepts(c, s) for c, s in zip(concepts, stops_given, strict=True)]
+    targets = [_target(cfg, s, checkpoints) for s in stops]
+    with StackedPaths(model, tokens, cfg.site) as paths:
+        walkers = [
+            _walker(cfg, path, c, s, t, checkpoints, compare, model)
+            for path, c, s, t in zip(paths.paths, concepts, stops, targets, strict=True)
+        ]
+        walked = drive_many(walkers, paths, concepts, stops)
+        site = paths.site.name
+    seconds = time.perf_counter() - started
+    runs = []
+    for c, s, t, w in zip(concepts, stops, targets, walked, strict=True):
+        run = _run(cfg, c, s, t, site, w, seconds)
+        run.intervention.info["batch"] = n
+        runs.append(run)
+    return runs
+
+
+def _per_prompt(value: Any, n: int, name: str) -> list[Any]:
+    """``value`` for each of ``n`` prompts: itself n times, or a sequence of exactly n."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != n:
+            raise InputError(
+                f"{name}: one for every prompt or one per prompt ({n}), got {len(value)}"
+            )
+        return list(value)
+    return [value] * n
+
+
+def _check_concepts(concept: Any, stop_on: Any) -> Concept:
+    """The stop concept (``stop_on``, default the concept), after checking both are concepts."""
     for c in (concept, stop_on):
         if c is not None and not isinstance(c, Concept):
             raise InputError(
                 "a concept must have name, value(), target_value(), off_target() and "
                 f"check_site() (steerlens.concepts.base.Concept), got {type(c).__name__}"
             )
-    stop = concept if stop_on is None else stop_on
+    if concept is None:
+        raise InputError("iterative steering needs a concept")
+    return concept if stop_on is None else stop_on
+
+
+def _target(cfg: IterativeConfig, stop: Concept, checkpoints: Sequence[float]) -> float:
     target = (
         cfg.target_value
         if cfg.target_value is not None
@@ -210,160 +268,69 @@ def steer_iteratively(
         raise InputError(
             f"checkpoints must lie below the run's target value {target:.6g}; got {late}"
         )
-    started = time.perf_counter()
-    prompts = as_prompts(model, prompt)
-    if len(prompts) != 1:
-        raise InputError(f"{cfg.name} steers one prompt at a time, got {len(prompts)}")
-    with LocalPath(model, prompts[0], cfg.site) as path:
-        concept.check_site(path.site, model)
-        if stop is not concept:
-            stop.check_site(path.site, model)
-        direction = direction_fn(cfg, concept, stop)
-        every = getattr(cfg, "metric_every", None)
-        if compare and not (isinstance(cfg, FishBackConfig) and every == 1):
-            raise InputError(
-                "compare needs a method that computes the metric at every step (fishback, "
-                f"truncated_fisher, with metric_every=1), not {cfg.name} (metric_every={every})"
-            )
-        along = _Along(compare or {}, getattr(cfg, "damping", None))
-        x = path.x0.clone()
-        c, g, s = _evaluate(path, concept, stop, x)
-        trajectory = [Step(0, c, s, 0.0)]
-        points = [torch.zeros_like(x)]
-        start_value, reached, steps = s, s >= target, 0
-        pending = sorted(float(v) for v in checkpoints)
-        marks: dict[float, Checkpoint] = {}
-        while pending and s >= pending[0]:
-            value = pending.pop(0)
-            marks[value] = Checkpoint(value, torch.zeros_like(x), 0)
-        while not reached and steps < cfg.max_steps:
-            steps += 1
-            u, metric = direction(path, x, g)
-            along.observe(metric, path, x, g)
-            gu = float(g @ u)
-            if not gu > 0:
-                raise MethodError(
-                    f"{cfg.name}: the update does not raise the concept (gᵀu = {gu:.3g}) at step "
-                    f"{steps}; the gradient may vanish here"
-                )
-            eta = cfg.step / gu
-            for _ in range(7):
-                x_new = x + eta * u
-                c_new, g_new, s_new = _evaluate(path, concept, stop, x_new)
-                if s_new > s or s_new >= target:
-                    break
-                eta /= 2
-            while pending and s_new >= pending[0]:
-                value = pending.pop(0)
-                mark = _bisect(path, stop, x, eta * u, value)
-                rho: dict[str, float] = {}
-                if along.rho:  # the crossing step counts only up to the checkpoint
-                    c_mark = value if stop is concept else _stop_value(path, concept, mark)
-                    rho = along.values(c_mark - c)
-                marks[value] = Checkpoint(value, (mark - path.x0).detach(), steps, rho)
-            if s_new >= target:
-                x_new = _bisect(path, stop, x, eta * u, target)
-                c_new, g_new, s_new = _evaluate(path, concept, stop, x_new)
-                reached = True
-            along.step(c_new - c)
-            x, c, g, s = x_new, c_new, g_new, s_new
-            points.append((x - path.x0).detach())
-            trajectory.append(_step(steps, c, s, float(points[-1].norm()), metric))
-        delta = points[-1]
-        site = path.site.name
-    seconds = time.perf_counter() - started
+    return target
+
+
+def _walker(
+    cfg: IterativeConfig,
+    path: LocalPath,
+    concept: Concept,
+    stop: Concept,
+    target: float,
+    checkpoints: Sequence[float],
+    compare: Mapping[str, Compared] | None,
+    model: HookedTransformer,
+) -> Generator[Request, Answer, Walked]:
+    """One prompt's walk, after the checks that need its path."""
+    concept.check_site(path.site, model)
+    if stop is not concept:
+        stop.check_site(path.site, model)
+    every = getattr(cfg, "metric_every", None)
+    if compare and not (isinstance(cfg, FishBackConfig) and every == 1):
+        raise InputError(
+            "compare needs a method that computes the metric at every step (fishback, "
+            f"truncated_fisher, with metric_every=1), not {cfg.name} (metric_every={every})"
+        )
+    along = Along(compare or {}, getattr(cfg, "damping", None))
+    direction = direction_fn(cfg, concept, stop)
+    return walk(cfg, path, concept, stop, target, checkpoints, direction, along)
+
+
+def _run(
+    cfg: IterativeConfig,
+    concept: Concept,
+    stop: Concept,
+    target: float,
+    site: str,
+    walked: Walked,
+    seconds: float,
+) -> SteeringRun:
+    delta = walked.points[-1]
     info = {
         "config": asdict(cfg),
         "concept": getattr(concept, "name", type(concept).__name__),
         "stop_concept": getattr(stop, "name", type(stop).__name__),
-        "reached": bool(reached),
-        "steps": steps,
-        "start_value": start_value,
-        "final_value": s,
+        "reached": bool(walked.reached),
+        "steps": walked.steps,
+        "start_value": walked.start_value,
+        "final_value": walked.final_value,
         "target_value": target,
-        "trajectory": [asdict(t) for t in trajectory],
+        "trajectory": [asdict(t) for t in walked.trajectory],
         "seconds": seconds,
     }
     return SteeringRun(
         Intervention(cfg.name, {site: delta}, 1.0, info),
         site,
-        bool(reached),
-        start_value,
-        s,
+        bool(walked.reached),
+        walked.start_value,
+        walked.final_value,
         target,
-        tuple(trajectory),
-        torch.stack(points),
-        marks,
-        along.values() if along.rho else {},
+        tuple(walked.trajectory),
+        torch.stack(walked.points),
+        walked.marks,
+        walked.path_rho,
         seconds,
     )
-
-
-class _Along:
-    """:class:`PathRho` of each compared direction, fed one step at a time."""
-
-    def __init__(self, compare: Mapping[str, Compared], damping: float | None) -> None:
-        self.compare, self.damping = compare, damping
-        self.rho = {name: PathRho() for name in compare}
-        self._now: dict[str, float] = {}
-        self._best = math.nan
-
-    def observe(self, metric: Metric | None, path: LocalPath, x: Tensor, g: Tensor) -> None:
-        """ρ of every compared direction at the current point."""
-        self._now = {}
-        if not self.rho or metric is None or self.damping is None:
-            return
-        self._best = optimal_quad(metric, g, self.damping)
-        for name, fn in self.compare.items():
-            v = fn(path, x, g).to(g)
-            ok = bool(torch.isfinite(v).all()) and float(v @ g) > 0
-            self._now[name] = (
-                spectral_cost_ratio(metric, v, g, self.damping, best=self._best) if ok else math.nan
-            )
-
-    def step(self, change: float) -> None:
-        for name, rho in self._now.items():
-            self.rho[name].add(rho, self._best, change)
-
-    def values(self, pending_change: float | None = None) -> dict[str, float]:
-        """The integrals so far (plus the current step with ``pending_change``)."""
-        out = {}
-        for name, acc in self.rho.items():
-            part = replace(acc)
-            if pending_change is not None and name in self._now:
-                part.add(self._now[name], self._best, pending_change)
-            out[name] = part.value()
-        return out
-
-
-#: points per round of :func:`_bisect`'s grid, and its rounds (17⁻⁵ < 1e-6 in t)
-_BISECT_POINTS, _BISECT_ROUNDS = 16, 5
-
-
-@torch.no_grad()
-def _bisect(path: LocalPath, stop: Concept, x: Tensor, step: Tensor, target: float) -> Tensor:
-    """The point x + t·step, t ∈ (0, 1], where the stop concept first reaches ``target`` (to
-    1e-6 in t), taking the upper end so the target is met. Each round evaluates
-    :data:`_BISECT_POINTS` evenly spaced points of the bracket in one batched call
-    (:meth:`LocalPath.batched`) and keeps the interval before the first that reaches the
-    target; the end t = 1 reaches it."""
-
-    def value(point: Tensor) -> Tensor:
-        return stop.value(point, path.logits(point))
-
-    lo, hi = 0.0, 1.0
-    for _ in range(_BISECT_ROUNDS):
-        ts = [lo + (hi - lo) * (k + 1) / (_BISECT_POINTS + 1) for k in range(_BISECT_POINTS)]
-        grid = torch.tensor(ts, dtype=x.dtype, device=x.device)
-        values = path.batched(value, x + grid[:, None] * step)
-        first = next((i for i, v in enumerate(values.tolist()) if v >= target), None)
-        if first is None:  # between the last point and hi
-            lo = ts[-1]
-            continue
-        if first > 0:
-            lo = ts[first - 1]
-        hi = ts[first]
-    return x + hi * step
 
 
 def _fit(model: HookedTransformer, cfg: IterativeConfig, inputs: FitInputs) -> Intervention:

@@ -25,7 +25,7 @@ Two implementations, checked against each other and against brute force in the t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -191,7 +191,14 @@ class FastBlock:
         mid = x + attn_out
         if "resid_mid" in deltas:
             mid = mid + deltas["resid_mid"]
-        h2 = self.ln2(mid.view(1, 1, -1)).view(-1)
+        return (mid + self.mlp(mid, deltas), *[values[c] for c in capture])
+
+    def mlp(self, mid: Tensor, deltas: Mapping[str, Tensor] | None = None) -> Tensor:
+        """The MLP half's output ``hook_mlp_out`` at ``mid`` (``hook_resid_mid``: one residual
+        ``[d_model]`` or rows of them ``[rows, d_model]``), with ``deltas`` added at
+        ``mlp_pre``, ``mlp_post`` and ``mlp_out``."""
+        deltas = deltas or {}
+        h2 = self.ln2(mid.reshape(-1, 1, mid.shape[-1])).view(mid.shape)
         if self.gated:
             assert self.w_gate is not None
             pre = h2 @ self.w_gate
@@ -208,7 +215,7 @@ class FastBlock:
         mlp_out = post @ self.w_out + self.b_out
         if "mlp_out" in deltas:
             mlp_out = mlp_out + deltas["mlp_out"]
-        return (mid + mlp_out, *[values[c] for c in capture])
+        return mlp_out
 
 
 @contextmanager

@@ -75,12 +75,13 @@ class MetricOptions:
 
 
 def lens_logits(
-    model: HookedTransformer, resid: Float[Tensor, " d_model"]
-) -> Float[Tensor, " d_vocab"]:
-    """The logits read from one residual stream vector through ln_final and the unembedding
-    (with the model's output soft-cap); differentiable in ``resid``."""
+    model: HookedTransformer, resid: Float[Tensor, "*rows d_model"]
+) -> Float[Tensor, "*rows d_vocab"]:
+    """The logits read from one residual stream vector (or rows of them, ``[rows, d_model]``)
+    through ln_final and the unembedding (with the model's output soft-cap); differentiable in
+    ``resid``."""
     ln = getattr(model, "ln_final", None)
-    u = ln(resid.view(1, 1, -1)).view(-1) if ln is not None else resid
+    u = ln(resid.reshape(-1, 1, resid.shape[-1])).view(resid.shape) if ln is not None else resid
     logits = u @ model.W_U.detach().to(u.dtype) + model.b_U.detach().to(u.dtype)
     cap = model.cfg.output_logits_soft_cap
     if cap and cap > 0:

@@ -196,10 +196,30 @@ def _prompt_rows(
     return out, info, shares
 
 
-def _finish(rows_per_prompt: list[Tensor], name: str, info: MetricInfo) -> Metric:
-    n = len(rows_per_prompt)
-    rows = torch.cat(rows_per_prompt, 0) / n**0.5 if n > 1 else rows_per_prompt[0]
-    return Metric(rows.contiguous(), name, info).compressed()
+class _Rows:
+    """One site's factor rows over prompts (G = Σ rowsᵀrows), folded by a thin QR into at most
+    d rows whenever they pass 2d, so a many-prompt metric holds at most 3d rows a site however
+    many prompts it averages (the Gram is unchanged, up to rounding)."""
+
+    def __init__(self) -> None:
+        self.parts: list[Tensor] = []
+        self.n_rows = 0
+        self.n_prompts = 0
+
+    def add(self, rows: Tensor) -> None:
+        self.parts.append(rows)
+        self.n_rows += rows.shape[0]
+        self.n_prompts += 1
+        if self.n_rows > 2 * rows.shape[1]:
+            stacked = torch.cat(self.parts, 0)
+            r = torch.linalg.qr(stacked.double(), mode="r")[1].to(stacked.dtype)
+            self.parts, self.n_rows = [r], r.shape[0]
+
+
+def _finish(rows: _Rows, name: str, info: MetricInfo) -> Metric:
+    n = rows.n_prompts
+    factor = torch.cat(rows.parts, 0) / n**0.5 if n > 1 else rows.parts[0]
+    return Metric(factor.contiguous(), name, info).compressed()
 
 
 def _summarize(infos: list[MetricInfo], depth: int | None = None) -> MetricInfo:
@@ -249,12 +269,12 @@ def pullback_metric(
     options = MetricOptions(vocab, dropped_mass, off_target, rank, trace_kept)
     site = as_site(site, model)
     top = lens_layer(site, depth, model.cfg.n_layers)
-    rows, infos = [], []
+    rows, infos = _Rows(), []
     for tokens in as_prompts(model, prompts, attention_mask):
         state = prompt_state(model, tokens)
         site.resolve_position(state.n_pos)
         out, info, _ = _prompt_rows(model, state, [site], top, options, decompose=False)
-        rows.append(out[site.name])
+        rows.add(out[site.name])
         infos.append(info)
     return _finish(rows, site.name, _summarize(infos, depth))
 
@@ -340,7 +360,7 @@ def pullback_sweep(
         if not parsed:
             raise InputError("no sites given: pass None for every site, or a list of sites")
     n = model.cfg.n_layers
-    rows: dict[str, list[Tensor]] = {s.name: [] for s in parsed}
+    rows = {s.name: _Rows() for s in parsed}
     infos, share_rows = [], []
     prompts_list = as_prompts(model, prompts, attention_mask)
     for p_index, tokens in enumerate(tqdm(prompts_list, disable=not progress, desc="sweep")):
@@ -349,7 +369,7 @@ def pullback_sweep(
             s.resolve_position(state.n_pos)
         out, info, shares = _prompt_rows(model, state, parsed, n, options, decompose)
         for name, r in out.items():
-            rows[name].append(r)
+            rows[name].add(r)
         infos.append(info)
         share_rows += [{"prompt": p_index, **row} for row in shares]
     summary = _summarize(infos)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -165,6 +167,32 @@ def test_batch_is_mean_of_prompts(model):
     assert rel_err(mean, (each[0] + each[1]) / 2) < 1e-10
     info = pullback_metric(model, batch, "resid_post.0").info
     assert info is not None and info.n_prompts == 2
+
+
+def test_a_many_prompt_sweep_folds_its_rows_and_keeps_the_mean(model):
+    """Past 2d rows a site's rows are folded by QR (bounded memory): the metrics still equal the
+    mean of each prompt's own, at a head site (d_head rows: folded every prompt) and a residual
+    site, and each site's accumulator never holds more than 3d rows."""
+    from steerlens.metric import pullback
+
+    batch = torch.tensor([[3, 1, 4, 1], [2, 7, 1, 8], [5, 9, 2, 6], [1, 1, 2, 3], [8, 1, 3, 0]])
+    sites = ["z.1:0", "resid_post.0", "mlp_post.1"]
+    held: list[tuple[int, int]] = []
+    original = pullback._Rows.add
+
+    def add(self, rows):
+        original(self, rows)
+        held.append((self.n_rows, rows.shape[1]))
+
+    with mock.patch.object(pullback._Rows, "add", add):
+        sweep = pullback_sweep(model, batch, sites, vocab="full", decompose=False)
+    assert held and all(n <= 3 * d for n, d in held)
+    assert any(n == d for n, d in held)  # a fold leaves exactly d rows
+    for site in sites:
+        each = [pullback_metric(model, t, site, vocab="full") for t in batch]
+        want = sum(m.matrix() for m in each) / len(each)
+        assert rel_err(sweep[site].matrix(), want) < 1e-10
+        assert sweep[site].factor.shape[0] <= sweep[site].dim
 
 
 def test_block_shares_sum_to_one(model, tokens):

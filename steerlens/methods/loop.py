@@ -24,7 +24,7 @@ from torch import Tensor
 
 from steerlens.concepts.base import Concept
 from steerlens.diagnostics import PathRho, optimal_quad, spectral_cost_ratio
-from steerlens.errors import MethodError, NonFiniteError
+from steerlens.errors import MethodError, NonFiniteError, SteerlensError
 from steerlens.methods.configs import IterativeConfig
 from steerlens.methods.run import Checkpoint, Step
 from steerlens.metric.core import Metric
@@ -271,6 +271,8 @@ def drive_many(
                 requests[i] = walker.send(a) if a is not None else next(walker)
             except StopIteration as end:
                 done[i], requests[i] = end.value, None
+            except SteerlensError as error:  # say which prompt of the batch failed
+                raise type(error)(f"prompt {i} of the batch: {error}") from error
         if all(d is not None for d in done):
             return [d for d in done if d is not None]
         asked = [i for i, r in enumerate(requests) if isinstance(r, Evaluate)]

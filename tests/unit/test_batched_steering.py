@@ -194,3 +194,20 @@ def test_batch_bad_input(model):
         pytest.raises(errors.InputError, match=r"counts gives the number of rows"),
     ):
         paths.logits(torch.stack([p.x0 for p in paths.paths]), [1])
+
+
+def test_a_failing_prompt_is_named_and_the_model_left_as_found(model):
+    class Flat(TokenSet):
+        """A concept whose gradient vanishes: the loop refuses the step."""
+
+        def value(self, x, logits):
+            return super().value(x, logits) * 0.0 + x.sum() * 0.0
+
+    snapshot = weights_snapshot(model)
+    flat = Flat.from_ids([7], d_vocab=model.cfg.d_vocab)
+    cs = [*concepts(model)[:2], flat]
+    with pytest.raises(errors.MethodError, match=r"prompt 2 of the batch: .*does not raise"):
+        steer_batch(
+            model, EuclideanConfig(SITE, 0.4, target_value=1.0, max_steps=3), cs, PROMPTS[:3]
+        )
+    assert_untouched(model, snapshot)

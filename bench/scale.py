@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 from common import header, machine, save, sync
 from metric_sweep import floor_flops, matmul_gflops
+from sweep_length import TEXT
 
 import steerlens as sl
 from steerlens import _tl
@@ -46,7 +47,6 @@ from steerlens.methods import FishBackConfig, steer_batch
 from steerlens.metric.pullback import MetricOptions, lens_rows
 from steerlens.metric.state import prompt_state
 
-TEXT = Path(__file__).with_name("sweep_length.py")  # its TEXT constant, read below
 MODELS = ("default", "gemma-3-270m", "gpt2-small-shaped")
 OPERATIONS = ("sweep", "dataset", "fishback")
 #: (prompt length, batch size), in increasing size
@@ -76,11 +76,8 @@ def load(name: str):
 
 
 def text_tokens(model) -> torch.Tensor:
-    namespace: dict = {}
-    source = TEXT.read_text()
-    start = source.index("TEXT = (")
-    exec(source[start : source.index("\n)\n", start) + 3], namespace)
-    text = namespace["TEXT"]
+    """The sweep-length bench's text, twice over, as token ids."""
+    text = TEXT
     if model.tokenizer is not None:
         ids = model.to_tokens(text, prepend_bos=False)[0]
     else:  # the random model: the default model's tokenizer's ids are all in its vocabulary

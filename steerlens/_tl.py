@@ -13,7 +13,7 @@ exported here too; the rest of steerlens imports them from this module.
 >>> model = tiny_model("llama")
 >>> attention_weights(model, 0).w_k.shape   # grouped-query keys unexpanded: [kv, d_model, d_head]
 torch.Size([1, 16, 4])
->>> positional_embedding(model), is_plain_prenorm_block(model, 0, n_pos=8)
+>>> positional_embedding(model), is_fast_block(model, 0, n_pos=8)
 ('rotary', True)
 """
 
@@ -29,14 +29,18 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import TransformerLensKeyValueCache as KeyValueCache
 from transformer_lens import loading_from_pretrained as tl_loading
+from transformer_lens.components.layer_norm import LayerNorm
+from transformer_lens.components.layer_norm_pre import LayerNormPre
 from transformer_lens.components.mlps.gated_mlp import GatedMLP
 from transformer_lens.components.mlps.mlp import MLP
+from transformer_lens.components.rms_norm import RMSNorm
+from transformer_lens.components.rms_norm_pre import RMSNormPre
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 __all__ = [
     "CONFIG_PATH_WORDS",
     "HOOKED_TRANSFORMER_DEPRECATION",
-    "PLAIN_BLOCK_OFF_FLAGS",
+    "FAST_BLOCK_OFF_FLAGS",
     "AttentionWeights",
     "HookedTransformer",
     "HookedTransformerConfig",
@@ -46,6 +50,7 @@ __all__ = [
     "attn_result_enabled",
     "block_forward_cached",
     "block_norms",
+    "block_post_norms",
     "cached_keys_values",
     "config_from_dict",
     "config_to_dict",
@@ -54,7 +59,7 @@ __all__ = [
     "freeze_before_last",
     "from_pretrained_raw",
     "is_causal",
-    "is_plain_prenorm_block",
+    "is_fast_block",
     "mlp_weights",
     "model_from_state_dict",
     "new_kv_cache",
@@ -65,6 +70,8 @@ __all__ = [
     "positional_embedding",
     "pretrained_config",
     "pretrained_state_dict",
+    "norm_form",
+    "qk_norms",
     "rotate",
     "transposed_linear_weights",
 ]
@@ -196,14 +203,12 @@ def normalizes_block_outputs(model: HookedTransformer) -> bool:
     return str(model.cfg.original_architecture) in POST_NORM_ARCHITECTURES
 
 
-#: config flags any of which makes a block other than the plain pre-norm block
-PLAIN_BLOCK_OFF_FLAGS: tuple[str, ...] = (
+#: config flags any of which makes a block other than the decoder block the fast map writes out
+FAST_BLOCK_OFF_FLAGS: tuple[str, ...] = (
     "attn_only",
     "parallel_attn_mlp",
     "use_attn_in",
     "use_split_qkv_input",
-    "use_normalization_before_and_after",
-    "use_qk_norm",
     "use_logn_attn",
     "use_attention_sinks",
     "load_in_4bit",
@@ -211,17 +216,19 @@ PLAIN_BLOCK_OFF_FLAGS: tuple[str, ...] = (
 )
 
 
-def is_plain_prenorm_block(model: HookedTransformer, layer: int, n_pos: int) -> bool:
-    """Whether block ``layer`` on a prompt of ``n_pos`` tokens is the plain pre-norm decoder block:
-    ``mid = x + attn(ln1(x))``, ``out = mid + mlp(ln2(mid))`` with standard or rotary positions,
-    global attention (or a local window that covers the prompt), no soft-cap, QK-norm, clipping or
-    post-norms, and a plain or gated MLP with an elementwise activation.
+def is_fast_block(model: HookedTransformer, layer: int, n_pos: int) -> bool:
+    """Whether block ``layer`` on a prompt of ``n_pos`` tokens is the decoder block the fast block
+    map writes out: ``mid = x + post1(attn(ln1(x)))``, ``out = mid + post2(mlp(ln2(mid)))``, the
+    post-norms present only with ``use_normalization_before_and_after`` (Gemma 2/3), with standard
+    or rotary positions, per-head QK-norm or none (``use_qk_norm``: Gemma 3, Qwen 3), global
+    attention (or a local window that covers the prompt), no soft-cap or clipping, and a plain or
+    gated MLP with an elementwise activation.
 
-    OLMo-family models are excluded by name: TransformerLens switches their post-norms, QK-norm and
-    clamps on ``cfg.original_architecture``, not on a config flag."""
+    OLMo-family models are excluded by name: TransformerLens switches their post-norms, QK-norm
+    over all heads and clamps on ``cfg.original_architecture``, not on a config flag."""
     cfg = model.cfg
     block = model.blocks[layer]
-    if any(getattr(cfg, flag, False) for flag in PLAIN_BLOCK_OFF_FLAGS):
+    if any(getattr(cfg, flag, False) for flag in FAST_BLOCK_OFF_FLAGS):
         return False
     if (getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) > 0 or cfg.clip_qkv is not None:
         return False
@@ -229,10 +236,44 @@ def is_plain_prenorm_block(model: HookedTransformer, layer: int, n_pos: int) -> 
         return False
     if type(block.mlp) not in (MLP, GatedMLP) or cfg.is_layer_norm_activation():
         return False
+    if cfg.use_qk_norm and not all(
+        norm_form(getattr(block.attn, name, None)) == (False, True) for name in ("q_norm", "k_norm")
+    ):
+        return False
     window = getattr(block.attn, "attn_type", "global")
     if window != "global" and (cfg.window_size is None or n_pos > cfg.window_size):
         return False
     return "Olmo" not in str(cfg.original_architecture)
+
+
+def norm_form(module: object) -> tuple[bool, bool] | None:
+    """``(centred, weighted)`` for a TransformerLens norm module, each mapping x to
+    ``w ⊙ n / s (+ b)`` over its last axis, n the centred (LayerNorm) or plain (RMSNorm) x and s
+    its root mean square plus ``eps``: LayerNorm (True, True), LayerNormPre (True, False),
+    RMSNorm (False, True), RMSNormPre (False, False); None for anything else."""
+    forms = {LayerNorm: (True, True), LayerNormPre: (True, False)}
+    forms |= {RMSNorm: (False, True), RMSNormPre: (False, False)}
+    return forms.get(type(module))  # type: ignore[arg-type]
+
+
+def qk_norms(model: HookedTransformer, layer: int) -> tuple[Any, Any]:
+    """Block ``layer``'s per-head query and key norms ``(q_norm, k_norm)`` (RMSNorms over d_head,
+    applied to the projected queries and keys before the rotary embedding; the keys are cached
+    after it), or ``(None, None)`` where ``use_qk_norm`` is off."""
+    if not model.cfg.use_qk_norm:
+        return None, None
+    attn = model.blocks[layer].attn
+    return attn.q_norm, attn.k_norm
+
+
+def block_post_norms(model: HookedTransformer, layer: int) -> tuple[Any, Any]:
+    """Block ``layer``'s norms after attention and after the MLP ``(ln1_post, ln2_post)``
+    (``use_normalization_before_and_after``: ``hook_attn_out`` and ``hook_mlp_out`` read after
+    them, ``hook_result`` before), or ``(None, None)``."""
+    if not model.cfg.use_normalization_before_and_after:
+        return None, None
+    block = model.blocks[layer]
+    return block.ln1_post, block.ln2_post
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,13 @@
 """Test support, outside the public API: tiny random models (GPT-2-like and Llama-like, float64
 by default) and a fake tokenizer, for tests, doctests and examples that need no real model.
 
-Two flavours of tiny model cover the architectures steerlens must handle:
+Three flavours of tiny model cover the architectures steerlens must handle:
 
 - ``"gpt2"``: LayerNorm, learned absolute positions, GELU MLP, multi-head attention.
 - ``"llama"``: RMSNorm, rotary positions, gated SiLU MLP, grouped-query attention.
+- ``"gemma"``: Gemma 3's block: the llama flavour with a gated tanh-GELU MLP, per-head QK-norm,
+  norms after attention and after the MLP, and local (sliding-window, its own rotary base) and
+  global layers in turn; its norm weights are drawn around one so that every norm matters.
 
 >>> model = tiny_model("llama")
 >>> model.cfg.n_layers, model.cfg.d_model, model.cfg.n_key_value_heads
@@ -23,8 +26,8 @@ import torch
 from steerlens._tl import HookedTransformer, HookedTransformerConfig
 from steerlens.errors import InputError
 
-Flavour = Literal["gpt2", "llama"]
-FLAVOURS: tuple[str, ...] = ("gpt2", "llama")
+Flavour = Literal["gpt2", "llama", "gemma"]
+FLAVOURS: tuple[str, ...] = ("gpt2", "llama", "gemma")
 
 
 def tiny_config(
@@ -71,6 +74,24 @@ def tiny_config(
             n_key_value_heads=max(1, n_heads // 4),
             final_rms=True,
         )
+    if flavour == "gemma":
+        return HookedTransformerConfig(
+            **common,
+            act_fn="gelu_pytorch_tanh",
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=d_model // n_heads,
+            rotary_base=10000,
+            rotary_base_local=100,
+            gated_mlp=True,
+            n_key_value_heads=max(1, n_heads // 4),
+            final_rms=True,
+            use_qk_norm=True,
+            use_normalization_before_and_after=True,
+            use_local_attn=True,
+            attn_types=["local" if i % 2 == 0 else "global" for i in range(n_layers)],
+            window_size=n_ctx,
+        )
     raise InputError(f"unknown tiny model flavour {flavour!r}; valid flavours: {FLAVOURS}")
 
 
@@ -88,9 +109,12 @@ def tiny_model(
         # Default init gives near-uniform softmax outputs; sharpen the unembedding so that the
         # next-token distribution has a few dominant tokens, as real models do.
         model.unembed.W_U.mul_(4.0)
+        norm_draws = torch.Generator().manual_seed((cfg.seed or 0) + 1)
         for name, param in model.named_parameters():
             if name.endswith(("b_in", "b_out", "b_Q", "b_K", "b_V", "b_O", "b_U")):
                 param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(cfg.seed or 0))
+            if flavour == "gemma" and name.endswith(".w"):  # the norms' weights, ones at init
+                param.normal_(1.0, 0.3, generator=norm_draws)
     model.eval()
     if device is not None and torch.device(device) != torch.device(str(model.cfg.device)):
         model.to(device)

@@ -52,6 +52,23 @@ def llama_model():
     return tiny_model("llama", device=DEVICE)
 
 
+@pytest.fixture(scope="session")
+def gemma_model():
+    """The Gemma-3-like tiny model (QK-norm, post-norms, local and global layers)."""
+    return tiny_model("gemma", device=DEVICE)
+
+
+def fallback_model(n_layers: int = 2):
+    """A llama-flavour float64 model whose blocks only the hooked map fits (an attention
+    soft-cap, which the fast block map does not write out), with QK-norm too."""
+    from steerlens import _tl
+    from steerlens.testing import tiny_config
+
+    fields = _tl.config_to_dict(tiny_config("llama", n_layers=n_layers))
+    fields |= dict(use_qk_norm=True, attn_scores_soft_cap=20.0)
+    return _tl.HookedTransformer(_tl.config_from_dict(fields)).eval().to(DEVICE)
+
+
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])

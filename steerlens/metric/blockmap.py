@@ -12,15 +12,16 @@ through the whole block by hand (the recursive sweep's reverse-mode pass).
 
 Two implementations, checked against each other and against brute force in the tests:
 
-- :class:`FastBlock` for the common pre-norm decoder block (LayerNorm or RMSNorm; learned or
-  rotary positions; plain or gated MLP; multi-head or grouped-query attention). It attends from
+- :class:`FastBlock` for the common decoder block (LayerNorm or RMSNorm; learned or rotary
+  positions; plain or gated MLP; multi-head or grouped-query attention; per-head QK-norm and the
+  norms after attention and after the MLP of Gemma 2/3, where present). It attends from
   the single query to the cached keys (rotated once), with queries viewed as
   ``[kv_heads, group, d_head]`` so grouped keys are never expanded, and splits the scores into
   the fixed past and the new key so no gradient flows into the past. Its captures (``z``,
   ``result``, ``attn_out``) all lie in the attention half: a captures-only call stops there.
-- :class:`HookedBlock`, a fallback for every other block TransformerLens builds (post-norms,
-  QK-norm, soft-caps...): TransformerLens's own block forward with a frozen key-value cache entry,
-  deltas and captures attached as hooks inside the context.
+- :class:`HookedBlock`, a fallback for every other block TransformerLens builds (soft-caps,
+  clipping, OLMo's norms...): TransformerLens's own block forward with a frozen key-value cache
+  entry, deltas and captures attached as hooks inside the context.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ BlockFn = Callable[..., tuple[Tensor, ...]]
 
 
 def fast_supported(model: HookedTransformer, layer: int, n_pos: int) -> bool:
-    """Whether :class:`FastBlock` computes block ``layer`` exactly: the block is the plain pre-norm
-    decoder block it writes out (:func:`steerlens._tl.is_plain_prenorm_block`)."""
-    return _tl.is_plain_prenorm_block(model, layer, n_pos)
+    """Whether :class:`FastBlock` computes block ``layer`` exactly: the block is the decoder
+    block it writes out (:func:`steerlens._tl.is_fast_block`)."""
+    return _tl.is_fast_block(model, layer, n_pos)
 
 
 class FastBlock:
@@ -62,6 +63,10 @@ class FastBlock:
         self.model, self.layer = model, layer
         self.rotary = _tl.positional_embedding(model) == "rotary"
         self.ln1, self.ln2 = _tl.block_norms(model, layer)
+        #: the norms after attention and after the MLP (Gemma 2/3), or None
+        self.ln1_post, self.ln2_post = _tl.block_post_norms(model, layer)
+        #: the per-head query and key norms before the rotary embedding (Gemma 3), or None
+        self.q_norm, self.k_norm = _tl.qk_norms(model, layer)
         self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
         self.n_kv = cfg.n_key_value_heads or cfg.n_heads
         self.pos = state.n_pos - 1
@@ -99,13 +104,27 @@ class FastBlock:
         rotated = _tl.rotate(self.model, self.layer, x.view(rows, 1, n, self.d_head), self.pos)
         return rotated.view(rows, n, self.d_head)
 
+    def head_norm(self, norm: Callable[[Tensor], Tensor] | None, y: Tensor) -> Tensor:
+        """``y`` ``[rows, n * d_head]`` with ``norm`` (:attr:`q_norm` / :attr:`k_norm`) applied to
+        each head's d_head values (unchanged where the block has no QK-norm)."""
+        if norm is None:
+            return y
+        return norm(y.reshape(-1, self.d_head)).view(y.shape)
+
+    def post_attention(self, a: Tensor) -> Tensor:
+        """The attention output ``a`` (Σ heads' results + b_O, ``[d_model]`` or ``[rows,
+        d_model]``) as ``hook_attn_out`` reads it: through :attr:`ln1_post` where there is one."""
+        if self.ln1_post is None:
+            return a
+        return self.ln1_post(a.reshape(-1, 1, a.shape[-1])).view(a.shape)
+
     def _heads(self, x: Tensor) -> Tensor:
         """hook_z ``[rows, head, d_head]`` for each row of ``x`` ``[rows, d_model]`` taken on its
         own as the residual at the last position (the rows do not attend to each other)."""
         rows = x.shape[0]
         h = self.ln1(x.view(rows, 1, -1)).view(rows, -1)
-        q = self._rotate(h @ self.w_q + self.b_q, self.n_heads)
-        k = self._rotate(h @ self.w_k + self.b_k, self.n_kv)
+        q = self._rotate(self.head_norm(self.q_norm, h @ self.w_q + self.b_q), self.n_heads)
+        k = self._rotate(self.head_norm(self.k_norm, h @ self.w_k + self.b_k), self.n_kv)
         v = (h @ self.w_v + self.b_v).view(rows, self.n_kv, self.d_head)
         group = self.n_heads // self.n_kv
         qg = q.view(rows, self.n_kv, group, self.d_head)
@@ -123,19 +142,21 @@ class FastBlock:
         half at ``x``: ``(J_A t at hook_attn_out [rows, d_model], (∂z/∂x) t [rows, head,
         d_head])``. The attention is linearised by hand (rotary is linear, the softmax's
         derivative is p ⊙ (ṡ − ⟨p, ṡ⟩)), so the primal runs once and the rows meet each cached
-        key-value head in one matmul."""
+        key-value head in one matmul. The norms (ln1, QK-norm, ln1_post) take one
+        ``torch.func.jvp`` over all rows."""
         rows, n_past, group = tangents.shape[0], self.k_past.shape[1], self.n_heads // self.n_kv
-        h, t_h = torch.func.jvp(
-            lambda y: self.ln1(y.view(rows, 1, -1)).view(rows, -1),
-            (x.expand_as(tangents).contiguous(),),  # jvp refuses a primal of overlapping rows
-            (tangents,),
-        )[:2]
-        h = h[:1]
-        q = self._rotate(h @ self.w_q + self.b_q, self.n_heads)[0]
-        k = self._rotate(h @ self.w_k + self.b_k, self.n_kv)[0]
+        h, t_h = _rows_jvp(lambda y: self.ln1(y.view(rows, 1, -1)).view(rows, -1), x, tangents)
+        q_raw, t_q = h @ self.w_q + self.b_q, t_h @ self.w_q
+        k_raw, t_k = h @ self.w_k + self.b_k, t_h @ self.w_k
+        if self.q_norm is not None:
+            q_raw, t_q = _rows_jvp(lambda y: self.head_norm(self.q_norm, y), q_raw[0], t_q)
+        if self.k_norm is not None:
+            k_raw, t_k = _rows_jvp(lambda y: self.head_norm(self.k_norm, y), k_raw[0], t_k)
+        q = self._rotate(q_raw, self.n_heads)[0]
+        k = self._rotate(k_raw, self.n_kv)[0]
         v = (h @ self.w_v + self.b_v).view(self.n_kv, self.d_head)
-        t_q = self._rotate(t_h @ self.w_q, self.n_heads).view(rows, self.n_kv, group, -1)
-        t_k = self._rotate(t_h @ self.w_k, self.n_kv)
+        t_q = self._rotate(t_q, self.n_heads).view(rows, self.n_kv, group, -1)
+        t_k = self._rotate(t_k, self.n_kv)
         t_v = (t_h @ self.w_v).view(rows, self.n_kv, self.d_head)
         qg = q.view(self.n_kv, group, self.d_head)
         past = torch.einsum("kgd,ktd->kgt", qg, self.k_past)
@@ -152,7 +173,13 @@ class FastBlock:
             + pattern[..., n_past:] * t_v.unsqueeze(2)
         )
         t_z = t_z.reshape(rows, self.n_heads, self.d_head)
-        return t_z.flatten(1) @ self.w_o_flat, t_z
+        t_attn = t_z.flatten(1) @ self.w_o_flat
+        if self.ln1_post is not None:
+            z = torch.einsum("kgt,ktd->kgd", pattern[..., :n_past], self.v_past)
+            z = z + pattern[..., n_past:] * v.unsqueeze(1)
+            a = z.reshape(-1) @ self.w_o_flat + self.b_o
+            t_attn = _rows_jvp(self.post_attention, a, t_attn)[1]
+        return t_attn, t_z
 
     def pullback(
         self, x: Tensor, rows: Tensor, kinds: Sequence[str] = (), *, contract: bool | None = None
@@ -183,6 +210,7 @@ class FastBlock:
             attn_out = result.sum(0) + self.b_o
         else:
             attn_out = z.reshape(-1) @ self.w_o_flat + self.b_o
+        attn_out = self.post_attention(attn_out)
         if "attn_out" in deltas:
             attn_out = attn_out + deltas["attn_out"]
         values["attn_out"] = attn_out
@@ -193,10 +221,13 @@ class FastBlock:
             mid = mid + deltas["resid_mid"]
         return (mid + self.mlp(mid, deltas), *[values[c] for c in capture])
 
-    def mlp(self, mid: Tensor, deltas: Mapping[str, Tensor] | None = None) -> Tensor:
+    def mlp(
+        self, mid: Tensor, deltas: Mapping[str, Tensor] | None = None, *, post_norm: bool = True
+    ) -> Tensor:
         """The MLP half's output ``hook_mlp_out`` at ``mid`` (``hook_resid_mid``: one residual
         ``[d_model]`` or rows of them ``[rows, d_model]``), with ``deltas`` added at
-        ``mlp_pre``, ``mlp_post`` and ``mlp_out``."""
+        ``mlp_pre``, ``mlp_post`` and ``mlp_out``. Where the block has :attr:`ln2_post` the output
+        goes through it (``post_norm=False``: the output before it)."""
         deltas = deltas or {}
         h2 = self.ln2(mid.reshape(-1, 1, mid.shape[-1])).view(mid.shape)
         if self.gated:
@@ -213,6 +244,8 @@ class FastBlock:
         if "mlp_post" in deltas:
             post = post + deltas["mlp_post"]
         mlp_out = post @ self.w_out + self.b_out
+        if self.ln2_post is not None and post_norm:
+            mlp_out = self.ln2_post(mlp_out.reshape(-1, 1, mlp_out.shape[-1])).view(mlp_out.shape)
         if "mlp_out" in deltas:
             mlp_out = mlp_out + deltas["mlp_out"]
         return mlp_out
@@ -274,6 +307,16 @@ def attention_pushforward(
 
         t_attn, t_z = torch.vmap(push)(tangents)
     return t_attn, t_z
+
+
+def _rows_jvp(fn: Callable[[Tensor], Tensor], x: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
+    """``fn`` (a function of rows, each on its own) at the single point ``x`` ``[m]`` and its
+    Jacobian there applied to each row of ``tangents`` ``[rows, m]``: ``(fn(x) [1, m'],
+    tangents' images [rows, m'])``, by one ``torch.func.jvp`` over the rows."""
+    rows = tangents.shape[0]
+    primal = x.reshape(1, -1).expand(rows, -1).contiguous()  # jvp refuses overlapping rows
+    value, t_value = torch.func.jvp(fn, (primal,), (tangents,))[:2]
+    return value[:1], t_value
 
 
 def _hooked_block(

@@ -16,11 +16,12 @@ d_mlp, prompt length T, heads h, key-value heads kv, d_head):
   (a short prompt) and no ``z`` rows are wanted, W_O is contracted once with the values and the
   keys with W_Q; the new key's rows always take h columns through the rotated queries and W_K.
 
-LayerNorm and RMSNorm are transposed by hand (a rank-one or rank-two update of the weighted rows);
-another norm, and the rotary embedding, by one ``torch.func.vjp`` over all rows (each row is
-normalised, and rotated, on its own); the activation by one vjp of the single pre-activation
-vector, so every elementwise activation TransformerLens builds is exact. The softmax's transpose
-is g_s = p ⊙ (g_p − ⟨p, g_p⟩).
+LayerNorm and RMSNorm are transposed by hand (a rank-one or rank-two update of the weighted rows),
+and so are the per-head QK-norms (Gemma 3) and the norms after attention and after the MLP
+(Gemma 2/3), each at its own primal; another norm, and the rotary embedding, by one
+``torch.func.vjp`` over all rows (each row is normalised, and rotated, on its own); the
+activation by one vjp of the single pre-activation vector, so every elementwise activation
+TransformerLens builds is exact. The softmax's transpose is g_s = p ⊙ (g_p − ⟨p, g_p⟩).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from steerlens import _tl
+
 if TYPE_CHECKING:
     from steerlens.metric.blockmap import FastBlock
 
@@ -40,7 +43,9 @@ if TYPE_CHECKING:
 class _Primal:
     """The block's forward values at x that the reverse pass reads: the rotated query
     [kv, group, d_head], the rotated keys and the values of every position [kv, T+1, d_head],
-    the attention pattern [kv, group, T+1], the residual mid and ln2's output."""
+    the attention pattern [kv, group, T+1], the residual mid and ln2's output; where the block
+    has them, the query and the new key before their QK-norms ([head, d_head], [kv, d_head]),
+    the attention output before ln1_post and the MLP output before ln2_post ([d_model])."""
 
     q: Tensor
     keys: Tensor
@@ -48,21 +53,39 @@ class _Primal:
     pattern: Tensor
     mid: Tensor
     h2: Tensor
+    q_raw: Tensor | None = None
+    k_raw: Tensor | None = None
+    attn_raw: Tensor | None = None
+    mlp_raw: Tensor | None = None
 
 
 def _primal(b: FastBlock, x: Tensor) -> _Primal:
     group = b.n_heads // b.n_kv
     h = b.ln1(x.view(1, 1, -1)).view(1, -1)
-    q = b._rotate(h @ b.w_q + b.b_q, b.n_heads)[0].view(b.n_kv, group, b.d_head)
-    k = b._rotate(h @ b.w_k + b.b_k, b.n_kv)[0]
+    q_raw, k_raw = h @ b.w_q + b.b_q, h @ b.w_k + b.b_k
+    q = b._rotate(b.head_norm(b.q_norm, q_raw), b.n_heads)[0].view(b.n_kv, group, b.d_head)
+    k = b._rotate(b.head_norm(b.k_norm, k_raw), b.n_kv)[0]
     v = (h @ b.w_v + b.b_v).view(b.n_kv, b.d_head)
     keys = torch.cat([b.k_past, k.unsqueeze(1)], 1)
     values = torch.cat([b.v_past, v.unsqueeze(1)], 1)
     pattern = torch.softmax(torch.einsum("kgd,ktd->kgt", q, keys) / b.scale, -1)
     z = torch.einsum("kgt,ktd->kgd", pattern, values)
-    mid = x + z.reshape(-1) @ b.w_o_flat + b.b_o
+    attn_raw = z.reshape(-1) @ b.w_o_flat + b.b_o
+    mid = x + b.post_attention(attn_raw)
     h2 = b.ln2(mid.view(1, 1, -1)).view(-1)
-    return _Primal(q, keys, values, pattern, mid, h2)
+    post = b.ln2_post is not None
+    return _Primal(
+        q,
+        keys,
+        values,
+        pattern,
+        mid,
+        h2,
+        q_raw.view(b.n_heads, b.d_head) if b.q_norm is not None else None,
+        k_raw.view(b.n_kv, b.d_head) if b.k_norm is not None else None,
+        attn_raw if b.ln1_post is not None else None,
+        b.mlp(mid, post_norm=False) if post else None,  # ln2_post's input: the MLP half without it
+    )
 
 
 @torch.no_grad()  # no graph w.r.t. the weights; the norms' torch.func.vjp still runs
@@ -81,22 +104,25 @@ def block_pullback(
     never (False)."""
     n_rows = rows.shape[0]
     p = _primal(b, x)
-    g_h2, mlp_rows = _mlp_rows(b, p.h2, rows, kinds, contract)
+    g_mlp = rows if p.mlp_raw is None else _module_vjp(b.ln2_post, p.mlp_raw, rows)
+    g_h2, mlp_rows = _mlp_rows(b, p.h2, g_mlp, kinds, contract)
     g_mid = rows + _norm_vjp(b, b.ln2, p.mid, g_h2)
-    g_h, g_z = _attention_rows(b, p, g_mid, kinds, contract)
+    g_attn = g_mid if p.attn_raw is None else _module_vjp(b.ln1_post, p.attn_raw, g_mid)
+    g_h, g_z = _attention_rows(b, p, g_attn, kinds, contract)
     out = {"resid_pre": g_mid + _norm_vjp(b, b.ln1, x, g_h), "resid_mid": g_mid}
     out |= {"attn_out": g_mid, "mlp_out": rows, **mlp_rows}
     if g_z is not None:
         out["z"] = g_z.reshape(n_rows, b.n_heads, b.d_head)
     if "result" in kinds:
-        out["result"] = g_mid.unsqueeze(1).expand(-1, b.n_heads, -1).contiguous()
+        out["result"] = g_attn.unsqueeze(1).expand(-1, b.n_heads, -1).contiguous()
     return {kind: out[kind] for kind in ("resid_pre", *kinds)}
 
 
 def _mlp_rows(
     b: FastBlock, h2: Tensor, rows: Tensor, kinds: Sequence[str], contract: bool | None
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The rows at ln2's output, and at ``mlp_post`` / ``mlp_pre`` where asked for."""
+    """The rows at ln2's output, and at ``mlp_post`` / ``mlp_pre`` where asked for, from
+    ``rows`` at the MLP's output (before ln2_post, where there is one)."""
     if b.gated:
         assert b.w_gate is not None
         act, d_act = _act_and_derivative(b.act, h2 @ b.w_gate)
@@ -118,7 +144,8 @@ def _attention_rows(
     b: FastBlock, p: _Primal, g_mid: Tensor, kinds: Sequence[str], contract: bool | None
 ) -> tuple[Tensor, Tensor | None]:
     """The rows at ln1's output, and at ``hook_z`` [rows, kv, group, d_head] where they were
-    formed (None where the contracted route skipped them)."""
+    formed (None where the contracted route skipped them), from ``g_mid`` at the attention
+    output (Σ heads' results + b_O, before ln1_post where there is one)."""
     n_rows, d = g_mid.shape
     n_kv, group, d_head = p.q.shape
     n_pos, n_heads = p.keys.shape[1], b.n_heads
@@ -145,18 +172,26 @@ def _attention_rows(
     g_s = p.pattern * (g_pattern - (g_pattern * p.pattern).sum(-1, keepdim=True)) / b.scale
     g_new = g_s[..., -1].reshape(n_rows, n_heads)
     q_t = _rotate_transpose(b, p.q.reshape(1, -1), n_heads).view(n_kv, group, d_head)
+    if p.k_raw is not None:  # each head's key cotangent back through the k_norm of its kv head
+        q_t = _module_vjp(b.k_norm, p.k_raw, q_t.transpose(0, 1)).transpose(0, 1)
     from_key = torch.bmm(q_t, b.w_k.view(d, n_kv, d_head).permute(1, 2, 0)).view(n_heads, d)
     if g_z is None:
         # each position's key, rotated back as the query was, through W_Q
         keys = p.keys.unsqueeze(1).expand(-1, group, -1, -1).permute(2, 0, 1, 3)
         keys_t = _rotate_transpose(b, keys.reshape(n_pos, -1), n_heads)
-        keys_t = keys_t.view(n_pos, n_heads, d_head).transpose(0, 1)
+        keys_t = keys_t.view(n_pos, n_heads, d_head)
+        if p.q_raw is not None:
+            keys_t = _module_vjp(b.q_norm, p.q_raw, keys_t)
+        keys_t = keys_t.transpose(0, 1)
         w_q = b.w_q.view(d, n_heads, d_head).permute(1, 2, 0)
         from_query = torch.bmm(keys_t, w_q).view(-1, d)
         left = torch.cat([g_s.reshape(n_rows, -1), g_new, g_v], 1)
         return left @ torch.cat([from_query, from_key, b.w_v.T]), None
     g_q = torch.einsum("rkgt,ktd->rkgd", g_s, p.keys).reshape(n_rows, -1)
-    g_h = _rotate_transpose(b, g_q, n_heads) @ b.w_q.T + g_v @ b.w_v.T
+    g_q = _rotate_transpose(b, g_q, n_heads)
+    if p.q_raw is not None:
+        g_q = _module_vjp(b.q_norm, p.q_raw, g_q.view(n_rows, n_heads, d_head)).view(n_rows, -1)
+    g_h = g_q @ b.w_q.T + g_v @ b.w_v.T
     return g_h + g_new @ from_key, g_z
 
 
@@ -198,6 +233,29 @@ def _norm_vjp(b: FastBlock, norm: Callable[[Tensor], Tensor], x: Tensor, rows: T
     basis = torch.stack([n, torch.ones_like(n)]) if centred else n.unsqueeze(0)
     coef = a @ (basis.T / d)  # ⟨a, n⟩/d, and mean(a) where centred (n is centred too)
     return torch.addmm(a, coef, basis, alpha=-1)
+
+
+def _module_vjp(norm: Any, x: Tensor, rows: Tensor) -> Tensor:
+    """``rows`` ``[rows, *x.shape]`` pulled back through the norm module ``norm`` at each of
+    ``x``'s vectors on its own (``x`` ``[d]`` or ``[heads, d]``, normalised over its last axis):
+    by the transpose written out where ``norm`` is a TransformerLens LayerNorm / RMSNorm
+    (:func:`steerlens._tl.norm_form`), by one vjp over all rows otherwise."""
+    form = _tl.norm_form(norm)
+    if form is None:
+        n_rows = rows.shape[0]
+        flat = x.reshape(1, -1, x.shape[-1]).expand(n_rows, -1, -1)
+        vjp_fn = torch.func.vjp(norm, flat)[1]
+        return vjp_fn(rows.reshape(flat.shape))[0].view(rows.shape)
+    centred, weighted = form
+    x = x.to(rows.dtype)
+    d = x.shape[-1]
+    if centred:
+        x = x - x.mean(-1, keepdim=True)
+    s = (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+    n = x / s
+    a = rows * (norm.w.to(rows.dtype) / s if weighted else 1 / s)
+    out = a - (a * n).sum(-1, keepdim=True) / d * n
+    return out - a.mean(-1, keepdim=True) if centred else out
 
 
 def _act_and_derivative(act: Callable[[Tensor], Tensor], pre: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,7 @@ position, its earlier keys and values frozen. :class:`StackedPaths` holds one su
 prompt (prompts of any lengths) and runs points of *different* prompts through the blocks in one
 call: each block's weights are read once for every row, each row attends to its own prompt's
 cached keys and values (padded to the longest prompt, the padding masked out) at its own rotary
-position. Where some block after the site is not a plain pre-norm block (the fallback block
+position. Where some block after the site is not a fast block (the fallback block
 maps), the rows run prompt by prompt through their own paths instead; the values are the same.
 
 >>> import torch
@@ -82,8 +82,8 @@ class StackedBlock:
         row's prompt)."""
         w, rows = self.weights, x.shape[0]
         h = w.ln1(x.view(rows, 1, -1)).view(rows, -1)
-        q = self._rotate(h @ w.w_q + w.b_q, w.n_heads, counts)
-        k = self._rotate(h @ w.w_k + w.b_k, w.n_kv, counts)
+        q = self._rotate(w.head_norm(w.q_norm, h @ w.w_q + w.b_q), w.n_heads, counts)
+        k = self._rotate(w.head_norm(w.k_norm, h @ w.w_k + w.b_k), w.n_kv, counts)
         v = (h @ w.w_v + w.b_v).view(rows, w.n_kv, w.d_head)
         qg = q.view(rows, w.n_kv, w.n_heads // w.n_kv, w.d_head)
         k_past, v_past = self.k_past[index], self.v_past[index]
@@ -94,7 +94,7 @@ class StackedBlock:
         n_past = k_past.shape[2]
         z = torch.einsum("rkgt,rktd->rkgd", pattern[..., :n_past], v_past)
         z = z + pattern[..., n_past:] * v.unsqueeze(2)
-        mid = x + z.reshape(rows, -1) @ w.w_o_flat + w.b_o
+        mid = x + w.post_attention(z.reshape(rows, -1) @ w.w_o_flat + w.b_o)
         return mid + w.mlp(mid)
 
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from steerlens import _tl, errors
+from steerlens import errors
 from steerlens.concepts import TokenSet
 from steerlens.methods import (
     EuclideanConfig,
@@ -20,8 +20,8 @@ from steerlens.methods import (
 )
 from steerlens.metric.local import LocalPath
 from steerlens.metric.stacked import StackedPaths
-from steerlens.testing import tiny_config
-from tests.conftest import assert_untouched, unchecked, weights_snapshot
+from steerlens.testing import tiny_model
+from tests.conftest import DEVICE, assert_untouched, fallback_model, unchecked, weights_snapshot
 
 SITE = "resid_post.0"
 #: a checkpoint on the way to every target below (the concepts are log-probabilities)
@@ -32,12 +32,6 @@ PROMPTS = [
     torch.tensor([5]),
     torch.tensor([8, 8, 1, 3, 0]),
 ]
-
-
-def _qk_norm_model():
-    """A model whose blocks only the hooked map fits: the stacked paths fall back to a loop."""
-    fields = _tl.config_to_dict(tiny_config("llama", n_layers=2)) | {"use_qk_norm": True}
-    return _tl.HookedTransformer(_tl.config_from_dict(fields)).eval()
 
 
 def concepts(model, targets=(7, 11, 7, 2)) -> list[TokenSet]:
@@ -65,8 +59,16 @@ def assert_same_run(batched, alone) -> None:
         assert batched.path_rho[name] == pytest.approx(rho, rel=1e-8)
 
 
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gemma"])
+def any_model(request):
+    """A tiny float64 model of every flavour, the Gemma-3-like one included (QK-norm,
+    post-norms, local and global layers: fast blocks too)."""
+    return tiny_model(request.param, device=DEVICE)
+
+
 @pytest.mark.parametrize("site", ["resid_post.0", "resid_pre.0"])
-def test_stacked_logits_equal_each_prompts_own_path(model, site):
+def test_stacked_logits_equal_each_prompts_own_path(any_model, site):
+    model = any_model
     gen = torch.Generator().manual_seed(0)
     with StackedPaths(model, PROMPTS, site) as paths:
         assert paths.stacked
@@ -94,7 +96,7 @@ def test_stacked_logits_equal_each_prompts_own_path(model, site):
 
 
 def test_stacked_logits_loop_where_a_block_is_not_fast():
-    net = _qk_norm_model().to(torch.float64)
+    net = fallback_model()
     with StackedPaths(net, PROMPTS[:2], SITE) as paths:
         assert not paths.stacked
         xs = torch.stack([p.x0 for p in paths.paths])
@@ -113,7 +115,8 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.name}-{c.site}")
-def test_a_batch_gives_each_prompts_run_alone(model, cfg):
+def test_a_batch_gives_each_prompts_run_alone(any_model, cfg):
+    model = any_model
     snapshot = weights_snapshot(model)
     cs = concepts(model)
     runs = steer_batch(model, cfg, cs, PROMPTS, checkpoints=[MARK])
@@ -157,7 +160,7 @@ def test_a_batch_with_compare_and_a_stop_concept(model):
 
 
 def test_a_batch_on_blocks_that_are_not_fast():
-    net = _qk_norm_model().to(torch.float64)
+    net = fallback_model()
     cfg = EuclideanConfig(SITE, 0.3)
     concept = TokenSet.from_ids([7], d_vocab=net.cfg.d_vocab)
     runs = steer_batch(net, cfg, concept, PROMPTS[:3])

@@ -27,7 +27,7 @@ from steerlens.methods import (
 )
 from steerlens.methods.iterative import conjugate_gradient
 from steerlens.metric.local import LocalPath
-from tests.conftest import assert_untouched, unchecked, weights_snapshot
+from tests.conftest import assert_untouched, fallback_model, unchecked, weights_snapshot
 from tests.oracle import kl, oracle_metric
 
 TARGET = 7
@@ -96,18 +96,9 @@ def test_local_path_gradient_equals_whole_model(model, tokens):
     assert torch.allclose(g, full_grad(model, tokens, SITE, concept), atol=1e-10)
 
 
-def _qk_norm_model():
-    """A block only the hooked map fits (QK-norm): LocalPath loops instead of vmapping."""
-    from steerlens import _tl
-    from steerlens.testing import tiny_config
-
-    fields = _tl.config_to_dict(tiny_config("llama", n_layers=2)) | {"use_qk_norm": True}
-    return _tl.HookedTransformer(_tl.config_from_dict(fields)).eval()
-
-
-@pytest.mark.parametrize("flavour", ["plain", "qk_norm"])
+@pytest.mark.parametrize("flavour", ["plain", "fallback"])
 def test_local_path_batched_equals_one_point_at_a_time(model, tokens, flavour):
-    net = model if flavour == "plain" else _qk_norm_model()
+    net = model if flavour == "plain" else fallback_model()
     concept = concept_for(net)
     with LocalPath(net, tokens, SITE) as path:
         assert path.vectorized == (flavour == "plain")

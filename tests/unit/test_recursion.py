@@ -19,6 +19,7 @@ from steerlens.metric.pullback import MetricOptions, lens_rows
 from steerlens.metric.recursion import _DELTA_KINDS, pull_block
 from steerlens.metric.state import prompt_state
 from steerlens.testing import FLAVOURS, tiny_config, tiny_model
+from tests.conftest import fallback_model
 from tests.oracle import vjp_block_shares
 
 OPTIONS = {
@@ -39,11 +40,7 @@ def deep_model(request):
 @pytest.fixture(scope="module")
 def non_plain_model():
     """A llama-flavour model with QK-norm and an attention soft-cap: only the hooked map fits."""
-    fields = _tl.config_to_dict(tiny_config("llama", n_layers=2))
-    fields |= dict(use_qk_norm=True, attn_scores_soft_cap=20.0)
-    model = _tl.HookedTransformer(_tl.config_from_dict(fields))
-    model.eval()
-    return model
+    return fallback_model()
 
 
 def _walk(model, tokens, options, fast):
@@ -148,11 +145,12 @@ def test_attention_pushforward_equals_jacobian(deep_model):
         assert torch.allclose(t_z, want_z, rtol=0, atol=1e-12), fast
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "llama-gqa2"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "llama-gqa2", "gemma"])
 def reverse_model(request):
     """Three-block tiny float64 models: GPT-2-like (LayerNorm, learned positions, GELU,
     multi-head), Llama-like (RMSNorm, rotary, gated SiLU, one key-value head for four query
-    heads) and Llama-like with two key-value heads for eight query heads."""
+    heads), Llama-like with two key-value heads for eight query heads, and Gemma-3-like
+    (QK-norm, post-norms, local and global layers)."""
     if request.param != "llama-gqa2":
         return tiny_model(request.param, n_layers=3)
     fields = _tl.config_to_dict(tiny_config("llama", n_layers=3, n_heads=8, d_model=32))

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformer_lens.components.layer_norm import LayerNorm
+from transformer_lens.components.layer_norm_pre import LayerNormPre
+from transformer_lens.components.rms_norm import RMSNorm
+from transformer_lens.components.rms_norm_pre import RMSNormPre
 
 from steerlens import _tl
 from steerlens.models import convert, offline
@@ -213,16 +217,17 @@ def test_is_causal(model, tokens):
     assert not _tl.is_causal(_variant(attention_dir="bidirectional"))
 
 
-def test_plain_block_off_flags():
+def test_fast_block_off_flags():
     fields = {f.name for f in dataclasses.fields(_tl.HookedTransformerConfig)}
     read = ("attn_scores_soft_cap", "clip_qkv", "window_size", "original_architecture")
-    assert set(_tl.PLAIN_BLOCK_OFF_FLAGS) | set(read) <= fields  # a renamed flag reads as off
+    read += ("use_qk_norm", "use_normalization_before_and_after")
+    assert set(_tl.FAST_BLOCK_OFF_FLAGS) | set(read) <= fields  # a renamed flag reads as off
 
 
-def test_is_plain_prenorm_block(model, tokens):
+def test_is_fast_block(model, gemma_model, tokens):
     acts = _run(model, tokens)
     for layer in range(model.cfg.n_layers):
-        assert _tl.is_plain_prenorm_block(model, layer, len(tokens))
+        assert _tl.is_fast_block(model, layer, len(tokens))
         pre, mid, post = (acts[f"blocks.{layer}.hook_resid_{k}"] for k in ("pre", "mid", "post"))
         assert _close(mid, pre + acts[f"blocks.{layer}.hook_attn_out"])  # the two residual adds;
         assert _close(
@@ -231,7 +236,6 @@ def test_is_plain_prenorm_block(model, tokens):
     off = dict(
         attn_only=True,
         parallel_attn_mlp=True,
-        use_qk_norm=True,
         attn_scores_soft_cap=50.0,
         clip_qkv=8.0,
         act_fn="solu_ln",
@@ -239,10 +243,57 @@ def test_is_plain_prenorm_block(model, tokens):
         original_architecture="Olmo2ForCausalLM",
     )
     for field, value in off.items():
-        assert not _tl.is_plain_prenorm_block(_variant(**{field: value}), 0, 8), field
+        assert not _tl.is_fast_block(_variant(**{field: value}), 0, 8), field
     local = _variant(use_local_attn=True, attn_types=["local", "global"], window_size=4)
-    assert [_tl.is_plain_prenorm_block(local, layer, 8) for layer in (0, 1)] == [False, True]
-    assert _tl.is_plain_prenorm_block(local, 0, 4)  # the window covers the prompt
+    assert [_tl.is_fast_block(local, layer, 8) for layer in (0, 1)] == [False, True]
+    assert _tl.is_fast_block(local, 0, 4)  # the window covers the prompt
+    # Gemma 3's block (QK-norm, post-norms, local layers within their window) is written out
+    assert all(_tl.is_fast_block(gemma_model, layer, len(tokens)) for layer in range(2))
+    assert _tl.is_fast_block(_variant(use_qk_norm=True), 0, 8)
+    assert not _tl.is_fast_block(_variant(use_qk_norm=True, attn_scores_soft_cap=50.0), 0, 8)
+
+
+def test_norm_form():
+    """Each TransformerLens norm computes w ⊙ n / s (+ b) in the form norm_form names."""
+    cfg = tiny_config()
+    x = torch.randn(3, cfg.d_model, dtype=torch.float64)
+    for cls in (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre):
+        module = cls(cfg)
+        if hasattr(module, "w"):
+            with torch.no_grad():
+                module.w.normal_()
+        centred, weighted = _tl.norm_form(module)
+        n = x - x.mean(-1, keepdim=True) if centred else x
+        want = n / (n.pow(2).mean(-1, keepdim=True) + module.eps).sqrt()
+        if weighted:
+            want = want * module.w + (module.b if hasattr(module, "b") else 0)
+        assert _close(module(x[:, None])[:, 0], want), cls.__name__
+    assert _tl.norm_form(torch.nn.Identity()) is None
+
+
+def test_qk_norms(llama_model, gemma_model, tokens):
+    assert _tl.qk_norms(llama_model, 0) == (None, None)
+    acts = _run(gemma_model, tokens)
+    for layer in range(gemma_model.cfg.n_layers):
+        q_norm, k_norm = _tl.qk_norms(gemma_model, layer)
+        # each head's projection is normalised, then rotated (the cached keys are not rotated)
+        for norm, kind in ((q_norm, "q"), (k_norm, "k")):
+            raw = acts[f"blocks.{layer}.attn.hook_{kind}"]
+            rotated = _tl.rotate(gemma_model, layer, norm(raw), 0)
+            assert _close(rotated, acts[f"blocks.{layer}.attn.hook_rot_{kind}"]), (layer, kind)
+
+
+def test_block_post_norms(llama_model, gemma_model, tokens):
+    assert _tl.block_post_norms(llama_model, 0) == (None, None)
+    acts = _run(gemma_model, tokens)
+    for layer in range(gemma_model.cfg.n_layers):
+        ln1_post, ln2_post = _tl.block_post_norms(gemma_model, layer)
+        mlp = _tl.mlp_weights(gemma_model, layer)
+        heads = acts[f"blocks.{layer}.attn.hook_result"].sum(2)  # hook_result: before the norm
+        attn = ln1_post(heads + gemma_model.blocks[layer].attn.b_O)
+        assert _close(attn, acts[f"blocks.{layer}.hook_attn_out"])
+        mlp_out = ln2_post(acts[f"blocks.{layer}.mlp.hook_post"] @ mlp.w_out + mlp.b_out)
+        assert _close(mlp_out, acts[f"blocks.{layer}.hook_mlp_out"])
 
 
 def test_normalizes_block_outputs(model, tokens):

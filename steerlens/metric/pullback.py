@@ -197,27 +197,36 @@ def _prompt_rows(
 
 
 class _Rows:
-    """One site's factor rows over prompts (G = Σ rowsᵀrows), folded by a thin QR into at most
-    d rows whenever they pass 2d, so a many-prompt metric holds at most 3d rows a site however
-    many prompts it averages (the Gram is unchanged, up to rounding)."""
+    """One site's factor rows over prompts, G = Σ rowsᵀrows / n: the first prompt's rows, and
+    every prompt's while they are at most d together (the metric keeps a factor); once a second
+    prompt takes them past d, their Gram, accumulated one matmul a prompt in the rows' dtype
+    (the metric keeps the Gram). So a many-prompt metric holds at most one d × d matrix a site
+    however many prompts it averages, and a prompt of R rows costs R·d² multiply-adds there (the
+    thin-QR fold this replaces cost several times that: a QR of up to 3d rows every few
+    prompts)."""
 
     def __init__(self) -> None:
         self.parts: list[Tensor] = []
+        self.gram: Tensor | None = None
         self.n_rows = 0
         self.n_prompts = 0
 
     def add(self, rows: Tensor) -> None:
-        self.parts.append(rows)
         self.n_rows += rows.shape[0]
         self.n_prompts += 1
-        if self.n_rows > 2 * rows.shape[1]:
-            stacked = torch.cat(self.parts, 0)
-            r = torch.linalg.qr(stacked.double(), mode="r")[1].to(stacked.dtype)
-            self.parts, self.n_rows = [r], r.shape[0]
+        if self.gram is None and (self.n_prompts == 1 or self.n_rows <= rows.shape[1]):
+            self.parts.append(rows)
+            return
+        if self.gram is None:
+            held = torch.cat(self.parts, 0)
+            self.gram, self.parts = held.T @ held, []
+        self.gram.addmm_(rows.T, rows)
 
 
 def _finish(rows: _Rows, name: str, info: MetricInfo) -> Metric:
     n = rows.n_prompts
+    if rows.gram is not None:
+        return Metric(None, name, info, gram=rows.gram / n)
     factor = torch.cat(rows.parts, 0) / n**0.5 if n > 1 else rows.parts[0]
     return Metric(factor.contiguous(), name, info).compressed()
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
 
@@ -169,30 +167,29 @@ def test_batch_is_mean_of_prompts(model):
     assert info is not None and info.n_prompts == 2
 
 
-def test_a_many_prompt_sweep_folds_its_rows_and_keeps_the_mean(model):
-    """Past 2d rows a site's rows are folded by QR (bounded memory): the metrics still equal the
-    mean of each prompt's own, at a head site (d_head rows: folded every prompt) and a residual
-    site, and each site's accumulator never holds more than 3d rows."""
-    from steerlens.metric import pullback
-
+def test_a_many_prompt_sweep_accumulates_the_gram_and_keeps_the_mean(model):
+    """Once a second prompt takes a site's rows past d, the site keeps their Gram (one d × d
+    matrix however many prompts): the metrics still equal the mean of each prompt's own, at a
+    head site (d_head columns: a Gram from the second prompt), a residual site and an MLP site;
+    a site whose rows stay within d keeps a factor, and one prompt's metric is always a
+    factor."""
     batch = torch.tensor([[3, 1, 4, 1], [2, 7, 1, 8], [5, 9, 2, 6], [1, 1, 2, 3], [8, 1, 3, 0]])
     sites = ["z.1:0", "resid_post.0", "mlp_post.1"]
-    held: list[tuple[int, int]] = []
-    original = pullback._Rows.add
-
-    def add(self, rows):
-        original(self, rows)
-        held.append((self.n_rows, rows.shape[1]))
-
-    with mock.patch.object(pullback._Rows, "add", add):
-        sweep = pullback_sweep(model, batch, sites, vocab="full", decompose=False)
-    assert held and all(n <= 3 * d for n, d in held)
-    assert any(n == d for n, d in held)  # a fold leaves exactly d rows
+    sweep = pullback_sweep(model, batch, sites, vocab="full", decompose=False)
+    one = pullback_sweep(model, batch[0], sites, vocab="full", decompose=False)
     for site in sites:
         each = [pullback_metric(model, t, site, vocab="full") for t in batch]
         want = sum(m.matrix() for m in each) / len(each)
         assert rel_err(sweep[site].matrix(), want) < 1e-10
-        assert sweep[site].factor.shape[0] <= sweep[site].dim
+        total = sum(m.factor.shape[0] for m in each)
+        assert (sweep[site].gram is not None) == (total > sweep[site].dim), site
+        assert one[site].factor is not None
+        assert one[site].factor.shape[0] <= one[site].dim
+    assert sweep["z.1:0"].gram is not None  # d_head columns: past d at the second prompt
+    two = pullback_sweep(model, batch[:2], ["z.1:0"], vocab="full", decompose=False)
+    assert two["z.1:0"].gram is not None
+    first = [pullback_metric(model, t, "z.1:0", vocab="full").matrix() for t in batch[:2]]
+    assert rel_err(two["z.1:0"].matrix(), sum(first) / 2) < 1e-10
 
 
 def test_block_shares_sum_to_one(model, tokens):

@@ -26,9 +26,10 @@ Two implementations, checked against each other and against brute force in the t
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -53,8 +54,76 @@ def fast_supported(model: HookedTransformer, layer: int, n_pos: int) -> bool:
     return _tl.is_fast_block(model, layer, n_pos)
 
 
+#: per model, per (layer, dtype): the source weights' (pointer, version) stamp with views of
+#: them, and the fast block's weights laid out; a model that is freed takes its entries with it
+_LAID_OUT: weakref.WeakKeyDictionary[Any, dict[tuple[int, torch.dtype], tuple[Any, Any]]]
+_LAID_OUT = weakref.WeakKeyDictionary()
+
+
+class LaidOut(NamedTuple):
+    """One block's weights as :class:`FastBlock` reads them: the query, key and value weights
+    ``[d_model, heads · d_head]`` and biases flat, ``w_o`` ``[head, d_head, d_model]``, the MLP's
+    as stored (``w_gate`` None for a plain MLP)."""
+
+    w_q: Tensor
+    b_q: Tensor
+    w_k: Tensor
+    b_k: Tensor
+    w_v: Tensor
+    b_v: Tensor
+    w_o: Tensor
+    b_o: Tensor
+    w_in: Tensor
+    b_in: Tensor
+    w_gate: Tensor | None
+    w_out: Tensor
+    b_out: Tensor
+
+
+def block_weights(model: HookedTransformer, layer: int, dtype: torch.dtype) -> LaidOut:
+    """Block ``layer``'s weights as :class:`FastBlock` reads them, in ``dtype``
+    (:class:`LaidOut`).
+
+    Laid out once per model, layer and dtype and shared by every fast block after that (a batch
+    of prompts, each prompt's path and the stacked blocks read one copy): an entry is rebuilt
+    when any source weight has been replaced or changed in place (its storage or its version
+    counter moved), so an edited model is never read stale."""
+    attn = _tl.attention_weights(model, layer)
+    mlp = _tl.mlp_weights(model, layer)
+    sources = (attn.w_q, attn.b_q, attn.w_k, attn.b_k, attn.w_v, attn.b_v, attn.w_o, attn.b_o)
+    sources += (mlp.w_in, mlp.b_in, mlp.w_gate, mlp.w_out, mlp.b_out)
+    stamp = tuple((t.data_ptr(), t._version) if t is not None else None for t in sources)
+    entries = _LAID_OUT.setdefault(model, {})
+    hit = entries.get((layer, dtype))
+    if hit is not None and hit[0][0] == stamp:
+        return hit[1]
+    d = model.cfg.d_model
+
+    def flat(t: Tensor) -> Tensor:  # [heads, d_model, d_head] -> [d_model, heads · d_head]
+        return t.detach().permute(1, 0, 2).reshape(d, -1).to(dtype)
+
+    def same(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().to(dtype)
+
+    laid = LaidOut(
+        flat(attn.w_q),
+        attn.b_q.detach().reshape(-1).to(dtype),
+        flat(attn.w_k),
+        attn.b_k.detach().reshape(-1).to(dtype),
+        flat(attn.w_v),
+        attn.b_v.detach().reshape(-1).to(dtype),
+        *(same(t) for t in sources[6:]),  # type: ignore[arg-type]
+    )
+    # the views of the sources keep their storage alive, so no other tensor can take a stamp's
+    # pointer while the entry holds it
+    held = tuple(t.detach() for t in sources if t is not None)
+    entries[(layer, dtype)] = ((stamp, held), laid)
+    return laid
+
+
 class FastBlock:
-    """Block ``layer`` at the last position of a prompt, written out with the block's weights."""
+    """Block ``layer`` at the last position of a prompt, written out with the block's weights
+    (:func:`block_weights`, shared by every fast block of the model, layer and dtype)."""
 
     def __init__(
         self, model: HookedTransformer, layer: int, state: PromptState, dtype: torch.dtype
@@ -71,16 +140,12 @@ class FastBlock:
         self.n_kv = cfg.n_key_value_heads or cfg.n_heads
         self.pos = state.n_pos - 1
         attn = _tl.attention_weights(model, layer)
-        d = cfg.d_model
-        self.w_q = attn.w_q.detach().permute(1, 0, 2).reshape(d, -1).to(dtype)
-        self.b_q = attn.b_q.detach().reshape(-1).to(dtype)
-        self.w_k = attn.w_k.detach().permute(1, 0, 2).reshape(d, -1).to(dtype)
-        self.b_k = attn.b_k.detach().reshape(-1).to(dtype)
-        self.w_v = attn.w_v.detach().permute(1, 0, 2).reshape(d, -1).to(dtype)
-        self.b_v = attn.b_v.detach().reshape(-1).to(dtype)
-        self.w_o = attn.w_o.detach().to(dtype)  # [head, d_head, d_model]
-        self.w_o_flat = self.w_o.reshape(-1, d)
-        self.b_o = attn.b_o.detach().to(dtype)
+        w = block_weights(model, layer, dtype)
+        self.w_q, self.b_q, self.w_k, self.b_k, self.w_v, self.b_v = w[:6]
+        self.w_o = w.w_o  # [head, d_head, d_model]
+        self.w_o_flat = self.w_o.reshape(-1, cfg.d_model)
+        self.b_o, self.w_in, self.b_in, self.w_gate = w.b_o, w.w_in, w.b_in, w.w_gate
+        self.w_out, self.b_out = w.w_out, w.b_out
         self.scale = attn.scale
         past_keys, past_values = _tl.cached_keys_values(state.cache, layer)
         keys = past_keys.detach()
@@ -90,11 +155,6 @@ class FastBlock:
         self.v_past = past_values.detach()[0].permute(1, 0, 2).to(dtype).contiguous()
         mlp = _tl.mlp_weights(model, layer)
         self.gated = mlp.gated
-        self.w_in = mlp.w_in.detach().to(dtype)
-        self.b_in = mlp.b_in.detach().to(dtype)
-        self.w_gate = mlp.w_gate.detach().to(dtype) if mlp.w_gate is not None else None
-        self.w_out = mlp.w_out.detach().to(dtype)
-        self.b_out = mlp.b_out.detach().to(dtype)
         self.act = mlp.act
 
     def _rotate(self, x: Tensor, n: int) -> Tensor:

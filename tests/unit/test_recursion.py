@@ -9,6 +9,8 @@ without an off-target transform.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -278,3 +280,37 @@ def test_hand_pullback_other_norms(flavour, norm):
         want = _vjp_rows(model, state, layer, rows, [])
         err = (got["resid_pre"] - want["resid_pre"]).abs().max() / want["resid_pre"].abs().max()
         assert float(err) < 1e-10, (layer, float(err))
+
+
+def test_fast_blocks_share_laid_out_weights_and_see_edits(llama_model):
+    """Fast blocks of one model, layer and dtype read one copy of the laid-out weights (a batch
+    of prompts does not copy them per prompt), and a weight changed in place or replaced is read
+    afresh: the block's output follows the edit and equals the hooked map's."""
+    from steerlens.metric.blockmap import FastBlock
+
+    model = copy.deepcopy(llama_model)
+    state = prompt_state(model, TOKENS[:5])
+    other = prompt_state(model, TOKENS[2:9])
+    a = FastBlock(model, 1, state, torch.float64)
+    b = FastBlock(model, 1, other, torch.float64)
+    assert a.w_q.data_ptr() == b.w_q.data_ptr() and a.w_out.data_ptr() == b.w_out.data_ptr()
+    assert FastBlock(model, 0, state, torch.float64).w_q.data_ptr() != a.w_q.data_ptr()
+    x = state.resid[1]
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with block_map(model, 1, state, (), dtype=x.dtype, fast=True) as fn:
+            fast = fn(x)[0]
+        with block_map(model, 1, state, (), dtype=x.dtype, fast=False) as fn:
+            hooked = fn(x)[0]
+        return fast, hooked
+
+    before = both()[0]
+    attn = model.blocks[1].attn
+    with torch.no_grad():
+        attn.W_Q.mul_(1.5)  # in place: the version counter moves
+    fast, hooked = both()
+    assert not torch.allclose(fast, before) and torch.allclose(fast, hooked, atol=1e-12, rtol=0)
+    with torch.no_grad():
+        model.blocks[1].mlp.W_out.data = 2 * model.blocks[1].mlp.W_out.data  # replaced
+    fast, hooked = both()
+    assert torch.allclose(fast, hooked, atol=1e-12, rtol=0)

@@ -232,3 +232,29 @@ def test_gemma_prepends_bos_like_its_tokenizer(gemma: Reference) -> None:
         hf_ids = _hf_ids(gemma, prompt)
         assert hf_ids[0, 0].item() == gemma.hf_tokenizer.bos_token_id
         assert torch.equal(gemma.model.to_tokens(prompt), hf_ids)
+
+
+def test_gemma_blocks_take_the_fast_map(gemma: Reference) -> None:
+    """Gemma 3's blocks (QK-norm, post-norms, local layers within their window) are written out
+    by the fast block map: every block takes it on a short prompt, and its pull-back (rows at
+    every kind, the block decomposition) equals TransformerLens's own block through hooks."""
+    from steerlens.metric.blockmap import fast_supported
+    from steerlens.metric.pullback import MetricOptions, lens_rows
+    from steerlens.metric.recursion import _DELTA_KINDS, pull_block
+    from steerlens.metric.state import prompt_state
+
+    model = gemma.model
+    state = prompt_state(model, model.to_tokens(PROMPTS[0])[0])
+    n = model.cfg.n_layers
+    assert all(fast_supported(model, layer, state.n_pos) for layer in range(n))
+    rows = lens_rows(model, state.resid[n], MetricOptions())[0]
+    for layer in range(n - 1, n - 4, -1):
+        kw = dict(decompose=True)
+        fast = pull_block(model, state, layer, rows, set(_DELTA_KINDS), fast=True, **kw)
+        hooked = pull_block(model, state, layer, rows, set(_DELTA_KINDS), fast=False, **kw)
+        for kind, want in hooked.rows.items():
+            err = float((fast.rows[kind] - want).abs().max() / want.abs().max())
+            assert err < 1e-5, (layer, kind, err)
+        for path, share in hooked.shares.items():
+            assert abs(fast.shares[path] - share) < 1e-5, (layer, path)
+        rows = fast.rows["resid_pre"]

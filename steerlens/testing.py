@@ -63,35 +63,29 @@ def tiny_config(
             normalization_type="LN",
             positional_embedding_type="standard",
         )
+    llama: dict[str, Any] = dict(
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=d_model // n_heads,
+        gated_mlp=True,
+        n_key_value_heads=max(1, n_heads // 4),
+        final_rms=True,
+    )
     if flavour == "llama":
-        return HookedTransformerConfig(
-            **common,
-            act_fn="silu",
-            normalization_type="RMS",
-            positional_embedding_type="rotary",
-            rotary_dim=d_model // n_heads,
-            gated_mlp=True,
-            n_key_value_heads=max(1, n_heads // 4),
-            final_rms=True,
-        )
-    if flavour == "gemma":
-        return HookedTransformerConfig(
-            **common,
+        return HookedTransformerConfig(**common, **llama)
+    if flavour == "gemma":  # Gemma 3's block on the llama flavour
+        gemma: dict[str, Any] = llama | dict(
             act_fn="gelu_pytorch_tanh",
-            normalization_type="RMS",
-            positional_embedding_type="rotary",
-            rotary_dim=d_model // n_heads,
             rotary_base=10000,
             rotary_base_local=100,
-            gated_mlp=True,
-            n_key_value_heads=max(1, n_heads // 4),
-            final_rms=True,
             use_qk_norm=True,
             use_normalization_before_and_after=True,
             use_local_attn=True,
             attn_types=["local" if i % 2 == 0 else "global" for i in range(n_layers)],
             window_size=n_ctx,
         )
+        return HookedTransformerConfig(**common, **gemma)
     raise InputError(f"unknown tiny model flavour {flavour!r}; valid flavours: {FLAVOURS}")
 
 

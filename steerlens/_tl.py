@@ -299,14 +299,14 @@ def attention_weights(model: HookedTransformer, layer: int) -> AttentionWeights:
     """Block ``layer``'s attention weights. Grouped-query attention stores its keys and values
     unexpanded in ``_W_K``, ``_b_K``, ``_W_V``, ``_b_V`` (its public ``W_K`` ... repeat them per
     query head); multi-head attention has only the public ones."""
-    attn = model.blocks[layer].attn
+    attn: Any = model.blocks[layer].attn
     return AttentionWeights(
         w_q=attn.W_Q,
         b_q=attn.b_Q,
-        w_k=getattr(attn, "_W_K", attn.W_K),
-        b_k=getattr(attn, "_b_K", attn.b_K),
-        w_v=getattr(attn, "_W_V", attn.W_V),
-        b_v=getattr(attn, "_b_V", attn.b_V),
+        w_k=attn._W_K if hasattr(attn, "_W_K") else attn.W_K,  # W_K would repeat them
+        b_k=attn._b_K if hasattr(attn, "_b_K") else attn.b_K,
+        w_v=attn._W_V if hasattr(attn, "_W_V") else attn.W_V,
+        b_v=attn._b_V if hasattr(attn, "_b_V") else attn.b_V,
         w_o=attn.W_O,
         b_o=attn.b_O,
         scale=float(attn.attn_scale),

@@ -26,10 +26,9 @@ Two implementations, checked against each other and against brute force in the t
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -54,10 +53,30 @@ def fast_supported(model: HookedTransformer, layer: int, n_pos: int) -> bool:
     return _tl.is_fast_block(model, layer, n_pos)
 
 
-#: per model, per (layer, dtype): the source weights' (pointer, version) stamp with views of
-#: them, and the fast block's weights laid out; a model that is freed takes its entries with it
-_LAID_OUT: weakref.WeakKeyDictionary[Any, dict[tuple[int, torch.dtype], tuple[Any, Any]]]
-_LAID_OUT = weakref.WeakKeyDictionary()
+#: the models inside a :func:`shared_block_weights` block, by id: (how many blocks are open,
+#: the weights laid out so far by (layer, dtype))
+_SHARED: dict[int, tuple[int, dict[tuple[int, torch.dtype], LaidOut]]] = {}
+
+
+@contextmanager
+def shared_block_weights(model: HookedTransformer) -> Iterator[None]:
+    """Inside the block, every :class:`FastBlock` of ``model`` reads one copy of each (layer,
+    dtype)'s laid-out weights (:func:`block_weights`) instead of laying them out for itself: a
+    batch of prompts (each prompt's path and the stacked blocks) holds one copy, not one a
+    prompt. The copies are dropped when the outermost block ends. The model's weights must not
+    change inside the block (nothing in steerlens changes them; an edit made there is not seen
+    until the block ends)."""
+    key = id(model)
+    depth, entries = _SHARED.get(key, (0, {}))
+    _SHARED[key] = (depth + 1, entries)
+    try:
+        yield
+    finally:
+        depth, entries = _SHARED[key]
+        if depth == 1:
+            del _SHARED[key]
+        else:
+            _SHARED[key] = (depth - 1, entries)
 
 
 class LaidOut(NamedTuple):
@@ -82,21 +101,14 @@ class LaidOut(NamedTuple):
 
 def block_weights(model: HookedTransformer, layer: int, dtype: torch.dtype) -> LaidOut:
     """Block ``layer``'s weights as :class:`FastBlock` reads them, in ``dtype``
-    (:class:`LaidOut`).
-
-    Laid out once per model, layer and dtype and shared by every fast block after that (a batch
-    of prompts, each prompt's path and the stacked blocks read one copy): an entry is rebuilt
-    when any source weight has been replaced or changed in place (its storage or its version
-    counter moved), so an edited model is never read stale."""
+    (:class:`LaidOut`): laid out afresh, or inside :func:`shared_block_weights` once for the
+    block's duration."""
+    scope = _SHARED.get(id(model))
+    if scope is not None and (layer, dtype) in scope[1]:
+        return scope[1][(layer, dtype)]
     attn = _tl.attention_weights(model, layer)
     mlp = _tl.mlp_weights(model, layer)
-    sources = (attn.w_q, attn.b_q, attn.w_k, attn.b_k, attn.w_v, attn.b_v, attn.w_o, attn.b_o)
-    sources += (mlp.w_in, mlp.b_in, mlp.w_gate, mlp.w_out, mlp.b_out)
-    stamp = tuple((t.data_ptr(), t._version) if t is not None else None for t in sources)
-    entries = _LAID_OUT.setdefault(model, {})
-    hit = entries.get((layer, dtype))
-    if hit is not None and hit[0][0] == stamp:
-        return hit[1]
+    sources = (attn.w_o, attn.b_o, mlp.w_in, mlp.b_in, mlp.w_gate, mlp.w_out, mlp.b_out)
     d = model.cfg.d_model
 
     def flat(t: Tensor) -> Tensor:  # [heads, d_model, d_head] -> [d_model, heads · d_head]
@@ -112,18 +124,17 @@ def block_weights(model: HookedTransformer, layer: int, dtype: torch.dtype) -> L
         attn.b_k.detach().reshape(-1).to(dtype),
         flat(attn.w_v),
         attn.b_v.detach().reshape(-1).to(dtype),
-        *(same(t) for t in sources[6:]),  # type: ignore[arg-type]
+        *(same(t) for t in sources),  # type: ignore[arg-type]
     )
-    # the views of the sources keep their storage alive, so no other tensor can take a stamp's
-    # pointer while the entry holds it
-    held = tuple(t.detach() for t in sources if t is not None)
-    entries[(layer, dtype)] = ((stamp, held), laid)
+    if scope is not None:
+        scope[1][(layer, dtype)] = laid
     return laid
 
 
 class FastBlock:
     """Block ``layer`` at the last position of a prompt, written out with the block's weights
-    (:func:`block_weights`, shared by every fast block of the model, layer and dtype)."""
+    (:func:`block_weights`: shared with the model's other fast blocks inside
+    :func:`shared_block_weights`)."""
 
     def __init__(
         self, model: HookedTransformer, layer: int, state: PromptState, dtype: torch.dtype

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from steerlens.errors import InputError, SiteError
 from steerlens.metric.autodiff import pullback_rows
+from steerlens.metric.blockmap import shared_block_weights
 from steerlens.metric.core import Metric
 from steerlens.metric.direct import direct_rows
 from steerlens.metric.info import MetricInfo
@@ -200,14 +201,16 @@ class _Rows:
     """One site's factor rows over prompts, G = Σ rowsᵀrows / n: the first prompt's rows, and
     every prompt's while they are at most d together (the metric keeps a factor); once a second
     prompt takes them past d, their Gram, accumulated one matmul a prompt in the rows' dtype
-    (the metric keeps the Gram). So a many-prompt metric holds at most one d × d matrix a site
+    (the metric keeps the Gram, accumulated in float64 as every Gram of the engine is, and
+    returned in the rows' dtype). So a many-prompt metric holds at most one d × d matrix a site
     however many prompts it averages, and a prompt of R rows costs R·d² multiply-adds there (the
     thin-QR fold this replaces cost several times that: a QR of up to 3d rows every few
     prompts)."""
 
     def __init__(self) -> None:
         self.parts: list[Tensor] = []
-        self.gram: Tensor | None = None
+        self.gram: Tensor | None = None  # float64, returned in the rows' dtype
+        self.dtype = torch.float64
         self.n_rows = 0
         self.n_prompts = 0
 
@@ -218,15 +221,16 @@ class _Rows:
             self.parts.append(rows)
             return
         if self.gram is None:
-            held = torch.cat(self.parts, 0)
-            self.gram, self.parts = held.T @ held, []
-        self.gram.addmm_(rows.T, rows)
+            held = torch.cat(self.parts, 0).double()
+            self.gram, self.parts, self.dtype = held.T @ held, [], rows.dtype
+        wide = rows.double()
+        self.gram.addmm_(wide.T, wide)
 
 
 def _finish(rows: _Rows, name: str, info: MetricInfo) -> Metric:
     n = rows.n_prompts
     if rows.gram is not None:
-        return Metric(None, name, info, gram=rows.gram / n)
+        return Metric(None, name, info, gram=(rows.gram / n).to(rows.dtype))
     factor = torch.cat(rows.parts, 0) / n**0.5 if n > 1 else rows.parts[0]
     return Metric(factor.contiguous(), name, info).compressed()
 
@@ -279,12 +283,13 @@ def pullback_metric(
     site = as_site(site, model)
     top = lens_layer(site, depth, model.cfg.n_layers)
     rows, infos = _Rows(), []
-    for tokens in as_prompts(model, prompts, attention_mask):
-        state = prompt_state(model, tokens)
-        site.resolve_position(state.n_pos)
-        out, info, _ = _prompt_rows(model, state, [site], top, options, decompose=False)
-        rows.add(out[site.name])
-        infos.append(info)
+    with shared_block_weights(model):  # every prompt's blocks read one copy of the weights
+        for tokens in as_prompts(model, prompts, attention_mask):
+            state = prompt_state(model, tokens)
+            site.resolve_position(state.n_pos)
+            out, info, _ = _prompt_rows(model, state, [site], top, options, decompose=False)
+            rows.add(out[site.name])
+            infos.append(info)
     return _finish(rows, site.name, _summarize(infos, depth))
 
 
@@ -372,15 +377,16 @@ def pullback_sweep(
     rows = {s.name: _Rows() for s in parsed}
     infos, share_rows = [], []
     prompts_list = as_prompts(model, prompts, attention_mask)
-    for p_index, tokens in enumerate(tqdm(prompts_list, disable=not progress, desc="sweep")):
-        state = prompt_state(model, tokens)
-        for s in parsed:
-            s.resolve_position(state.n_pos)
-        out, info, shares = _prompt_rows(model, state, parsed, n, options, decompose)
-        for name, r in out.items():
-            rows[name].add(r)
-        infos.append(info)
-        share_rows += [{"prompt": p_index, **row} for row in shares]
+    with shared_block_weights(model):  # every prompt's blocks read one copy of the weights
+        for p_index, tokens in enumerate(tqdm(prompts_list, disable=not progress, desc="sweep")):
+            state = prompt_state(model, tokens)
+            for s in parsed:
+                s.resolve_position(state.n_pos)
+            out, info, shares = _prompt_rows(model, state, parsed, n, options, decompose)
+            for name, r in out.items():
+                rows[name].add(r)
+            infos.append(info)
+            share_rows += [{"prompt": p_index, **row} for row in shares]
     summary = _summarize(infos)
     metrics = {name: _finish(r, name, summary) for name, r in rows.items()}
     shares_df, heads_df = _share_frames(share_rows)

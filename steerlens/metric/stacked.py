@@ -32,7 +32,7 @@ from torch import Tensor
 
 from steerlens import _tl
 from steerlens.errors import InputError
-from steerlens.metric.blockmap import FastBlock
+from steerlens.metric.blockmap import FastBlock, shared_block_weights
 from steerlens.metric.local import LocalPath
 from steerlens.metric.pullback import lens_logits
 from steerlens.prompts import PromptsLike, as_prompts
@@ -119,6 +119,7 @@ class StackedPaths:
     def __enter__(self) -> StackedPaths:
         stack = ExitStack()
         try:
+            stack.enter_context(shared_block_weights(self.model))  # one copy for every prompt
             for path in self.paths:
                 stack.enter_context(path)
             if self.stacked:

@@ -186,6 +186,7 @@ def test_a_many_prompt_sweep_accumulates_the_gram_and_keeps_the_mean(model):
         assert one[site].factor is not None
         assert one[site].factor.shape[0] <= one[site].dim
     assert sweep["z.1:0"].gram is not None  # d_head columns: past d at the second prompt
+    assert sweep["z.1:0"].gram.dtype == sweep["resid_post.0"].matrix().dtype
     two = pullback_sweep(model, batch[:2], ["z.1:0"], vocab="full", decompose=False)
     assert two["z.1:0"].gram is not None
     first = [pullback_metric(model, t, "z.1:0", vocab="full").matrix() for t in batch[:2]]

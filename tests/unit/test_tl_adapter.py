@@ -249,6 +249,9 @@ def test_is_fast_block(model, gemma_model, tokens):
     assert _tl.is_fast_block(local, 0, 4)  # the window covers the prompt
     # Gemma 3's block (QK-norm, post-norms, local layers within their window) is written out
     assert all(_tl.is_fast_block(gemma_model, layer, len(tokens)) for layer in range(2))
+    fields = _tl.config_to_dict(gemma_model.cfg) | dict(window_size=4)
+    short = _tl.HookedTransformer(_tl.config_from_dict(fields))
+    assert [_tl.is_fast_block(short, layer, 8) for layer in (0, 1)] == [False, True]  # local
     assert _tl.is_fast_block(_variant(use_qk_norm=True), 0, 8)
     assert not _tl.is_fast_block(_variant(use_qk_norm=True, attn_scores_soft_cap=50.0), 0, 8)
 

@@ -37,7 +37,8 @@ EXAMPLES = {
         "  steerlens study --out results/study            # the full study (many hours, 2 cores)\n"
         "  steerlens study --out /tmp/pilot --contexts 2 --layers 12 --concepts past\n"
         "  torchrun --nproc-per-node 2 -m steerlens.cli study --out results/study  # 2 ranks\n"
-        "  steerlens study --out results/study --report   # rebuild study.md (partial runs too)"
+        "  steerlens study --out results/study --report   # rebuild study.md (partial runs too)\n"
+        "  steerlens study --out results/study --wide     # re-search the runs the grid stopped"
     ),
     "forecast": (
         "examples:\n"
@@ -108,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--targets", nargs="+", type=float, help="target probabilities")
     study.add_argument("--generation-tokens", type=int, help="tokens per continuation (0: none)")
     study.add_argument("--samples", type=int, help="sampled continuations per record")
+    study.add_argument(
+        "--wide",
+        action="store_true",
+        help="run the wide-grid stage on the folder's finished units "
+        "(steerlens.experiments.wide), then rebuild study.md",
+    )
     study.add_argument(
         "--report", action="store_true", help="only rebuild study.md from the folder's records"
     )
@@ -272,10 +279,6 @@ def cmd_study(args: argparse.Namespace) -> None:
     from steerlens.experiments.study import StudyConfig, run_study
     from steerlens.experiments.study_report import write_study_report
 
-    if args.report:
-        paths = write_study_report(args.out)
-        print_result({"written": [str(p) for p in paths]}, {}, args.json)
-        return
     overrides = {
         "concepts": tuple(args.concepts) if args.concepts else None,
         "layers": tuple(args.layers) if args.layers else None,
@@ -284,7 +287,19 @@ def cmd_study(args: argparse.Namespace) -> None:
         "generation_tokens": args.generation_tokens,
         "samples": args.samples,
     }
-    cfg = replace(StudyConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if args.wide and (given or args.report):
+        from steerlens.errors import InputError
+
+        named = [f"--{k.replace('_', '-')}" for k in given] + ["--report"] * args.report
+        raise InputError(
+            f"--wide takes the main stage's configuration from its folder: drop {', '.join(named)}"
+        )
+    if args.report:
+        paths = write_study_report(args.out)
+        print_result({"written": [str(p) for p in paths]}, {}, args.json)
+        return
+    cfg = replace(StudyConfig(), **given)
     import torch.distributed as dist
 
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
@@ -292,6 +307,15 @@ def cmd_study(args: argparse.Namespace) -> None:
     from steerlens.models import load_model
 
     model = load_model(args.model)
+    if args.wide:
+        from steerlens.experiments.wide import run_wide
+
+        run_wide(model, args.out, progress=not args.json)
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        paths = write_study_report(args.out)
+        print_result({"written": [str(p) for p in paths]}, {}, args.json)
+        return
     records = run_study(model, cfg, args.out, progress=not args.json)
     if records is None:  # not rank 0: rank 0 merges and reports
         return

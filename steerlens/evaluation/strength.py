@@ -27,7 +27,8 @@ class StrengthMatch:
     is then the peak's scale, where the share is highest: a window narrower than the grid's
     spacing and away from its peak cannot be told from none). ``peak_share`` / ``peak_scale``:
     the highest share seen and where; ``evaluations``: how many scales were tried (for every
-    target together)."""
+    target together); ``grid_end``: the grid's last scale (beyond ``max_scale`` where the grid
+    was extended: :func:`strength_search`'s ``extend_to``)."""
 
     target: float
     scale: float
@@ -36,6 +37,7 @@ class StrengthMatch:
     peak_share: float
     peak_scale: float
     evaluations: int
+    grid_end: float = math.nan
 
 
 def strength_grid(max_scale: float = 256.0, min_scale: float = 1 / 16, per_octave: int = 4):
@@ -58,6 +60,7 @@ def strength_search(
     tol: float = 1e-4,
     iters: int = 30,
     many: Callable[[Sequence[float]], Sequence[float]] | None = None,
+    extend_to: float | None = None,
 ) -> dict[float, StrengthMatch]:
     """For each target, the smallest scale on a fine grid (:func:`strength_grid`) whose
     ``probability`` reaches it, bisected against the grid point before it until the upper end is
@@ -68,16 +71,26 @@ def strength_search(
     evaluated at most once for all targets together. ``many``, if given, evaluates
     ``probability`` at many scales in one call (e.g. batched); the grid is walked with it.
 
+    ``extend_to``: where the share peaks at the grid's last point short of the highest target
+    (it is still rising at the end), the grid is extended an octave at a time (``per_octave``
+    points each, the last one capped at ``extend_to``) until the peak is no longer the last
+    point, the highest target is reached, or the grid reaches ``extend_to``.
+
     >>> out = strength_search(lambda s: s / 10, [0.5])
     >>> m = out[0.5]
     >>> m.reached and 5.0 <= m.scale < 5.001, m.reason
     (True, 'crossed on the grid')
+    >>> far = strength_search(lambda s: s / 1000, [0.5], extend_to=4096.0)
+    >>> far[0.5].reached, far[0.5].grid_end, strength_search(lambda s: s / 1000, [0.5])[0.5].reached
+    (True, 512.0, False)
     >>> window = strength_search(lambda s: 0.9 * math.exp(-((s - 3.1) ** 2) / 0.002), [0.5])
     >>> window[0.5].reached, window[0.5].reason
     (True, 'crossed between grid points')
     """
     if not targets or any(not 0 < t < 1 for t in targets):
         raise InputError(f"target probabilities must be in (0, 1), got {list(targets)}")
+    if extend_to is not None and not extend_to > 0:
+        raise InputError(f"extend_to must be a positive scale, got {extend_to}")
     grid = strength_grid(max_scale, min_scale, per_octave)
     seen: dict[float, float] = {}
 
@@ -90,6 +103,20 @@ def strength_search(
         seen.update(zip(grid, (float(p) for p in many(grid)), strict=True))
     shares = [at(s) for s in grid]
     peak = int(np.argmax(shares))
+    while (
+        extend_to is not None
+        and peak == len(grid) - 1
+        and shares[peak] < max(targets)
+        and grid[-1] < extend_to
+    ):
+        end = grid[-1]
+        steps = range(1, per_octave + 1)
+        more = sorted({min(end * 2 ** (i / per_octave), extend_to) for i in steps})
+        if many is not None:
+            seen.update(zip(more, (float(p) for p in many(more)), strict=True))
+        grid += more
+        shares += [at(s) for s in more]
+        peak = int(np.argmax(shares))
     lo_i, hi_i = max(peak - 1, 0), min(peak + 1, len(grid) - 1)
     a, b = grid[lo_i], grid[hi_i]
     golden = (math.sqrt(5) - 1) / 2
@@ -125,7 +152,7 @@ def strength_search(
             else:
                 lo = mid
         out[target] = StrengthMatch(target, hi, True, reason, seen[best_scale], best_scale, 0)
-    return {t: replace(m, evaluations=len(seen)) for t, m in out.items()}
+    return {t: replace(m, evaluations=len(seen), grid_end=grid[-1]) for t, m in out.items()}
 
 
 def match_strength(

@@ -41,6 +41,7 @@ from steerlens.evaluation import (
     outcome_measures,
     strength_search,
 )
+from steerlens.evaluation.strength import StrengthMatch
 from steerlens.experiments.baselines import FIXED, fit_fixed, has_shipped_sae, matching_sae_feature
 from steerlens.experiments.verb_context import context_tokens, pair_concept, pair_share
 from steerlens.methods.intervention import Intervention
@@ -63,6 +64,7 @@ __all__ = [
     "METHOD_NAMES",
     "CleanPoint",
     "MatchedSettings",
+    "UnitRecords",
     "clean_point",
     "context_records",
     "context_tokens",
@@ -153,12 +155,13 @@ class MatchedSettings:
 
 @dataclass(frozen=True)
 class CleanPoint:
-    """At the clean residual of one context: the concept gradient g, the off-target metric and
-    the depth-0 metric."""
+    """At the clean residual of one context: the concept gradient g, the off-target metric,
+    the depth-0 metric and the residual's norm."""
 
     g: Tensor
     off_target: Metric
     depth0: Metric
+    residual_norm: float = math.nan
 
     def fishback(self, damping: float) -> Tensor:
         return self.off_target.solve(self.g, damping)
@@ -202,7 +205,125 @@ def clean_point(
             g = torch.autograd.grad(concept.value(x, path.logits(x)), x)[0].detach()
         off = path.metric(path.x0, MetricOptions(off_target=concept.off_target()))
         depth0 = path.metric(path.x0, MetricOptions(), depth=0)
-    return CleanPoint(g, off, depth0)
+        residual_norm = float(path.x0.double().norm())
+    return CleanPoint(g, off, depth0, residual_norm)
+
+
+class UnitRecords:
+    """What every record of one (context, layer) shares, and how one record is written: the
+    clean point, the methods' directions there (for ρ), and the context's columns.
+    ``path_rho[target][name]``: ρ of ``name``'s direction integrated along FishBack's path to
+    ``target`` (filled from FishBack's runs; a record without it gets NaN)."""
+
+    def __init__(
+        self,
+        model: HookedTransformer,
+        ctx: VerbContext,
+        layer: int,
+        settings: MatchedSettings,
+        fixed: dict[str, Intervention],
+        merge: dict[int, int],
+        common: dict[str, Any] | None = None,
+    ) -> None:
+        self.model, self.ctx, self.settings, self.merge = model, ctx, settings, merge
+        self.site = Site("resid_post", layer)
+        self.tokens = context_tokens(model, ctx)
+        self.clean = next_logprobs(model, self.tokens)
+        self.point = point = clean_point(model, self.site, self.tokens, ctx)
+        self.off = pair_concept(ctx).off_target()
+        self.base = {
+            **(common or {}),
+            "layer": layer,
+            "context": ctx.text,
+            "verb": ctx.verb,
+            "target_word": ctx.target_word,
+            "clean_probability": float(pair_share(self.clean, ctx)),
+        }
+        self.grad_norm = float(point.g.norm())
+        best = float(point.g.double() @ point.fishback(settings.damping).double())
+        self.kl_per_unit = 0.5 / best if best > 0 else math.nan  # `steerlens where`'s site cost
+        self.directions: dict[str, Tensor | None] = {
+            "fishback": point.fishback(settings.damping),
+            "fishback_merge": None,  # ρ is priced in the complement metric: see the KLs
+            "fishback_plain": None,
+            "euclidean": point.g,
+            "depth0": point.depth0.solve(point.g, settings.damping),
+            "actadd": None,  # added at the prompt's first positions, not at the site
+            **{
+                name: fixed[name].vector() if name in fixed else None
+                for name in ("caa", "caa_last", "fishback_transfer", "probe", "sae")
+            },
+        }
+        self.path_rho: dict[float, dict[str, float]] = {}
+
+    def record(
+        self,
+        name: str,
+        target: float,
+        iv: Intervention,
+        extra: dict[str, Any],
+        path: Tensor | None = None,
+    ) -> dict[str, Any]:
+        model, ctx, settings, point = self.model, self.ctx, self.settings, self.point
+        steered = next_logprobs(model, self.tokens, iv)
+        out = {
+            **self.base,
+            "method": name,
+            "target_probability": target,
+            **extra,
+            **outcome_measures(
+                self.clean, steered, ctx.target_id, self.merge, base=ctx.base_id
+            ).row(),
+            "rho": point.rho(self.directions[name], settings.damping),
+            "rho_path": (
+                1.0 if name == "fishback" else self.path_rho.get(target, {}).get(name, math.nan)
+            ),
+            "path_length": (
+                path_length(model, self.tokens, iv, self.off, path=path)
+                if extra["reached"]
+                else math.nan
+            ),
+            "kl_quadratic": point.quadratic_kl(iv, self.site),
+            "grad_norm": self.grad_norm,
+            "kl_per_unit": self.kl_per_unit,
+            "edit_norm": edit_norm(iv),
+            "kantorovich": point.kantorovich(name, settings.damping),
+            "implicit_metric": IMPLICIT_METRIC[name],
+        }
+        if settings.fluency_tokens:
+            out["perplexity"] = continuation_perplexity(
+                model, self.tokens, iv, settings.fluency_tokens
+            )
+        if settings.generation_tokens:
+            out |= generation_measures(
+                model,
+                self.tokens,
+                iv,
+                ctx.target_id,
+                n_tokens=settings.generation_tokens,
+                samples=settings.samples,
+                seed=settings.seed,
+            ).row()
+        return out
+
+    def search(
+        self, iv: Intervention, extend_to: float | None = None
+    ) -> dict[float, StrengthMatch]:
+        """Every target's :func:`~steerlens.evaluation.strength_search` match of the fixed
+        direction ``iv`` on this context (the grid extended up to the scale ``extend_to``)."""
+        with shares_of(self.model, self.tokens, self.ctx, iv) as (one, many):
+            return strength_search(one, self.settings.targets, many=many, extend_to=extend_to)
+
+    def fixed_record(self, name: str, iv: Intervention, m: StrengthMatch) -> dict[str, Any]:
+        """The record of the fixed direction ``iv`` scaled to its match ``m``."""
+        extra = {
+            "reached": m.reached,
+            "strength": m.scale,
+            "steps": math.nan,
+            "reason": m.reason,
+            "peak_share": m.peak_share,
+        }
+        return self.record(name, m.target, iv.scaled(m.scale), extra)
 
 
 def context_records(
@@ -216,97 +337,14 @@ def context_records(
 ) -> list[dict[str, Any]]:
     """Every method of ``settings`` on one context at ``resid_post.layer``, one record per
     (method, target); ``common`` fields are copied into each record."""
-    site = Site("resid_post", layer)
-    tokens = context_tokens(model, ctx)
-    clean = next_logprobs(model, tokens)
-    point = clean_point(model, site, tokens, ctx)
-    base = {
-        **(common or {}),
-        "layer": layer,
-        "context": ctx.text,
-        "verb": ctx.verb,
-        "target_word": ctx.target_word,
-        "clean_probability": float(pair_share(clean, ctx)),
-    }
-    grad_norm = float(point.g.norm())
-    best = float(point.g.double() @ point.fishback(settings.damping).double())
-    kl_per_unit = 0.5 / best if best > 0 else math.nan  # `steerlens where`'s site cost
-    directions: dict[str, Tensor | None] = {
-        "fishback": point.fishback(settings.damping),
-        "fishback_merge": None,  # ρ is priced in the complement metric: see the record's KLs
-        "fishback_plain": None,
-        "euclidean": point.g,
-        "depth0": point.depth0.solve(point.g, settings.damping),
-        "caa": fixed["caa"].vector() if "caa" in fixed else None,
-        "caa_last": fixed["caa_last"].vector() if "caa_last" in fixed else None,
-        "fishback_transfer": (
-            fixed["fishback_transfer"].vector() if "fishback_transfer" in fixed else None
-        ),
-        "actadd": None,  # added at the prompt's first positions, not at the site
-        "probe": fixed["probe"].vector() if "probe" in fixed else None,
-        "sae": fixed["sae"].vector() if "sae" in fixed else None,
-    }
-
-    def record(
-        name: str,
-        target: float,
-        iv: Intervention,
-        extra: dict[str, Any],
-        path: Tensor | None = None,
-    ) -> dict:
-        steered = next_logprobs(model, tokens, iv)
-        out = {
-            **base,
-            "method": name,
-            "target_probability": target,
-            **extra,
-            **outcome_measures(clean, steered, ctx.target_id, merge, base=ctx.base_id).row(),
-            "rho": point.rho(directions[name], settings.damping),
-            "rho_path": 1.0 if name == "fishback" else path_rho.get(target, {}).get(name, math.nan),
-            "path_length": (
-                path_length(model, tokens, iv, off, path=path) if extra["reached"] else math.nan
-            ),
-            "kl_quadratic": point.quadratic_kl(iv, site),
-            "grad_norm": grad_norm,
-            "kl_per_unit": kl_per_unit,
-            "edit_norm": edit_norm(iv),
-            "kantorovich": point.kantorovich(name, settings.damping),
-            "implicit_metric": IMPLICIT_METRIC[name],
-        }
-        if settings.fluency_tokens:
-            out["perplexity"] = continuation_perplexity(model, tokens, iv, settings.fluency_tokens)
-        if settings.generation_tokens:
-            out |= generation_measures(
-                model,
-                tokens,
-                iv,
-                ctx.target_id,
-                n_tokens=settings.generation_tokens,
-                samples=settings.samples,
-                seed=settings.seed,
-            ).row()
-        return out
-
-    off = pair_concept(ctx).off_target()
+    unit = UnitRecords(model, ctx, layer, settings, fixed, merge, common)
     compare = along_directions(settings, ctx, fixed)
-    runs = iterative_runs(model, settings, ctx, tokens, site, compare, merge)
-    path_rho = {e.target: e.path_rho for e in runs if e.method == "fishback"}
-    records = []
-    for e in runs:
-        records.append(record(e.method, e.target, e.intervention, e.fields(), e.path))
+    runs = iterative_runs(model, settings, ctx, unit.tokens, unit.site, compare, merge)
+    unit.path_rho = {e.target: e.path_rho for e in runs if e.method == "fishback"}
+    records = [unit.record(e.method, e.target, e.intervention, e.fields(), e.path) for e in runs]
     for name, iv in fixed.items():
-        with shares_of(model, tokens, ctx, iv) as (one, many):
-            found = strength_search(one, settings.targets, many=many)
-        for target in settings.targets:
-            m = found[target]
-            extra = {
-                "reached": m.reached,
-                "strength": m.scale,
-                "steps": math.nan,
-                "reason": m.reason,
-                "peak_share": m.peak_share,
-            }
-            records.append(record(name, target, iv.scaled(m.scale), extra))
+        found = unit.search(iv)
+        records += [unit.fixed_record(name, iv, found[target]) for target in settings.targets]
     return records
 
 

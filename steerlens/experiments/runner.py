@@ -136,6 +136,7 @@ def run_units(
     rank: int | None = None,
     world: int | None = None,
     progress: Callable[[str], None] | None = None,
+    ready: Callable[[str], bool] | None = None,
 ) -> pd.DataFrame | None:
     """Run ``work(key)`` for every unit key this rank owns (every ``world``-th from ``rank``)
     that no rank file of the folder already holds (so a run resumes under another world size),
@@ -143,7 +144,9 @@ def run_units(
     under ``torch.distributed``) rank 0 merges every rank's records in unit order into
     ``records.csv`` and returns them (other ranks return None). ``rank`` and ``world`` default
     to the ``torch.distributed`` group's (else 0 and 1). ``progress`` is called with each
-    finished key."""
+    finished key. ``ready``: a unit for which it is False is not run now but left for a later
+    run (one whose input is not there yet); while any is left, nothing is merged and every
+    rank returns None."""
     folder = Path(folder)
     if rank is None or world is None:
         rank, world = distributed_rank()
@@ -167,13 +170,15 @@ def run_units(
     done = read_all_done(folder, units, own=path)
     _barrier()  # every rank has read the files before any appends
     for key in list(units)[rank::world]:
-        if key in done:
+        if key in done or (ready is not None and not ready(key)):
             continue
         _append(path, key, work(key))
         if progress is not None:
             progress(key)
     _barrier()
     if rank != 0:
+        return None
+    if ready is not None and len(read_all_done(folder, units)) < len(units):
         return None
     return merge_records(folder, units)
 

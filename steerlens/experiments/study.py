@@ -275,7 +275,9 @@ class Study:
             )
         return settings, self._fixed[(kind, layer)]
 
-    def work(self, key: str) -> list[dict[str, Any]]:
+    def unit(self, key: str) -> UnitInputs:
+        """What unit ``key`` steers: its context, layer, settings, fitted fixed directions, the
+        concept's merge pairs and the columns every record of the unit carries."""
         kind, index, layer_text = key.split("/")
         layer = int(layer_text)
         data = self.concept(kind)
@@ -289,8 +291,23 @@ class Study:
             "pair_mass_clean": stats.pair_mass,
             "stratum": stratum(stats.p_target),
         }
-        merge = data.mapping.as_dict()
-        return context_records(self.model, ctx, layer, settings, fixed, merge, common)
+        return UnitInputs(ctx, layer, settings, fixed, data.mapping.as_dict(), common)
+
+    def work(self, key: str) -> list[dict[str, Any]]:
+        u = self.unit(key)
+        return context_records(self.model, u.ctx, u.layer, u.settings, u.fixed, u.merge, u.common)
+
+
+@dataclass(frozen=True)
+class UnitInputs:
+    """One unit's inputs (:meth:`Study.unit`)."""
+
+    ctx: VerbContext
+    layer: int
+    settings: MatchedSettings
+    fixed: dict[str, Any]
+    merge: dict[int, int]
+    common: dict[str, Any]
 
 
 def run_study(

@@ -81,8 +81,15 @@ def optimize_evaluate(records: pd.DataFrame, against: str = "euclidean") -> pd.D
     return pd.DataFrame(rows)
 
 
-def study_report(records: pd.DataFrame, manifest: dict[str, Any], *, partial: bool) -> str:
-    """The markdown report of the module docstring."""
+def study_report(
+    records: pd.DataFrame,
+    manifest: dict[str, Any],
+    *,
+    partial: bool,
+    wide_units: int | None = None,
+) -> str:
+    """The markdown report of the module docstring. ``wide_units``: how many units the
+    wide-grid stage (:mod:`steerlens.experiments.wide`) has checked (None: not run)."""
     frame: Any = records
     by_layer = paired_ratios(records, by=("method", "layer"))
     pooled = paired_ratios(records, by=("method",))
@@ -99,6 +106,7 @@ def study_report(records: pd.DataFrame, manifest: dict[str, Any], *, partial: bo
         f"{contexts['verb'].nunique()} verbs) under {frame['concept'].nunique()} concepts, "
         f"{len(frame)} records.",
         "",
+        *_wide_lines(frame, wide_units),
         "## Where FishBack wins and where it loses",
         "",
         *_losses(by_layer),
@@ -139,13 +147,23 @@ def study_report(records: pd.DataFrame, manifest: dict[str, Any], *, partial: bo
     return "\n".join(lines)
 
 
-def study_records(folder: str | Path) -> tuple[pd.DataFrame, dict[str, Any], bool]:
-    """A run folder's records, its manifest, and whether the run is partial: the merged
-    ``records.csv`` once the run has finished, else the finished units of every rank file in
-    unit order, read without touching them (a running rank may be appending)."""
+def _wide_lines(frame: Any, wide_units: int | None) -> list[str]:
+    if wide_units is None:
+        return []
+    redone = frame[frame["stage"] == "wide grid"]
+    reached = int(redone["reached"].astype(bool).sum())
+    return [
+        f"Wide-grid stage (`steerlens study --wide`): {wide_units} of "
+        f"{frame[['concept', 'context_index', 'layer']].drop_duplicates().shape[0]} units "
+        f"checked; {len(redone)} fixed-direction records that stopped at the grid's end were "
+        f"searched again on the extended grid, {reached} of them now reached.",
+        "",
+    ]
+
+
+def _main_records(folder: Path) -> tuple[pd.DataFrame, dict[str, Any], bool]:
     from steerlens.experiments.runner import read_all_done
 
-    folder = Path(folder)
     if not (folder / MANIFEST).is_file():
         raise InputError(f"{folder} is not a study folder: no {MANIFEST}")
     manifest = json.loads((folder / MANIFEST).read_text())
@@ -160,16 +178,37 @@ def study_records(folder: str | Path) -> tuple[pd.DataFrame, dict[str, Any], boo
     return pd.DataFrame(rows), manifest, True
 
 
+def study_records(folder: str | Path) -> tuple[pd.DataFrame, dict[str, Any], bool]:
+    """A run folder's records, its manifest, and whether the run is partial: the merged
+    ``records.csv`` once the run has finished, else the finished units of every rank file in
+    unit order, read without touching them (a running rank may be appending). Where the
+    wide-grid stage has run, its records replace the ones it redid
+    (:func:`~steerlens.experiments.wide.apply_wide`)."""
+    from steerlens.experiments.wide import apply_wide, wide_records
+
+    folder = Path(folder)
+    records, manifest, partial = _main_records(folder)
+    wide = wide_records(folder)
+    if wide is not None:
+        records = apply_wide(records, wide[0])
+    return records, manifest, partial
+
+
 def write_study_report(folder: str | Path, figures: str | Path | None = None) -> list[Path]:
     """``study.md`` (and ``kl_ratio_by_layer.png`` under ``figures``, default the folder)
     from a run folder's merged ``records.csv``, or, while units are still running, from the
     finished units of every rank file, in unit order, without touching them (the report then
     says it is partial)."""
     from steerlens import plot
+    from steerlens.experiments.wide import wide_records
 
     folder = Path(folder)
     records, manifest, partial = study_records(folder)
-    out = [atomic_write(folder / "study.md", study_report(records, manifest, partial=partial))]
+    wide = wide_records(folder)
+    text = study_report(
+        records, manifest, partial=partial, wide_units=None if wide is None else wide[1]
+    )
+    out = [atomic_write(folder / "study.md", text)]
     fig = plot.ratio_by_layer(paired_ratios(records, by=("method", "layer")))
     target = Path(figures or folder) / "kl_ratio_by_layer.png"
     with atomic_path(target) as tmp:

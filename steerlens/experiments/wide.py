@@ -74,7 +74,9 @@ def main_config(folder: Path) -> tuple[dict[str, Any], StudyConfig]:
     if not path.is_file():
         raise InputError(f"{folder} is not a study folder: no {MANIFEST}")
     manifest = json.loads(path.read_text())
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["study"].items()}
+    fields: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in manifest["study"].items()
+    }
     return manifest, StudyConfig(**fields)
 
 

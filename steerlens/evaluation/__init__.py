@@ -7,7 +7,8 @@ method, then measure what else changed.
 - :mod:`~steerlens.evaluation.generation`: greedy and sampled continuations under an edit and the
   unsteered model's perplexity of them (fluency, e.g. the records' ``perplexity``);
 - :mod:`~steerlens.evaluation.strength`: the scale at which a fixed direction reaches a target;
-- :mod:`~steerlens.evaluation.ratios`: each method's cost over the baseline's on the same runs.
+- :mod:`~steerlens.evaluation.ratios`: each method's cost over the baseline's on the same runs
+  (KLs and perplexities as paired ratios, fractions and masses as paired differences).
 
 Strength: iterative methods stop at the target themselves (one run serves every target through
 checkpoints); a fixed-direction method's scale is found by bisection. A context where a method
@@ -23,7 +24,16 @@ from steerlens.evaluation.generation import (
     greedy_continuation,
 )
 from steerlens.evaluation.measures import KL_MEASURES, Outcome, next_logprobs, outcome_measures
-from steerlens.evaluation.ratios import bootstrap_ci, paired_ratios, ratio_table, summarize
+from steerlens.evaluation.ratios import (
+    DIFFERENCE_MEASURES,
+    RATIO_MEASURES,
+    bootstrap_ci,
+    difference_table,
+    paired_differences,
+    paired_ratios,
+    ratio_table,
+    summarize,
+)
 from steerlens.evaluation.strength import (
     StrengthMatch,
     match_strength,
@@ -32,17 +42,21 @@ from steerlens.evaluation.strength import (
 )
 
 __all__ = [
+    "DIFFERENCE_MEASURES",
     "KL_MEASURES",
+    "RATIO_MEASURES",
     "Generation",
     "Outcome",
     "StrengthMatch",
     "bootstrap_ci",
     "continuation_perplexity",
+    "difference_table",
     "generation_measures",
     "greedy_continuation",
     "match_strength",
     "next_logprobs",
     "outcome_measures",
+    "paired_differences",
     "paired_ratios",
     "ratio_table",
     "strength_grid",

@@ -80,24 +80,108 @@ def paired_ratios(
         ok = paired[ratio.gt(0) & np.isfinite(ratio)].assign(_log=np.log(ratio))
         for key, group in ok.groupby(list(by), sort=True):
             head = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
-            sums = group.groupby("context")["_log"].agg(["sum", "count"]).to_numpy()
-            lo = hi = math.nan
-            if len(sums) >= 2:
-                pick = rng.integers(0, len(sums), (n_boot, len(sums)))
-                means = sums[pick, 0].sum(1) / sums[pick, 1].sum(1)
-                lo, hi = (float(np.exp(np.quantile(means, q))) for q in (tail, 1 - tail))
+            n_contexts, lo, hi = _context_bootstrap(group, "_log", rng, n_boot, tail)
             logs = group["_log"].to_numpy()
             rows.append(
                 head
                 | {
                     "measure": measure,
                     "runs": len(group),
-                    "contexts": len(sums),
+                    "contexts": n_contexts,
                     "ratio": float(np.exp(logs.mean())),
-                    "ratio_ci_low": lo,
-                    "ratio_ci_high": hi,
+                    "ratio_ci_low": math.exp(lo),
+                    "ratio_ci_high": math.exp(hi),
                     "median_ratio": float(np.exp(np.median(logs))),
                     "baseline_ahead": float((logs > 0).mean()),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _context_bootstrap(
+    group: Any, column: str, rng: np.random.Generator, n_boot: int, tail: float
+) -> tuple[int, float, float]:
+    """(distinct contexts, low, high): the percentile bootstrap interval of the mean of
+    ``group[column]`` over runs, resampling independent contexts with all their runs (NaN
+    bounds with fewer than 2 contexts, where no interval over contexts exists)."""
+    sums = group.groupby("context")[column].agg(["sum", "count"]).to_numpy()
+    if len(sums) < 2:
+        return len(sums), math.nan, math.nan
+    pick = rng.integers(0, len(sums), (n_boot, len(sums)))
+    means = sums[pick, 0].sum(1) / sums[pick, 1].sum(1)
+    return len(sums), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+#: the per-run measures besides the KLs compared with the baseline's run by run: perplexities
+#: as a ratio (:func:`paired_ratios`), fractions and masses as a difference
+#: (:func:`paired_differences`)
+RATIO_MEASURES: dict[str, str] = {
+    "perplexity_greedy": "greedy perplexity",
+    "perplexity_sampled": "sampled perplexity",
+}
+DIFFERENCE_MEASURES: dict[str, str] = {
+    "target_first_greedy": "greedy next word is the target",
+    "target_first_sampled": "sampled next words the target",
+    "pair_mass": "pair mass p_b + p_t",
+}
+
+
+def paired_differences(
+    records: pd.DataFrame,
+    baseline: str = "fishback",
+    *,
+    measures: Sequence[str] | None = None,
+    by: Sequence[str] = ("method",),
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Each method's measure minus ``baseline``'s on the same runs (as in
+    :func:`paired_ratios`: the same concept, layer, context and target, both reached), one row
+    per group of ``by`` and measure (by default every one of :data:`DIFFERENCE_MEASURES` the
+    records have): the mean difference, its paired bootstrap interval over independent
+    contexts, and the fractions of runs where the method's value is above and below the
+    baseline's.
+
+    >>> import pandas as pd
+    >>> rows = [dict(concept="c", layer=1, context=x, target_probability=0.5, reached=True,
+    ...              method=m, pair_mass=v) for x, m, v in
+    ...         [("a", "fishback", 0.5), ("a", "euclidean", 0.25),
+    ...          ("b", "fishback", 0.5), ("b", "euclidean", 0.5)]]
+    >>> out = paired_differences(pd.DataFrame(rows))
+    >>> out[["method", "runs", "difference", "above", "below"]].to_dict("records")
+    [{'method': 'euclidean', 'runs': 2, 'difference': -0.125, 'above': 0.0, 'below': 0.5}]
+    """
+    frame: Any = records
+    if measures is None:
+        measures = [m for m in DIFFERENCE_MEASURES if m in frame]
+    missing = [c for c in by if c not in frame]
+    if missing:
+        raise InputError(f"records have no column(s) {missing}; they have {list(frame.columns)}")
+    if not 0 < level < 1:
+        raise InputError(f"level must be in (0, 1), got {level}")
+    paired = pair_with_baseline(records, baseline, measures)
+    rng = np.random.default_rng(seed)
+    tail = (1 - level) / 2
+    rows = []
+    for measure in measures:
+        diff = paired[measure] - paired[f"{measure}_baseline"]
+        ok = paired[np.isfinite(diff)].assign(_diff=diff)
+        for key, group in ok.groupby(list(by), sort=True):
+            head = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
+            n_contexts, lo, hi = _context_bootstrap(group, "_diff", rng, n_boot, tail)
+            values = group["_diff"].to_numpy()
+            rows.append(
+                head
+                | {
+                    "measure": measure,
+                    "runs": len(group),
+                    "contexts": n_contexts,
+                    "difference": float(values.mean()),
+                    "difference_ci_low": lo,
+                    "difference_ci_high": hi,
+                    "above": float((values > 0).mean()),
+                    "below": float((values < 0).mean()),
                 }
             )
     return pd.DataFrame(rows)
@@ -112,7 +196,7 @@ def ratio_table(
     frame: Any = ratios
     parts = []
     for measure, group in frame.groupby("measure", sort=False):
-        name = KL_MEASURES.get(str(measure), str(measure))
+        name = (KL_MEASURES | RATIO_MEASURES).get(str(measure), str(measure))
         ci = [
             "n/a (1 context)" if not math.isfinite(lo) else f"[{lo:.3g}, {hi:.3g}]"
             for lo, hi in zip(group["ratio_ci_low"], group["ratio_ci_high"], strict=True)
@@ -125,6 +209,38 @@ def ratio_table(
                     f"{name} ×": group["ratio"].to_numpy(),
                     f"{name} 95% CI": ci,
                     f"{name}: {baseline} lower": [f"{round(a * n)} of {n}" for a, n in runs],
+                }
+            ).set_index(list(by))
+        )
+    if not parts:
+        return pd.DataFrame()
+    return pd.concat(parts, axis=1).reset_index()
+
+
+def difference_table(
+    differences: pd.DataFrame, by: Sequence[str] = ("method",), baseline: str = "fishback"
+) -> pd.DataFrame:
+    """:func:`paired_differences` laid out for reading: one row per group of ``by``, and per
+    measure the mean difference from ``baseline`` with its interval and in how many runs the
+    method's value is above / below the baseline's, side by side."""
+    frame: Any = differences
+    parts = []
+    for measure, group in frame.groupby("measure", sort=False):
+        name = DIFFERENCE_MEASURES.get(str(measure), str(measure))
+        ci = [
+            "n/a (1 context)" if not math.isfinite(lo) else f"[{lo:.3g}, {hi:.3g}]"
+            for lo, hi in zip(group["difference_ci_low"], group["difference_ci_high"], strict=True)
+        ]
+        counts = zip(group["above"], group["below"], group["runs"], strict=True)
+        parts.append(
+            pd.DataFrame(
+                {
+                    **{b: group[b].to_numpy() for b in by},
+                    f"{name}: − {baseline}": group["difference"].to_numpy(),
+                    f"{name} 95% CI": ci,
+                    f"{name}: above / below": [
+                        f"{round(a * n)} / {round(b * n)} of {n}" for a, b, n in counts
+                    ],
                 }
             ).set_index(list(by))
         )

@@ -295,7 +295,7 @@ def _read_first(
     texts = list(dict.fromkeys(frame["context"]))
     per_cell = frame.groupby(["method", "layer", "target_probability"])["context"].nunique()
     lines = [
-        "## Read this first",
+        "### Read this first",
         "",
         f"- **{len(texts)} distinct test context(s)** under {frame['concept'].nunique()} "
         f"concept(s): a cell of the tables below holds runs from at most {int(per_cell.max())} "
@@ -406,6 +406,7 @@ def write_report(
     ``records`` under
     ``figures_dir``; returns the paths written."""
     from steerlens import plot
+    from steerlens.experiments.study_claims import study_opening
 
     records = with_kl_ratio(records)
     summary = summarize(records)
@@ -418,10 +419,15 @@ def write_report(
         [
             "# FishBack reproduction on the default model",
             "",
+            *study_opening(results_dir),
+            "## The reduced run (`steerlens reproduce`)",
+            "",
+            "Everything below comes from the bounded run of the README's first command, not "
+            "from the study above. "
             f"Config: `{json.dumps(info.config)}`; {info.seconds:.0f} s on this machine.",
             "",
             *_read_first(records, ratios, pooled, info.protocol),
-            "## Off-target KL over FishBack's at matched share, on both measures",
+            "### Off-target KL over FishBack's at matched share, on both measures",
             "",
             "Per (method, layer): the geometric mean over paired runs (same concept, context and "
             "target, both reached) of the method's KL over FishBack's, with its bootstrap 95% "
@@ -436,17 +442,17 @@ def write_report(
             "",
             ratio_table(pooled, by=("method",)).to_markdown(index=False, floatfmt=".3g"),
             "",
-            "## Paper claims (GPT-2 small) beside the default model",
+            "### Paper claims (GPT-2 small) beside the default model",
             "",
             _claims(geometry, ratios).to_markdown(index=False),
             "",
             *_controls(results_dir),
-            "## Off-target KL at matched concept probability (mean over reached contexts, "
+            "### Off-target KL at matched concept probability (mean over reached contexts, "
             "bootstrap 95% CI; ratio to FishBack on the same contexts, complement KL)",
             "",
             summary.to_markdown(index=False, floatfmt=".4g"),
             "",
-            "## Predicting the measured KL ratio to FishBack",
+            "### Predicting the measured KL ratio to FishBack",
             "",
             "The measured ratio here is the complement KL's. "
             "`rho`: the spectral cost ratio of the method's direction at the clean point; "

@@ -1,10 +1,13 @@
 """The study's report: ``study.md`` and its figure from the merged records of a run folder.
 
-The first table is each method's cost over FishBack's on every divergence recorded (complement,
-pair merge, whole distribution), by layer, with paired bootstrap intervals over contexts and in
-how many runs FishBack paid less; losses stand in it beside wins. Then the same pooled and by
-stratum of the clean target probability, the generation measures, and which runs reached the
-target (with the reason for every one that did not).
+It opens with where FishBack loses: every (method, measure) where a method beats it at some
+layer, on every divergence recorded and on the perplexity of the steered continuations
+(:func:`~steerlens.experiments.study_claims.losses`). The first table is each method's cost
+over FishBack's on every divergence recorded (complement, pair merge, whole distribution), by
+layer, with paired bootstrap intervals over contexts and in how many runs FishBack paid less;
+losses stand in it beside wins. Then the same pooled and by stratum of the clean target
+probability, the generation measures (paired with FishBack's as well as per method), and which
+runs reached the target (with the reason for every one that did not).
 """
 
 from __future__ import annotations
@@ -17,9 +20,17 @@ import pandas as pd
 
 from steerlens.atomic import atomic_path, atomic_write
 from steerlens.errors import InputError
-from steerlens.evaluation import KL_MEASURES, paired_ratios, ratio_table
+from steerlens.evaluation import (
+    KL_MEASURES,
+    RATIO_MEASURES,
+    difference_table,
+    paired_differences,
+    paired_ratios,
+    ratio_table,
+)
 from steerlens.experiments.runner import MANIFEST, MERGED
 from steerlens.experiments.study import generation_table, reached_table
+from steerlens.experiments.study_claims import losses
 
 
 def _rows(frame: Any) -> list[dict[str, Any]]:
@@ -30,18 +41,6 @@ def _table(frame: pd.DataFrame) -> list[str]:
     if frame.empty:
         return ["(not run: the records have no FishBack variant beside Euclidean ascent)"]
     return [frame.to_markdown(index=False, floatfmt=".3g")]
-
-
-def _losses(ratios: pd.DataFrame) -> list[str]:
-    lost = ratios[ratios["ratio"] < 1]
-    if lost.empty:
-        return ["- FishBack pays less than every method on every measure and layer here."]
-    return [
-        f"- **FishBack pays more**: {r['method']} at layer {r['layer']} on the "
-        f"{KL_MEASURES.get(r['measure'], r['measure'])} ({r['ratio']:.2g}×, FishBack lower "
-        f"in {round(r['baseline_ahead'] * r['runs'])} of {r['runs']} runs)"
-        for r in _rows(lost)
-    ]
 
 
 #: the geometry each FishBack variant descends
@@ -109,7 +108,7 @@ def study_report(
         *_wide_lines(frame, wide_units),
         "## Where FishBack wins and where it loses",
         "",
-        *_losses(by_layer),
+        *(losses(records) or ["- Nowhere: FishBack pays less on every measure and layer."]),
         "",
         "## Optimize × evaluate: each FishBack variant against Euclidean ascent, on every measure",
         "",
@@ -132,6 +131,7 @@ def study_report(
         "",
         "## Generation (reached runs)",
         "",
+        *_paired_generation(records),
     ]
     generation = generation_table(records)
     lines += [
@@ -145,6 +145,32 @@ def study_report(
         "",
     ]
     return "\n".join(lines)
+
+
+def _paired_generation(records: pd.DataFrame) -> list[str]:
+    """Each method beside FishBack on the same runs, pooled over layers: the clean model's
+    perplexity of the steered continuations as a ratio, and how often their next word is the
+    target, and the pair mass, as differences (paired bootstrap intervals over contexts)."""
+    frame: Any = records
+    ratio_measures = [m for m in RATIO_MEASURES if m in frame]
+    if not ratio_measures:
+        return []
+    ratios = paired_ratios(records, measures=ratio_measures, by=("method",))
+    differences = paired_differences(records)
+    return [
+        "Each method beside FishBack on the same runs (pooled over layers; 95% CI over "
+        "contexts): the clean model's perplexity of the steered continuations over FishBack's "
+        "(below 1: more fluent than FishBack's), then the fraction of continuations whose next "
+        "word is the target, and the pair mass p_b + p_t at the prediction position, minus "
+        "FishBack's.",
+        "",
+        ratio_table(ratios, by=("method",)).to_markdown(index=False, floatfmt=".3g"),
+        "",
+        difference_table(differences).to_markdown(index=False, floatfmt=".3g"),
+        "",
+        "Per method (reached runs), unpaired:",
+        "",
+    ]
 
 
 def _wide_lines(frame: Any, wide_units: int | None) -> list[str]:

@@ -159,7 +159,10 @@ def test_study_report_states_losses():
                              off_target_kl=kl, stratum="p_t < 1e-3", reason="reached"))  # fmt: skip
     report = study_report(pd.DataFrame(rows), {"model": "tiny", "study": {}}, partial=True)
     assert report.startswith("# The study (partial")
-    assert "**FishBack pays more**: euclidean at layer 6 on the complement KL (0.35×" in report
+    assert (
+        "- **euclidean** beats FishBack on the complement KL at layer(s) 6 (0.35×; pooled "
+        "0.354×, its pooled interval lies below 1)." in report
+    )
     assert "No generation measures were recorded" in report
     merged = pd.DataFrame(rows).assign(off_target_kl_merged=[0.1, 0.2, 0.1, 0.2])
     merged = pd.concat(

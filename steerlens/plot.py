@@ -38,14 +38,20 @@ STYLE: dict[str, Any] = {
 #: one colour per method, the same in every figure
 METHOD_COLORS = {
     "fishback": "#1b9e77",
+    "fishback_merge": "#17becf",
+    "fishback_plain": "#1f77b4",
+    "fishback_transfer": "#000000",
     "euclidean": "#d95f02",
     "depth0": "#7570b3",
     "dual": "#7570b3",
     "caa": "#e7298a",
+    "caa_last": "#a50f15",
     "actadd": "#66a61e",
     "probe": "#e6ab02",
     "sae": "#a6761d",
 }
+#: FishBack's variants are drawn dashed beside the solid baselines
+METHOD_LINES = {"fishback_merge": "--", "fishback_plain": "--", "fishback_transfer": "--"}
 PATH_COLORS = {"skip": "#999999", "attn": "#377eb8", "mlp": "#e41a1c", "attn_mlp": "#984ea3"}
 
 
@@ -195,6 +201,12 @@ KL_LABELS = {
     "off_target_kl": "complement KL (FishBack descends it)",
     "off_target_kl_merged": "pair-merge KL (Park et al.)",
     "kl_full": "whole-distribution KL",
+}
+
+#: every measure compared to FishBack's as a ratio, as the panels name them
+RATIO_LABELS = KL_LABELS | {
+    "perplexity_greedy": "greedy continuation's perplexity",
+    "perplexity_sampled": "sampled continuations' perplexity",
 }
 
 #: predictors of the measured KL ratio, with their axis labels
@@ -372,13 +384,20 @@ def rho_by_layer(table: pd.DataFrame) -> Figure:
 
 @_styled
 def ratio_by_layer(ratios: pd.DataFrame, *, baseline: str = "fishback") -> Figure:
-    """Each method's cost over ``baseline``'s against layer, one panel per off-target measure
-    (from :func:`steerlens.evaluation.paired_ratios` by method and layer): the geometric mean
-    ratio with its bootstrap interval over contexts where there is one, on one log scale; above
-    the dashed line at 1 the baseline paid less."""
+    """Each method's cost over ``baseline``'s against layer, one panel per measure, three to a
+    row (from :func:`steerlens.evaluation.paired_ratios` by method and layer: each KL, and the
+    perplexities of the continuations where given): the geometric mean ratio with its bootstrap
+    interval over contexts where there is one, on one log scale; above the dotted line at 1 the
+    baseline paid less. FishBack's variants are dashed."""
     frame: Any = ratios
     measures = list(dict.fromkeys(frame["measure"]))
-    fig, axes = _figure(min(3.0 * len(measures), 7.0), 2.8, len(measures))
+    ncols = min(len(measures), 3)
+    nrows = -(-len(measures) // ncols)
+    fig = Figure(figsize=(min(3.0 * len(measures), 9.0), 2.6 * nrows + 0.9), layout="constrained")
+    grid = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in grid[len(measures) :]:
+        ax.set_visible(False)
+    axes = grid[: len(measures)]
     for ax, measure in zip(axes, measures, strict=True):
         sub = frame[frame["measure"] == measure]
         for method, group in sub.groupby("method", sort=True):
@@ -394,15 +413,18 @@ def ratio_by_layer(ratios: pd.DataFrame, *, baseline: str = "fishback") -> Figur
                 ms=3,
                 capsize=2,
                 color=METHOD_COLORS.get(str(method)),
+                ls=METHOD_LINES.get(str(method), "-"),
                 label=str(method),
             )
-        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.axhline(1.0, color="black", lw=0.8, ls=":")
         ax.set_yscale("log")
         ax.set_xlabel("layer")
-        ax.set_title(KL_LABELS.get(str(measure), str(measure)))
+        ax.set_title(RATIO_LABELS.get(str(measure), str(measure)))
         _style(ax)
-    axes[0].set_ylabel(f"method / {baseline} (geometric mean)")
-    fig.suptitle(f"Off-target KL over {baseline}'s at matched share (> 1: {baseline} pays less)")
+    for row in range(nrows):
+        grid[row * ncols].set_ylabel(f"method / {baseline} (geometric mean)")
+    what = "Off-target KL" if set(measures) <= set(KL_LABELS) else "Each measure"
+    fig.suptitle(f"{what} over {baseline}'s at matched share (> 1: {baseline} pays less)")
     lows = [ax.get_ylim()[0] for ax in axes]
     highs = [ax.get_ylim()[1] for ax in axes]
     for ax in axes:

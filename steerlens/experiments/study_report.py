@@ -235,7 +235,9 @@ def write_study_report(folder: str | Path, figures: str | Path | None = None) ->
         records, manifest, partial=partial, wide_units=None if wide is None else wide[1]
     )
     out = [atomic_write(folder / "study.md", text)]
-    fig = plot.ratio_by_layer(paired_ratios(records, by=("method", "layer")))
+    frame: Any = records
+    measures = [m for m in [*KL_MEASURES, *RATIO_MEASURES] if m in frame]
+    fig = plot.ratio_by_layer(paired_ratios(records, measures=measures, by=("method", "layer")))
     target = Path(figures or folder) / "kl_ratio_by_layer.png"
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format="png")

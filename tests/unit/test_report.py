@@ -91,6 +91,20 @@ def test_ratio_figure_draws_both_measures():
     assert np.asarray(bars.lines[0].get_ydata()).tolist() == pytest.approx([2.0, 0.5])
 
 
+def test_ratio_figure_lays_its_panels_out_three_to_a_row():
+    records = _records().assign(perplexity_greedy=lambda f: f["off_target_kl"] + 1.0)
+    measures = ["off_target_kl", "off_target_kl_merged", "perplexity_greedy"]
+    ratios = paired_ratios(records, measures=measures)
+    fig = plot.ratio_by_layer(ratios)
+    assert [ax.get_title() for ax in fig.axes][-1] == "greedy continuation's perplexity"
+    assert len(fig.axes) == 3 and fig.texts[0].get_text().startswith("Each measure over")
+    four = pd.concat([ratios, ratios[ratios.measure == "off_target_kl"].assign(measure="x")])
+    fig = plot.ratio_by_layer(four)
+    visible = [ax.get_visible() for ax in fig.axes]
+    assert len(visible) == 6 and visible.count(False) == 2
+    assert fig.axes[3].get_ylabel().startswith("method / fishback")
+
+
 def _saved(tmp_path):
     results = tmp_path / "results"
     results.mkdir()

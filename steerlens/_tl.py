@@ -64,6 +64,7 @@ __all__ = [
     "model_from_state_dict",
     "new_kv_cache",
     "repeat_kv_cache",
+    "stack_kv_caches",
     "normalizes_block_outputs",
     "official_model_name",
     "official_model_names",
@@ -138,6 +139,28 @@ def repeat_kv_cache(cache: KeyValueCache, n: int) -> None:
         entry.past_keys = entry.past_keys.expand(n, -1, -1, -1)
         entry.past_values = entry.past_values.expand(n, -1, -1, -1)
     cache.previous_attention_mask = cache.previous_attention_mask.expand(n, -1)
+
+
+def stack_kv_caches(
+    model: HookedTransformer, caches: Sequence[KeyValueCache], repeats: Sequence[int]
+) -> KeyValueCache:
+    """A new cache stacking ``caches`` (each of one sequence, all of one length) along the
+    batch, the i-th repeated ``repeats[i]`` times, in that order; the given caches are left as
+    they were."""
+    if len(caches) != len(repeats) or not caches:
+        raise ValueError(f"{len(caches)} caches for {len(repeats)} repeat counts")
+    out = new_kv_cache(model, sum(repeats))
+
+    def stacked(parts: list[Tensor]) -> Tensor:
+        return torch.cat(
+            [t.expand(n, *t.shape[1:]) for t, n in zip(parts, repeats, strict=True)], 0
+        )
+
+    for layer, entry in enumerate(out.entries):
+        entry.past_keys = stacked([c.entries[layer].past_keys for c in caches])
+        entry.past_values = stacked([c.entries[layer].past_values for c in caches])
+    out.previous_attention_mask = stacked([c.previous_attention_mask for c in caches])
+    return out
 
 
 def forward_filling_cache(model: HookedTransformer, batch: Tensor, cache: KeyValueCache) -> Tensor:

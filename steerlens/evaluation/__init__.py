@@ -21,6 +21,7 @@ from steerlens.evaluation.generation import (
     Generation,
     continuation_perplexity,
     generation_measures,
+    generation_measures_many,
     greedy_continuation,
 )
 from steerlens.evaluation.measures import KL_MEASURES, Outcome, next_logprobs, outcome_measures
@@ -52,6 +53,7 @@ __all__ = [
     "continuation_perplexity",
     "difference_table",
     "generation_measures",
+    "generation_measures_many",
     "greedy_continuation",
     "match_strength",
     "next_logprobs",

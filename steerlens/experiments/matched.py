@@ -36,7 +36,7 @@ from steerlens.diagnostics.path import local_vector
 from steerlens.errors import InputError
 from steerlens.evaluation import (
     continuation_perplexity,
-    generation_measures,
+    generation_measures_many,
     next_logprobs,
     outcome_measures,
     strength_search,
@@ -255,6 +255,8 @@ class UnitRecords:
             },
         }
         self.path_rho: dict[float, dict[str, float]] = {}
+        #: records written but still without their generation measures (:meth:`generate`)
+        self.pending: list[tuple[dict[str, Any], Intervention]] = []
 
     def record(
         self,
@@ -295,16 +297,29 @@ class UnitRecords:
                 model, self.tokens, iv, settings.fluency_tokens
             )
         if settings.generation_tokens:
-            out |= generation_measures(
-                model,
-                self.tokens,
-                iv,
-                ctx.target_id,
-                n_tokens=settings.generation_tokens,
-                samples=settings.samples,
-                seed=settings.seed,
-            ).row()
+            self.pending.append((out, iv))
         return out
+
+    def generate(self) -> None:
+        """Append the generation measures to every record written since the last call, all
+        of them generated together (:func:`~steerlens.evaluation.generation_measures_many`:
+        the same continuations as one at a time, a batch reading the weights once); a record
+        is complete only after this."""
+        if not self.pending:
+            return
+        settings = self.settings
+        found = generation_measures_many(
+            self.model,
+            self.tokens,
+            [iv for _, iv in self.pending],
+            self.ctx.target_id,
+            n_tokens=settings.generation_tokens,
+            samples=settings.samples,
+            seed=settings.seed,
+        )
+        for (out, _), measures in zip(self.pending, found, strict=True):
+            out |= measures.row()
+        self.pending = []
 
     def search(
         self, iv: Intervention, extend_to: float | None = None
@@ -345,6 +360,7 @@ def context_records(
     for name, iv in fixed.items():
         found = unit.search(iv)
         records += [unit.fixed_record(name, iv, found[target]) for target in settings.targets]
+    unit.generate()
     return records
 
 

@@ -127,7 +127,7 @@ def widened_records(
     unit = UnitRecords(model, u.ctx, u.layer, u.settings, u.fixed, u.merge, u.common)
     main = {(r["method"], float(r["target_probability"])): r for r in rows}
     reach = WIDE_FACTOR * unit.point.residual_norm
-    out = []
+    out, ends = [], []
     for name, targets in redo.items():
         iv = u.fixed[name]
         size = edit_norm(iv.scaled(1.0))
@@ -137,9 +137,10 @@ def widened_records(
         found = unit.search(iv, extend_to=max(reach / size, GRID_END))
         for target in targets:
             unit.path_rho = {target: {name: main[(name, target)]["rho_path"]}}
-            record = unit.fixed_record(name, iv, found[target])
-            out.append(record | {"grid_end": found[target].grid_end})
-    return out
+            out.append(unit.fixed_record(name, iv, found[target]))
+            ends.append(found[target].grid_end)
+    unit.generate()
+    return [record | {"grid_end": end} for record, end in zip(out, ends, strict=True)]
 
 
 def _check_share(

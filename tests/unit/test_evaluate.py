@@ -21,6 +21,8 @@ from steerlens.diagnostics import (
 from steerlens.evaluation import (
     bootstrap_ci,
     continuation_perplexity,
+    generation_measures,
+    generation_measures_many,
     greedy_continuation,
     match_strength,
     next_logprobs,
@@ -342,3 +344,78 @@ def test_predictor_agreement_by_hand():
     assert rho["within_2x"].tolist() == pytest.approx([2 / 3, 2 / 3])
     with pytest.raises(errors.InputError, match="no column 'site'"):
         predictor_agreement(pd.DataFrame(rows), by="site")
+
+
+def _mixed_interventions(model):
+    """Every kind of edit a generation step meets: none, ``@last``, ``@all``, a prompt
+    position, one head's output, two vectors at one hook, and a scaling (generated alone)."""
+    gen = torch.Generator().manual_seed(9)
+
+    def vec(n: int) -> torch.Tensor:
+        return 3 * torch.randn(n, generator=gen, dtype=torch.float64)
+
+    d, d_head = model.cfg.d_model, model.cfg.d_head
+    return [
+        None,
+        Intervention("last", {"blocks.0.hook_resid_post@last": vec(d)}),
+        Intervention("all", {"blocks.1.hook_resid_pre@all": vec(d)}, scale=0.5),
+        Intervention("first", {"blocks.0.hook_resid_post@1": vec(d)}),
+        Intervention("head", {"z.0:1@last": vec(d_head)}),
+        Intervention(
+            "two", {"blocks.0.hook_resid_post@last": vec(d), "blocks.0.hook_resid_post@all": vec(d)}
+        ),
+    ]
+
+
+def test_batched_generation_is_each_intervention_generated_alone(model, tokens):
+    """The rows of many interventions generated in one batch are each intervention's own
+    continuations, seed and all; the measures are the ones each gets alone."""
+    from steerlens.evaluation.generation import _continue, _continue_many, _perplexity
+
+    ivs = _mixed_interventions(model)
+    prompt = tokens.view(1, -1)
+    alone = [_continue(model, prompt, 5, iv, 4, torch.Generator().manual_seed(3)) for iv in ivs]
+    together = _continue_many(model, prompt, 5, ivs, 3, 3)
+    assert torch.equal(together, torch.cat(alone))
+    assert hook_count(model) == 0
+    target = int(alone[1][0, len(tokens)])
+    measures = generation_measures_many(model, tokens, ivs, target, n_tokens=5, samples=3, seed=3)
+    small = generation_measures_many(
+        model, tokens, ivs, target, n_tokens=5, samples=3, seed=3, max_rows=4
+    )
+    for iv, rows, got, got_small in zip(ivs, alone, measures, small, strict=True):
+        ppl = _perplexity(model, rows, len(tokens))
+        assert got.target_first_greedy == float(rows[0, len(tokens)] == target)
+        assert got.target_first_sampled == float((rows[1:, len(tokens)] == target).double().mean())
+        assert got.perplexity_greedy == pytest.approx(float(ppl[0]), rel=1e-12)
+        assert got.perplexity_sampled == pytest.approx(float(ppl[1:].mean()), rel=1e-12)
+        assert got_small.row() == pytest.approx(got.row(), rel=1e-12)
+        one = generation_measures(model, tokens, iv, target, n_tokens=5, samples=3, seed=3)
+        assert one.row() == pytest.approx(got.row(), rel=1e-12)
+    assert measures[1].target_first_greedy == 1.0
+
+
+def test_batched_generation_falls_back_for_edits_that_are_not_vectors(model, tokens):
+    from steerlens.evaluation.generation import _continue, _continue_many
+
+    scaled = Intervention("scaled", {}, 1.0, multipliers={"mlp_out.1@last": 0.7})
+    ivs = [scaled, _mixed_interventions(model)[1]]
+    prompt = tokens.view(1, -1)
+    alone = [_continue(model, prompt, 4, iv, 3, torch.Generator().manual_seed(1)) for iv in ivs]
+    assert torch.equal(_continue_many(model, prompt, 4, ivs, 2, 1), torch.cat(alone))
+    assert hook_count(model) == 0
+    with pytest.raises(errors.InputError, match="max_rows"):
+        generation_measures_many(model, tokens, ivs, 0, samples=3, max_rows=3)
+    assert generation_measures_many(model, tokens, [], 0) == []
+
+
+def test_many_rows_of_perplexity_run_in_chunks(model, tokens, monkeypatch):
+    from steerlens.evaluation import generation
+
+    gen = torch.Generator().manual_seed(6)
+    tail = torch.randint(0, model.cfg.d_vocab, (7, 4), generator=gen)
+    seqs = torch.cat([tokens.view(1, -1).expand(7, -1), tail], 1)
+    whole = generation._perplexity(model, seqs, len(tokens))
+    monkeypatch.setattr(generation, "MAX_LOGITS", 2 * 4 * model.cfg.d_vocab)  # 2 rows a chunk
+    chunked = generation._perplexity(model, seqs, len(tokens))
+    assert torch.allclose(whole, chunked, rtol=1e-12, atol=0)

@@ -17,6 +17,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from steerlens.errors import InputError
+
 P = ParamSpec("P")
 
 STYLE: dict[str, Any] = {
@@ -391,6 +393,8 @@ def ratio_by_layer(ratios: pd.DataFrame, *, baseline: str = "fishback") -> Figur
     baseline paid less. FishBack's variants are dashed."""
     frame: Any = ratios
     measures = list(dict.fromkeys(frame["measure"]))
+    if not measures:
+        raise InputError("no ratios to draw: no run paired with a reached baseline run")
     ncols = min(len(measures), 3)
     nrows = -(-len(measures) // ncols)
     fig = Figure(figsize=(min(3.0 * len(measures), 9.0), 2.6 * nrows + 0.9), layout="constrained")

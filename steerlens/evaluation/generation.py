@@ -163,6 +163,9 @@ def _step_edits(
     edits only the prompt), nothing added to the rows of ``None``; and whether a site needs
     ``hook_result``. None where an intervention does more than add vectors (scales, clamps,
     weight updates): such runs are generated one intervention at a time."""
+    for iv in interventions:
+        if iv is not None:
+            iv.check(model)
     rows = per * len(interventions)
     sums: dict[tuple[str, int | None], Tensor] = {}
     need_result = False
@@ -285,7 +288,9 @@ def generation_measures_many(
     a batch, whose generation steps read the model's weights once for all their rows (the
     cost of a step on one core is mostly reading them), and the clean model's perplexities
     of all of them from one run of the prompt. Each intervention's continuations are the ones
-    it generates alone, seed and all, up to the rounding of a batched matrix product."""
+    it generates alone, seed and all, up to rounding: a batched matrix product's, two vectors
+    of one intervention at one hook added as their sum, and ``hook_result`` turned on for
+    every row of a batch where one intervention edits a head's result."""
     if samples < 1:
         raise InputError(f"samples must be >= 1, got {samples}")
     if max_rows < 1 + samples:

@@ -95,7 +95,8 @@ def paired_ratios(
                     "baseline_ahead": float((logs > 0).mean()),
                 }
             )
-    return pd.DataFrame(rows)
+    columns = [*by, "measure", "runs", "contexts", "ratio", "ratio_ci_low", "ratio_ci_high"]
+    return pd.DataFrame(rows, columns=[*columns, "median_ratio", "baseline_ahead"])
 
 
 def _context_bootstrap(
@@ -120,8 +121,8 @@ RATIO_MEASURES: dict[str, str] = {
     "perplexity_sampled": "sampled perplexity",
 }
 DIFFERENCE_MEASURES: dict[str, str] = {
-    "target_first_greedy": "greedy next word is the target",
-    "target_first_sampled": "sampled next words the target",
+    "target_first_greedy": "greedy next word is the target (fraction)",
+    "target_first_sampled": "sampled next word is the target (fraction)",
     "pair_mass": "pair mass p_b + p_t",
 }
 
@@ -184,7 +185,8 @@ def paired_differences(
                     "below": float((values < 0).mean()),
                 }
             )
-    return pd.DataFrame(rows)
+    columns = [*by, "measure", "runs", "contexts", "difference", "difference_ci_low"]
+    return pd.DataFrame(rows, columns=[*columns, "difference_ci_high", "above", "below"])
 
 
 def ratio_table(

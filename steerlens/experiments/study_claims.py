@@ -50,7 +50,7 @@ def _ratio_cell(pooled: dict[str, Any] | None, layers: list[float]) -> str:
         else " (1 context)"
     )
     low, high = (f"{v:.2g}" for v in (min(layers, default=0), max(layers, default=0)))
-    spread = f"; layers {low}–{high}" if len(layers) > 1 and low != high else ""
+    spread = f"; per layer {low}–{high}×" if len(layers) > 1 and low != high else ""
     return f"{pooled['ratio']:.3g}×{ci}{spread}"
 
 
@@ -75,6 +75,8 @@ def claims_table(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataFr
     if not ratio_measures:
         raise InputError(f"the records have none of the measures {_RATIOS}")
     pooled = paired_ratios(records, baseline, measures=ratio_measures, by=("method",))
+    if pooled.empty:
+        raise InputError(f"no method's reached run pairs with a reached {baseline} run")
     by_layer = paired_ratios(records, baseline, measures=ratio_measures, by=("method", "layer"))
     diffs = (
         paired_differences(records, baseline, measures=[_DIFFERENCE])
@@ -107,14 +109,14 @@ def claims_table(records: pd.DataFrame, baseline: str = "fishback") -> pd.DataFr
 def losses(records: pd.DataFrame, baseline: str = "fishback") -> list[str]:
     """One line per (method, measure) where the method beats ``baseline`` at some layer (its
     per-layer geometric mean ratio below 1: less KL, or a lower perplexity): the layers, the
-    ratios, and whether the pooled interval lies wholly below 1; ``[]`` where FishBack pays
-    less everywhere."""
+    ratios, and the ratio pooled over all layers with whether its interval lies wholly below
+    1; ``[]`` where FishBack pays less everywhere, or where no run pairs with FishBack's."""
     frame: Any = records
     measures = [m for m in _RATIOS if m in frame]
     by_layer = paired_ratios(records, baseline, measures=measures, by=("method", "layer"))
     pooled = paired_ratios(records, baseline, measures=measures, by=("method",))
     names = KL_MEASURES | RATIO_MEASURES
-    lines = []
+    lines: list[str] = []
     lost: Any = by_layer[by_layer["ratio"] < 1]
     lost = lost.assign(_order=lost["measure"].map(measures.index)).sort_values(
         ["method", "_order", "layer"]
@@ -125,15 +127,15 @@ def losses(records: pd.DataFrame, baseline: str = "fishback") -> list[str]:
         low, high = group["ratio"].min(), group["ratio"].max()
         spread = f"{low:.2g}×" if f"{low:.2g}" == f"{high:.2g}" else f"{low:.2g}–{high:.2g}×"
         clear = (
-            "its pooled interval lies below 1"
+            "its interval pooled over all layers lies below 1"
             if whole["ratio_ci_high"] < 1
             else "no interval over contexts"
             if not math.isfinite(whole["ratio_ci_high"])
-            else "its pooled interval reaches 1 or above"
+            else "its interval pooled over all layers reaches 1 or above"
         )
         lines.append(
             f"- **{method}** beats FishBack on the {names[measure]} at layer(s) "
-            f"{layers} ({spread}; pooled {whole['ratio']:.3g}×, "
+            f"{layers} ({spread}; pooled over all layers {whole['ratio']:.3g}×, "
             f"{clear})."
         )
     return lines
@@ -169,6 +171,10 @@ def study_opening(results_dir: Path) -> list[str]:
             continue
         found = True
         frame: Any = records
+        try:
+            table = claims_table(records).to_markdown(index=False)
+        except InputError as err:
+            table = f"No claims table yet: {err}."
         units = frame[["concept", "context_index", "layer"]].drop_duplicates().shape[0]
         planned = len(manifest.get("units", [])) or units
         contexts = frame.drop_duplicates(["concept", "context"])
@@ -179,11 +185,11 @@ def study_opening(results_dir: Path) -> list[str]:
             f"{len(contexts)} test contexts ({contexts['verb'].nunique()} verbs), layers "
             f"{', '.join(str(v) for v in sorted(set(frame['layer'])))}, {len(frame)} records.",
             "",
-            claims_table(records).to_markdown(index=False),
+            table,
             "",
             "Where FishBack loses:",
             "",
-            *(losses(records) or ["- Nowhere: FishBack pays less on every measure and layer."]),
+            *(losses(records) or ["- Nowhere it is measured (see the table)."]),
             "",
         ]
     if not found:

@@ -348,7 +348,8 @@ def test_predictor_agreement_by_hand():
 
 def _mixed_interventions(model):
     """Every kind of edit a generation step meets: none, ``@last``, ``@all``, a prompt
-    position, one head's output, two vectors at one hook, and a scaling (generated alone)."""
+    position, one head's ``z``, every head's ``z``, one head's result, and two vectors at one
+    hook."""
     gen = torch.Generator().manual_seed(9)
 
     def vec(n: int) -> torch.Tensor:
@@ -361,6 +362,8 @@ def _mixed_interventions(model):
         Intervention("all", {"blocks.1.hook_resid_pre@all": vec(d)}, scale=0.5),
         Intervention("first", {"blocks.0.hook_resid_post@1": vec(d)}),
         Intervention("head", {"z.0:1@last": vec(d_head)}),
+        Intervention("heads", {"z.1@all": vec(model.cfg.n_heads * d_head)}),
+        Intervention("result", {"result.0:1@last": vec(d)}),
         Intervention(
             "two", {"blocks.0.hook_resid_post@last": vec(d), "blocks.0.hook_resid_post@all": vec(d)}
         ),
@@ -404,6 +407,9 @@ def test_batched_generation_falls_back_for_edits_that_are_not_vectors(model, tok
     alone = [_continue(model, prompt, 4, iv, 3, torch.Generator().manual_seed(1)) for iv in ivs]
     assert torch.equal(_continue_many(model, prompt, 4, ivs, 2, 1), torch.cat(alone))
     assert hook_count(model) == 0
+    wrong = Intervention("wrong", {"blocks.0.hook_resid_post@last": torch.zeros(3)})
+    with pytest.raises(errors.InputError, match="wrong vector"):
+        _continue_many(model, prompt, 4, [ivs[1], wrong], 2, 1)
     with pytest.raises(errors.InputError, match="max_rows"):
         generation_measures_many(model, tokens, ivs, 0, samples=3, max_rows=3)
     assert generation_measures_many(model, tokens, [], 0) == []

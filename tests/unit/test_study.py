@@ -160,8 +160,8 @@ def test_study_report_states_losses():
     report = study_report(pd.DataFrame(rows), {"model": "tiny", "study": {}}, partial=True)
     assert report.startswith("# The study (partial")
     assert (
-        "- **euclidean** beats FishBack on the complement KL at layer(s) 6 (0.35×; pooled "
-        "0.354×, its pooled interval lies below 1)." in report
+        "- **euclidean** beats FishBack on the complement KL at layer(s) 6 (0.35×; pooled over "
+        "all layers 0.354×, its interval pooled over all layers lies below 1)." in report
     )
     assert "No generation measures were recorded" in report
     merged = pd.DataFrame(rows).assign(off_target_kl_merged=[0.1, 0.2, 0.1, 0.2])

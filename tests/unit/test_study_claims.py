@@ -44,11 +44,28 @@ def test_paired_differences_are_over_the_same_runs_with_an_interval_over_context
     one = paired_differences(unreached, measures=["target_first_sampled"])
     assert one["runs"].tolist() == [4] and one["contexts"].tolist() == [2]
     table = difference_table(one)
-    assert table.iloc[0]["sampled next words the target: above / below"] == "0 / 4 of 4"
+    assert table.iloc[0]["sampled next word is the target (fraction): above / below"] == (
+        "0 / 4 of 4"
+    )
     with pytest.raises(errors.InputError, match="level"):
         paired_differences(records, level=1.0)
     with pytest.raises(errors.InputError, match="no column"):
         paired_differences(records, by=("nope",))
+
+
+def test_the_interval_resamples_contexts_with_all_their_runs():
+    records = _records()
+    # context a: Euclidean's sampled continuations reach the target as often as FishBack's at
+    # both layers; b and c: a quarter less often
+    records.loc[(records.method == "euclidean") & (records.context == "a"),
+                "target_first_sampled"] = 0.75  # fmt: skip
+    out = paired_differences(records, measures=["target_first_sampled"], n_boot=4000)
+    row = out.iloc[0]
+    assert row["difference"] == pytest.approx(-1 / 6) and row["contexts"] == 3
+    # a resample of 3 contexts has 0, 1, 2 or 3 copies of a: mean −0.25 · (3 − k) / 3
+    assert row["difference_ci_low"] == pytest.approx(-0.25)
+    assert row["difference_ci_high"] == pytest.approx(0.0, abs=1e-12)
+    assert row["below"] == pytest.approx(4 / 6) and row["above"] == 0.0
 
 
 def test_a_single_context_has_no_interval():
@@ -56,7 +73,7 @@ def test_a_single_context_has_no_interval():
     one = records[records.context == "a"]
     out = paired_differences(one, measures=["target_first_sampled"])
     assert math.isnan(out["difference_ci_low"].iloc[0])
-    assert difference_table(out).iloc[0]["sampled next words the target 95% CI"] == (
+    assert difference_table(out).iloc[0]["sampled next word is the target (fraction) 95% CI"] == (
         "n/a (1 context)"
     )
 
@@ -66,9 +83,9 @@ def test_the_claims_table_puts_the_paper_beside_every_measure():
     row = table.loc["euclidean"]
     assert row["paper (GPT-2 small)"] == "1.3–2.5"
     assert row["complement KL"].startswith("4×")
-    assert row["pair-merge KL"].startswith("1×") and "layers 0.5–2" in row["pair-merge KL"]
+    assert row["pair-merge KL"].startswith("1×") and "per layer 0.5–2×" in row["pair-merge KL"]
     assert row["greedy perplexity"].startswith("0.5×")
-    assert row["sampled next words the target: − FishBack"].startswith("-0.25")
+    assert row["sampled next word is the target (fraction): − FishBack"].startswith("-0.25")
     ratios = paired_ratios(_records(), measures=["perplexity_greedy"], by=("method",))
     assert ratios["ratio"].iloc[0] == pytest.approx(0.5)
 
@@ -76,13 +93,17 @@ def test_the_claims_table_puts_the_paper_beside_every_measure():
 def test_losses_name_every_measure_and_layer_where_fishback_loses():
     lines = losses(_records())
     assert lines == [
-        "- **euclidean** beats FishBack on the pair-merge KL at layer(s) 18 (0.5×; pooled 1×, "
-        "its pooled interval reaches 1 or above).",
+        "- **euclidean** beats FishBack on the pair-merge KL at layer(s) 18 (0.5×; pooled over "
+        "all layers 1×, its interval pooled over all layers reaches 1 or above).",
         "- **euclidean** beats FishBack on the greedy perplexity at layer(s) 6, 18 (0.5×; pooled "
-        "0.5×, its pooled interval lies below 1).",
+        "over all layers 0.5×, its interval pooled over all layers lies below 1).",
     ]
     fair = _records().assign(perplexity_greedy=4.0, off_target_kl_merged=1.0)
-    assert [line.split(" at ")[0] for line in losses(fair)] == []
+    assert losses(fair) == []
+    unpaired = _records().assign(reached=lambda f: f["method"] != "fishback")
+    assert losses(unpaired) == []
+    with pytest.raises(errors.InputError, match="no method's reached run pairs"):
+        claims_table(unpaired)
 
 
 def _study_folder(path, records: pd.DataFrame, units: int) -> None:

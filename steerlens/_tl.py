@@ -35,6 +35,7 @@ from transformer_lens.components.mlps.gated_mlp import GatedMLP
 from transformer_lens.components.mlps.mlp import MLP
 from transformer_lens.components.rms_norm import RMSNorm
 from transformer_lens.components.rms_norm_pre import RMSNormPre
+from transformer_lens.utilities.activation_functions import apply_softcap
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "from_pretrained_raw",
     "is_causal",
     "is_fast_block",
+    "last_logits",
     "mlp_weights",
     "model_from_state_dict",
     "new_kv_cache",
@@ -163,13 +165,40 @@ def stack_kv_caches(
     return out
 
 
-def forward_filling_cache(model: HookedTransformer, batch: Tensor, cache: KeyValueCache) -> Tensor:
+def _unembed_last(model: HookedTransformer, residual: Tensor) -> Tensor:
+    """The logits ``[batch, 1, d_vocab]`` of the last position of the final residual stream
+    ``[batch, pos, d_model]``: TransformerLens's own final norm, unembedding and soft cap, which
+    act position by position, run on that position only."""
+    x = residual[:, -1:]
+    if model.cfg.normalization_type is not None:
+        x = model.ln_final(x)
+    return apply_softcap(model.unembed(x), model.cfg.output_logits_soft_cap)
+
+
+def last_logits(model: HookedTransformer, batch: Tensor) -> Tensor:
+    """``model(batch)[:, -1]``, the logits ``[batch, d_vocab]`` at the last position of
+    ``batch`` (token ids ``[batch, pos]``), with the unembedding run at that position only
+    (on a large vocabulary most of a forward's cost is unembedding every position)."""
+    residual = model(batch, stop_at_layer=model.cfg.n_layers)
+    return _unembed_last(model, residual)[:, 0]
+
+
+def forward_filling_cache(
+    model: HookedTransformer, batch: Tensor, cache: KeyValueCache, *, last_only: bool = False
+) -> Tensor:
     """The logits ``[batch, pos, d_vocab]`` of ``batch`` (token ids ``[batch, pos]``), the forward
-    appending every position's keys and values to ``cache``.
+    appending every position's keys and values to ``cache``; with ``last_only`` those of the
+    last position only, ``[batch, 1, d_vocab]`` (:func:`last_logits`).
 
     The attention mask is given explicitly, all ones: without one TransformerLens masks every token
     equal to the tokenizer's pad token, which may be a real token of the prompt."""
-    return model(batch, past_kv_cache=cache, attention_mask=torch.ones_like(batch))
+    mask = torch.ones_like(batch)
+    if not last_only:
+        return model(batch, past_kv_cache=cache, attention_mask=mask)
+    residual = model(
+        batch, past_kv_cache=cache, attention_mask=mask, stop_at_layer=model.cfg.n_layers
+    )
+    return _unembed_last(model, residual)
 
 
 def freeze_before_last(cache: KeyValueCache) -> None:

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from steerlens import _tl
 from steerlens.errors import InputError
 from steerlens.metric.local import LOCAL_KINDS, LocalPath
 from steerlens.metric.outcomes import OffTarget, outcome_distribution
@@ -61,12 +62,13 @@ def fisher_length(distributions: Iterable[Float[Tensor, " n"]]) -> float:
 def next_logprobs(
     model: HookedTransformer, tokens: Tensor, intervention: Intervention | None = None
 ) -> Float[Tensor, " d_vocab"]:
-    """log p of the next token after ``tokens`` (float64), optionally steered."""
+    """log p of the next token after ``tokens`` (float64), optionally steered (the
+    unembedding run at the last position only: :func:`steerlens._tl.last_logits`)."""
     batch = tokens.view(1, -1)
     if intervention is None:
-        return torch.log_softmax(model(batch)[0, -1].double(), -1)
+        return torch.log_softmax(_tl.last_logits(model, batch)[0].double(), -1)
     with intervention.apply(model):
-        return torch.log_softmax(model(batch)[0, -1].double(), -1)
+        return torch.log_softmax(_tl.last_logits(model, batch)[0].double(), -1)
 
 
 def path_length(

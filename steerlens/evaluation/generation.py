@@ -62,7 +62,8 @@ def _continue(
 
     cache = _tl.new_kv_cache(model, 1)
     with steered(1):
-        logits = _tl.forward_filling_cache(model, prompt, cache)[:, -1].expand(rows, -1)
+        first = _tl.forward_filling_cache(model, prompt, cache, last_only=True)
+        logits = first[:, -1].expand(rows, -1)
     _tl.repeat_kv_cache(cache, rows)
     out = [prompt.expand(rows, -1)]
     with steered(rows):
@@ -93,7 +94,7 @@ def _perplexity(model: HookedTransformer, seqs: Tensor, start: int) -> Tensor:
     if not torch.equal(seqs[:, :start], prompt.expand_as(seqs[:, :start])):
         raise InputError("the continuations scored together must share their prompt")
     cache = _tl.new_kv_cache(model, 1)
-    first = _tl.forward_filling_cache(model, prompt, cache)[:, -1:]
+    first = _tl.forward_filling_cache(model, prompt, cache, last_only=True)
     n_new = seqs.shape[1] - start
     chunk = max(1, MAX_LOGITS // (n_new * model.cfg.d_vocab))
     out = []
@@ -250,7 +251,8 @@ def _continue_many(
             else iv.apply(model, attention_mask=prompt.new_ones(prompt.shape))
         )
         with steer:
-            firsts.append(_tl.forward_filling_cache(model, prompt, cache)[:, -1].expand(per, -1))
+            logits = _tl.forward_filling_cache(model, prompt, cache, last_only=True)
+            firsts.append(logits[:, -1].expand(per, -1))
         caches.append(cache)
     cache = _tl.stack_kv_caches(model, caches, [per] * len(caches))
     logits = torch.cat(firsts)

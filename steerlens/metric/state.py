@@ -78,7 +78,7 @@ def prompt_state(model: HookedTransformer, tokens: Int[Tensor, " pos"]) -> Promp
     hooks = [(f"blocks.{layer}.hook_resid_pre", grab(layer)) for layer in range(n_layers)]
     hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", grab(n_layers)))
     with hooked(model, hooks):  # type: ignore[arg-type]
-        logits = _tl.forward_filling_cache(model, tokens[None], cache)[0, -1]
+        logits = _tl.forward_filling_cache(model, tokens[None], cache, last_only=True)[0, -1]
     _tl.freeze_before_last(cache)  # keep positions < T: the prediction position is the variable
     if not torch.isfinite(logits).all():
         raise NonFiniteError("the model's logits at the prediction position are not finite")

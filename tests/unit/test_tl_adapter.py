@@ -550,3 +550,47 @@ def test_official_model_names():
     names = _tl.official_model_names()
     assert "gpt2" in names and "EleutherAI/pythia-70m" in names and len(names) > 100
     assert all(_tl.official_model_name(name) == name for name in names[:20])
+
+
+@torch.no_grad()
+def test_last_logits_are_the_full_forwards_last_position(model, tokens):
+    """The unembedding at the last position only gives ``model(batch)[:, -1]``, hooks, soft cap
+    and key-value cache included."""
+    batch = torch.stack([tokens, tokens.flip(0)])
+    assert torch.allclose(_tl.last_logits(model, batch), model(batch)[:, -1], rtol=0, atol=1e-12)
+    added = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+
+    def push(act, hook):
+        return act + 3 * added.to(act)
+
+    with _tl.forward_hooks(model, [("blocks.0.hook_resid_post", push)]):
+        steered = model(batch)[:, -1]
+        assert torch.allclose(_tl.last_logits(model, batch), steered, rtol=0, atol=1e-12)
+    assert not torch.allclose(steered, model(batch)[:, -1])
+    capped = copy.deepcopy(model)
+    capped.cfg.output_logits_soft_cap = 2.0
+    assert float(_tl.last_logits(capped, batch).abs().max()) < 2.0
+    assert torch.allclose(_tl.last_logits(capped, batch), capped(batch)[:, -1], atol=1e-12)
+    full, last = _tl.new_kv_cache(model, 2), _tl.new_kv_cache(model, 2)
+    want = _tl.forward_filling_cache(model, batch, full)[:, -1:]
+    got = _tl.forward_filling_cache(model, batch, last, last_only=True)
+    assert got.shape == want.shape and torch.allclose(got, want, rtol=0, atol=1e-12)
+    for a, b in zip(full.entries, last.entries, strict=True):
+        assert torch.equal(a.past_keys, b.past_keys) and torch.equal(a.past_values, b.past_values)
+
+
+def test_stacked_caches_repeat_each_sequence_and_leave_theirs_alone(model, tokens):
+    one, two = _tl.new_kv_cache(model, 1), _tl.new_kv_cache(model, 1)
+    _tl.forward_filling_cache(model, tokens[None], one)
+    _tl.forward_filling_cache(model, tokens.flip(0)[None], two)
+    before = one.entries[0].past_keys.clone()
+    stacked = _tl.stack_kv_caches(model, [one, two], [2, 3])
+    keys = stacked.entries[0].past_keys
+    assert keys.shape[0] == 5 and torch.equal(keys[1], before[0])
+    assert torch.equal(keys[4], two.entries[0].past_keys[0])
+    assert stacked.previous_attention_mask.shape == (5, len(tokens))
+    nxt = torch.tensor([[1], [2], [3], [4], [5]])
+    _tl.forward_filling_cache(model, nxt, stacked)
+    assert torch.equal(one.entries[0].past_keys, before)  # the given cache is not extended
+    with pytest.raises(ValueError, match="repeat counts"):
+        _tl.stack_kv_caches(model, [one], [1, 2])

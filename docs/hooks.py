@@ -7,6 +7,7 @@ what is committed rather than a copy of it.
   machine, date) appended to ``benchmarks/index.md``;
 - ``study/reproduction.md``: ``results/reproduction.md``; ``study/pilot.md``: the pilot's
   ``README.md`` and its report ``study.md``; ``figures/``: the committed PNG figures;
+  ``study/full/``: the study's figure from ``results/study/``;
 - ``changelog.md``: ``CHANGELOG.md``;
 - ``cli.md``: every subcommand's ``--help``, from :func:`steerlens.cli.build_parser`;
 - ``methods/index.md``: the method registry (:func:`steerlens.methods.list_methods`), each name
@@ -34,6 +35,7 @@ COPIED = [
     ("figures", "figures", "*.png"),
     ("figures/notebooks", "figures/notebooks", "*.png"),
     ("study", "results/study_pilot", "*.png"),
+    ("study/full", "results/study", "*.png"),
 ]
 #: site page ← repository file
 RENAMED = {

@@ -145,7 +145,8 @@ def study_opening(results_dir: Path) -> list[str]:
     """The markdown lines that open ``reproduction.md``: per study folder under
     ``results_dir`` (:data:`STUDY_FOLDERS`) that has records, its model, its size, the claims
     table and where FishBack loses; a line saying so where no study has run."""
-    from steerlens.experiments.study_report import study_records
+    from steerlens.experiments.study_report import _wide_lines, study_records
+    from steerlens.experiments.wide import wide_records
 
     lines = [
         "## The study: the paper's claims beside ours, on every measure",
@@ -185,6 +186,7 @@ def study_opening(results_dir: Path) -> list[str]:
             f"{len(contexts)} test contexts ({contexts['verb'].nunique()} verbs), layers "
             f"{', '.join(str(v) for v in sorted(set(frame['layer'])))}, {len(frame)} records.",
             "",
+            *_wide_lines(frame, wide[1] if (wide := wide_records(folder)) else None),
             table,
             "",
             "Where FishBack loses:",

@@ -7,7 +7,7 @@ per-target summary.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,15 +63,7 @@ def paired_ratios(
     >>> out[["method", "runs", "contexts", "ratio", "baseline_ahead"]].to_dict("records")
     [{'method': 'euclidean', 'runs': 2, 'contexts': 2, 'ratio': 2.0, 'baseline_ahead': 0.5}]
     """
-    frame: Any = records
-    if measures is None:
-        measures = [m for m in KL_MEASURES if m in frame]
-    missing = [c for c in by if c not in frame]
-    if missing:
-        raise InputError(f"records have no column(s) {missing}; they have {list(frame.columns)}")
-    if not 0 < level < 1:
-        raise InputError(f"level must be in (0, 1), got {level}")
-    paired = pair_with_baseline(records, baseline, measures)
+    measures, paired = _paired(records, baseline, measures, KL_MEASURES, by, level)
     rng = np.random.default_rng(seed)
     tail = (1 - level) / 2
     rows = []
@@ -97,6 +89,27 @@ def paired_ratios(
             )
     columns = [*by, "measure", "runs", "contexts", "ratio", "ratio_ci_low", "ratio_ci_high"]
     return pd.DataFrame(rows, columns=[*columns, "median_ratio", "baseline_ahead"])
+
+
+def _paired(
+    records: pd.DataFrame,
+    baseline: str,
+    measures: Sequence[str] | None,
+    default: Mapping[str, str],
+    by: Sequence[str],
+    level: float,
+) -> tuple[list[str], pd.DataFrame]:
+    """The measures to compare (by default those of ``default`` the records have) and each
+    run beside ``baseline``'s (:func:`pair_with_baseline`), after checking ``by`` and
+    ``level``."""
+    frame: Any = records
+    chosen = [m for m in default if m in frame] if measures is None else list(measures)
+    missing = [c for c in by if c not in frame]
+    if missing:
+        raise InputError(f"records have no column(s) {missing}; they have {list(frame.columns)}")
+    if not 0 < level < 1:
+        raise InputError(f"level must be in (0, 1), got {level}")
+    return chosen, pair_with_baseline(records, baseline, chosen)
 
 
 def _context_bootstrap(
@@ -153,15 +166,7 @@ def paired_differences(
     >>> out[["method", "runs", "difference", "above", "below"]].to_dict("records")
     [{'method': 'euclidean', 'runs': 2, 'difference': -0.125, 'above': 0.0, 'below': 0.5}]
     """
-    frame: Any = records
-    if measures is None:
-        measures = [m for m in DIFFERENCE_MEASURES if m in frame]
-    missing = [c for c in by if c not in frame]
-    if missing:
-        raise InputError(f"records have no column(s) {missing}; they have {list(frame.columns)}")
-    if not 0 < level < 1:
-        raise InputError(f"level must be in (0, 1), got {level}")
-    paired = pair_with_baseline(records, baseline, measures)
+    measures, paired = _paired(records, baseline, measures, DIFFERENCE_MEASURES, by, level)
     rng = np.random.default_rng(seed)
     tail = (1 - level) / 2
     rows = []
